@@ -1,0 +1,31 @@
+# Set-up and entry points. Every target installs what it needs on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Keep Ray on loopback, and quiet.
+RAY_ENV := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
+CONFIG ?= configs/cpu.yaml
+
+.PHONY: install serve test test-tools checkpoints
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel; a plain `torch` requirement pulls a CUDA build.
+	$(BIN)/pip install -q "torch==2.13.*"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+# Serve the offline CPU config on http://127.0.0.1:8000 (Ctrl-C stops it).
+serve: install
+	$(RAY_ENV) $(BIN)/serve run $(CONFIG)
+
+# espeak-ng gives the tests real speech; without it they use tones and noise only.
+test-tools:
+	@command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null) \
+		|| echo "espeak-ng could not be installed: speech clips will be skipped"
+
+test: install test-tools
+	$(RAY_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,77 @@
+"""Bytes of an audio file -> 16 kHz mono float32, with every limit checked on the way.
+
+Limits are enforced before or while decoding, from the header first (duration), then per
+block read, so a forged header cannot make the decoder allocate more than the cap.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile
+import soxr
+
+from serve_app.errors import ApiError
+
+TARGET_SR = 16_000
+_BLOCK_FRAMES = 65_536
+
+
+@dataclass(frozen=True)
+class DecodedAudio:
+    waveform: np.ndarray  # float32, mono, TARGET_SR
+    duration_s: float     # of the upload, before resampling
+    sample_rate: int      # of the upload
+    channels: int         # of the upload
+    format: str
+
+
+def decode(data: bytes, *, max_duration_s: float, min_duration_s: float) -> DecodedAudio:
+    if not data:
+        raise ApiError(422, "empty_audio", "the upload is empty")
+    try:
+        sound = soundfile.SoundFile(io.BytesIO(data))
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise ApiError(415, "unsupported_audio",
+                       "could not decode the upload as audio (wav, flac, ogg, mp3 and the other "
+                       f"formats of libsndfile are accepted): {exc}") from None
+    with sound:
+        rate, channels = int(sound.samplerate), int(sound.channels)
+        if rate <= 0 or channels <= 0:
+            raise ApiError(415, "unsupported_audio", "the audio header is invalid")
+        max_frames = int(max_duration_s * rate)
+        if sound.frames > max_frames and sound.frames < 2**62:
+            raise ApiError(413, "audio_too_long",
+                           f"the audio lasts {sound.frames / rate:.1f} s; the limit is "
+                           f"{max_duration_s:g} s")
+        blocks, total = [], 0
+        try:
+            while True:
+                block = sound.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
+                if not len(block):
+                    break
+                total += len(block)
+                if total > max_frames:
+                    raise ApiError(413, "audio_too_long",
+                                   f"the audio lasts over {max_duration_s:g} s, the limit")
+                blocks.append(block)
+        except soundfile.LibsndfileError as exc:
+            raise ApiError(415, "unsupported_audio", f"the audio is corrupt: {exc}") from None
+        fmt = sound.format
+    if total == 0:
+        raise ApiError(422, "empty_audio", "the audio holds no samples")
+    samples = np.concatenate(blocks)
+    if not np.isfinite(samples).all():
+        raise ApiError(422, "invalid_samples", "the audio contains NaN or infinite samples")
+    duration = total / rate
+    if duration < min_duration_s:
+        raise ApiError(422, "audio_too_short",
+                       f"the audio lasts {duration * 1000:.0f} ms; at least "
+                       f"{min_duration_s * 1000:.0f} ms are needed")
+    mono = samples.mean(axis=1, dtype=np.float32) if channels > 1 else samples[:, 0]
+    if rate != TARGET_SR:
+        mono = soxr.resample(mono, rate, TARGET_SR, quality="HQ").astype(np.float32, copy=False)
+    return DecodedAudio(np.ascontiguousarray(mono, dtype=np.float32), duration, rate,
+                        channels, fmt)
