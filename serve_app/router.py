@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -37,6 +38,7 @@ GRANULARITIES = ("utterance", "frame")
 PARAMS = ("model_version", "granularity", "extract_embedding")
 FORM_FIELDS = ("file", *PARAMS)
 _FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 api = FastAPI(
@@ -111,6 +113,9 @@ async def _read_upload(request: Request, max_bytes: int) -> tuple[bytes, dict[st
             raise ApiError(413, "payload_too_large",
                            f"the upload is larger than the limit of {max_bytes} bytes")
         params.update({key: value for key, value in form.items() if isinstance(value, str)})
+    elif content_type.startswith("application/x-www-form-urlencoded"):
+        raise ApiError(422, "missing_file", "send the audio as multipart/form-data in the field "
+                       "'file', or as the raw request body")
     else:
         data = await _read_capped(request, max_bytes)
     unknown = sorted(set(params) - set(PARAMS))
@@ -118,6 +123,13 @@ async def _read_upload(request: Request, max_bytes: int) -> tuple[bytes, dict[st
         raise ApiError(422, "unknown_field",
                        f"unknown parameters {unknown}; expected {list(PARAMS)}")
     return data, params
+
+
+def _request_id(request: Request) -> str:
+    """Serve's request id (the client's X-Request-ID, or one Serve made), so that logs and the
+    response's X-Request-ID header agree; a fresh one when it is unsafe as a folder name."""
+    candidate = request.headers.get("x-request-id", "")
+    return candidate if _SAFE_ID.match(candidate) else uuid.uuid4().hex
 
 
 def _save_result(output_dir: str, request_id: str, result: dict,
@@ -159,7 +171,7 @@ class Router:
     @api.post("/v1/predict", summary="Recognise the emotion in one audio clip")
     async def predict(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
-        request_id = uuid.uuid4().hex
+        request_id = _request_id(request)
         settings = self.settings
         data, params = await _read_upload(request, settings.max_upload_bytes)
         variant = self._resolve(params.get("model_version"))
@@ -208,7 +220,7 @@ class Router:
         if settings.output_dir:
             await asyncio.to_thread(_save_result, settings.output_dir, request_id, result,
                                     embedding if extract_embedding else None)
-        return JSONResponse(result, headers={"X-Request-ID": request_id})
+        return JSONResponse(result)
 
     async def _call_model(self, variant: str, waveform: np.ndarray, granularity: str,
                           extract_embedding: bool, timeout_s: float) -> dict:
