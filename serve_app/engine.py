@@ -168,6 +168,10 @@ class EmotionEngine:
         if self.model is None:
             raise RuntimeError("no model is loaded")
         started = time.perf_counter()
+        # The OpenMP thread count is per calling thread, and Ray sets OMP_NUM_THREADS to the
+        # replica's CPU share rounded down: set it in the thread that runs the model.
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             source = torch.from_numpy(waveform).to(self.device)
             if self._normalize:

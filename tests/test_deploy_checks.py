@@ -6,22 +6,23 @@ import pytest
 
 from serve_app.app import ResourceError, check_resources
 from serve_app.config import AppArgs
-from tests.conftest import REPO, app_config
+from serve_app.cluster import load_app
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("config", ["deploy.yaml", "configs/single-gpu.yaml"])
 def test_gpu_config_fails_fast_on_a_cpu_cluster(service, config):
     cluster = service.cluster
     before = cluster_pids(service)
-    gpu_app = app_config(REPO / config)
+    gpu_app = load_app(REPO / config)
     gpu_app.update(name="gpu", route_prefix="/gpu")
-    cluster.deploy(service.app, gpu_app)
+    cluster.apply(service.app, gpu_app)
     try:
         status = cluster.wait_for("gpu", ("DEPLOY_FAILED", "RUNNING"), timeout_s=120)
         assert status.status == "DEPLOY_FAILED"
         assert "GPUs" in status.message and "configs/cpu.yaml" in status.message
     finally:
-        cluster.deploy(service.app)
+        cluster.apply(service.app)
     # The running app was left alone.
     assert cluster.wait_for("emotion2vec", ("RUNNING",)).status == "RUNNING"
     assert cluster_pids(service) == before
@@ -49,7 +50,7 @@ def test_every_shipped_config_is_valid():
 
     for path in ["deploy.yaml", "configs/cpu.yaml", "configs/single-gpu.yaml",
                  "configs/tiny.yaml"]:
-        app = app_config(REPO / path)
+        app = load_app(REPO / path)
         args = AppArgs.model_validate(app["args"])
         deployments = {d["name"]: d for d in app["deployments"]}
         assert set(deployments) == {"Router", *args.variants}, path

@@ -1,0 +1,92 @@
+"""Start a local Ray cluster with Serve on loopback and apply configs to it, the way
+`serve run` / `serve deploy` do (the declarative path, so user_config changes reconfigure
+replicas in place). Used by the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load_app(path: str | os.PathLike, checkpoint_root: Path | None = None,
+             **router_overrides) -> dict:
+    """The single application of a config file; with checkpoint_root, local checkpoint
+    sources are moved under it; router_overrides update the Router's user_config."""
+    config = yaml.safe_load(Path(path).read_text())
+    (app,) = config["applications"]
+    app = copy.deepcopy(app)
+    for deployment in app.get("deployments", []):
+        user_config = deployment.setdefault("user_config", {})
+        if checkpoint_root is not None and user_config.get("generate"):
+            user_config["source"] = str(Path(checkpoint_root) / Path(user_config["source"]).name)
+        if deployment["name"] == "Router":
+            user_config.update(router_overrides)
+    return app
+
+
+class LocalServe:
+    """Handle on a Serve instance started by `local_serve`."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def apply(self, *apps: dict) -> None:
+        """Apply a whole Serve config: listed apps are created or updated, others deleted."""
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
+
+        schema = ServeDeploySchema.model_validate({"applications": list(apps)})
+        _get_global_client().deploy_apps(schema)
+
+    def wait_for(self, name: str, statuses: tuple[str, ...], timeout_s: float = 300):
+        from ray import serve
+
+        deadline = time.monotonic() + timeout_s
+        status = None
+        while time.monotonic() < deadline:
+            status = serve.status().applications.get(name)
+            if status is not None and status.status in statuses:
+                return status
+            time.sleep(0.25)
+        raise TimeoutError(f"application {name} not in {statuses} after {timeout_s} s: {status}")
+
+
+@contextmanager
+def local_serve(num_cpus: int | None = None, dashboard: bool = False) -> Iterator[LocalServe]:
+    """A Ray cluster of this process's own (stopped on exit) with Serve on 127.0.0.1."""
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
+    import ray
+    from ray import serve
+
+    # Unix socket paths must stay under 107 bytes: a short temp dir directly under /tmp.
+    temp_dir = tempfile.mkdtemp(prefix="e2v", dir="/tmp")
+    ray.init(num_cpus=num_cpus, _temp_dir=temp_dir, include_dashboard=dashboard,
+             dashboard_host="127.0.0.1", log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield LocalServe(f"http://127.0.0.1:{port}")
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
