@@ -110,7 +110,7 @@ def main() -> None:
     rows = []
     with local_serve() as serve_handle:
         started = time.perf_counter()
-        serve_handle.apply(app)
+        serve_handle.put(app)
         status = serve_handle.wait_for(app["name"], ("RUNNING", "DEPLOY_FAILED"), timeout_s=900)
         ready_s = time.perf_counter() - started
         if status.status != "RUNNING":

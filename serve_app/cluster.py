@@ -42,17 +42,27 @@ def load_app(path: str | os.PathLike, checkpoint_root: Path | None = None,
 
 
 class LocalServe:
-    """Handle on a Serve instance started by `local_serve`."""
+    """Handle on a Serve instance started by `local_serve`, with the apps applied to it."""
 
     def __init__(self, url: str):
         self.url = url
+        self.apps: dict[str, dict] = {}
 
-    def apply(self, *apps: dict) -> None:
-        """Apply a whole Serve config: listed apps are created or updated, others deleted."""
+    def put(self, *apps: dict) -> None:
+        """Create or update these apps (by name), keeping the others as they are."""
+        self.apps.update({app["name"]: app for app in apps})
+        self._apply()
+
+    def remove(self, name: str) -> None:
+        self.apps.pop(name, None)
+        self._apply()
+
+    def _apply(self) -> None:
+        # A whole Serve config, as `serve deploy` sends it: apps not listed are deleted.
         from ray.serve.context import _get_global_client
         from ray.serve.schema import ServeDeploySchema
 
-        schema = ServeDeploySchema.model_validate({"applications": list(apps)})
+        schema = ServeDeploySchema.model_validate({"applications": list(self.apps.values())})
         _get_global_client().deploy_apps(schema)
 
     def wait_for(self, name: str, statuses: tuple[str, ...], timeout_s: float = 300):

@@ -46,6 +46,8 @@ class ModelSettings(_Strict):
                                 description="torch threads; default: the replica's CPUs")
     warmup_s: float = Field(default=1.0, ge=0.05, le=30.0)
     max_audio_s: float = Field(default=600.0, gt=0, description="refuse longer arrays")
+    idle_unload_s: float = Field(default=0.0, ge=0,
+                                 description="release the model after this long unused; 0: never")
 
     @field_validator("source")
     @classmethod

@@ -11,9 +11,11 @@ precision ("turbo") is autocast around the encoder only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -52,7 +54,40 @@ class ModelInfo:
     dtype: str               # what the encoder computes in
     threads: int
     load_s: float
+    sha256: str | None = None  # of model.pt: which weights exactly
     random_weights: dict | None = field(default=None)
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _verify_weights(model, weights_file: Path) -> None:
+    """Refuse a checkpoint whose tensors do not match the architecture: FunASR only warns
+    about missing keys, and would serve those parameters with random values."""
+    import torch
+
+    try:
+        state = torch.load(weights_file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read {weights_file}: {exc}") from exc
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    found = {k.removeprefix("module."): tuple(v.shape) for k, v in state.items()
+             if hasattr(v, "shape")}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(expected.keys() - found.keys())
+    wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    if missing or wrong:
+        examples = [f"{k} missing" for k in missing[:3]] + [
+            f"{k}: {found[k]} in the file, {expected[k]} in the model" for k in wrong[:3]]
+        raise ModelLoadError(
+            f"{weights_file} does not match the architecture of its config.yaml: "
+            f"{len(missing)} missing and {len(wrong)} mis-shaped tensors ({'; '.join(examples)})")
 
 
 class EmotionEngine:
@@ -95,7 +130,8 @@ class EmotionEngine:
         source, random_info = self._resolve_source()
         torch.set_num_threads(self.threads)
         kwargs = dict(model=source, device=self.device, ncpu=self.threads,
-                      disable_update=True, disable_pbar=True, disable_log=True)
+                      disable_update=True, disable_pbar=True, disable_log=True,
+                      ignore_init_mismatch=False)
         if not self.settings.is_local:
             kwargs["hub"] = self.settings.hub
             if self.settings.revision:
@@ -110,6 +146,8 @@ class EmotionEngine:
         model = auto.model
         if model is None or getattr(model, "proj", None) is None:
             raise ModelLoadError(f"{source} is not an emotion2vec model with a classifier head")
+        weights_file = Path(auto.kwargs.get("init_param") or Path(source) / "model.pt")
+        _verify_weights(model, weights_file)
         model.eval()
         tokenizer = auto.kwargs.get("tokenizer")
         self.labels = list(tokenizer.token_list) if tokenizer is not None else []
@@ -125,12 +163,19 @@ class EmotionEngine:
             dtype=self._encoder_dtype(),
             threads=self.threads,
             load_s=round(time.perf_counter() - started, 3),
+            sha256=_sha256(weights_file),
             random_weights=random_info,
         )
         if random_info:
             logger.warning("loaded %s: RANDOM weights (%s, seed %s); predictions carry no meaning",
                            source, random_info.get("arch"), random_info.get("seed"))
         return self.info
+
+    def identity(self) -> dict:
+        """What exactly this engine serves: where from, which weights, in which precision."""
+        info = self.info
+        return {"source": info.source, "sha256": info.sha256, "weights": info.weights,
+                "dtype": info.dtype, "precision": self.settings.precision}
 
     def _encoder_dtype(self) -> str:
         if self.settings.precision == "fp32":

@@ -1,14 +1,24 @@
-"""The Ray Serve deployment around one EmotionEngine: lifecycle, queueing, health.
+"""The Ray Serve deployment around one EmotionEngine: lifecycle, hot swap, idle release,
+queueing, health.
 
-Each variant (base, large, turbo) is its own deployment of this class. The model settings
-arrive as the deployment's user_config: Ray calls `reconfigure()` before the replica
-reports ready, so the first load happens at replica start, never on the request path.
+Each variant (base, large, turbo) is its own deployment of this class. Its model settings
+arrive as the deployment's user_config:
+- the first config is loaded in `reconfigure()` before the replica reports ready, so no load
+  ever happens on the request path of a fresh replica;
+- a changed config (`serve deploy` of an edited file) is loaded in the background while the
+  current model keeps serving, then swapped in with one assignment; requests in flight finish
+  on the engine they started with. A load that fails leaves the current model serving and is
+  reported in `info()` (`last_swap`);
+- with `idle_unload_s`, a model unused that long is released (state `unloaded`) and the next
+  request loads it again, waiting for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
+import gc
 import logging
 import math
 import os
@@ -22,6 +32,8 @@ from serve_app.config import ModelSettings
 from serve_app.engine import MIN_SAMPLES, EmotionEngine
 
 logger = logging.getLogger("ray.serve")
+
+IDLE_CHECK_MAX_S = 5.0
 
 
 class InvalidInput(ValueError):
@@ -43,6 +55,20 @@ def _replica_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _release_memory() -> None:
+    """Give freed memory back to the OS: Python's collector, glibc's free lists, CUDA's cache."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the allocator keeps what it keeps
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 @serve.deployment(
     max_ongoing_requests=64,
     health_check_period_s=10,
@@ -52,45 +78,138 @@ def _replica_device() -> str:
 class EmotionModel:
     def __init__(self, variant: str):
         self.variant = variant
-        self.settings: ModelSettings | None = None
+        self.target: ModelSettings | None = None    # the config asked for last
+        self.settings: ModelSettings | None = None  # the config being served
         self.engine: EmotionEngine | None = None
         self.state = "waiting_for_config"
         self.error: str | None = None
         self.load_count = 0
         self.loaded_at: float | None = None
+        self.last_swap: dict | None = None
         self.pid = os.getpid()
+        self._in_flight = 0
+        self._last_used = time.monotonic()
+        self._load_lock = asyncio.Lock()  # one load at a time: swap, or reload after unload
+        self._background: set[asyncio.Task] = set()
+        self._idle_watch: asyncio.Task | None = None
         # One worker: FunASR's model is not reentrant, so requests queue in front of it.
         self._inference = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"{variant}-inference")
 
+    # -- configuration and lifecycle -----------------------------------------------------
     async def reconfigure(self, user_config: dict) -> None:
         settings = ModelSettings.model_validate(user_config)
-        if settings == self.settings and self.engine is not None:
+        if settings == self.target:
             return  # Ray may call reconfigure twice with the same config: load once
+        self.target = settings
+        if self._idle_watch is None:
+            self._idle_watch = asyncio.get_running_loop().create_task(self._watch_idle())
+        if self.state == "waiting_for_config":
+            await self._initial_load(settings)
+        elif settings == self.settings:
+            return  # back to what is being served (a swap in progress is dropped)
+        elif self.engine is None:
+            self.settings = settings  # unloaded (or failed): the next request loads it
+        else:
+            task = asyncio.get_running_loop().create_task(self._swap(settings))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _initial_load(self, settings: ModelSettings) -> None:
         self.state = "loading"
         try:
-            engine = await asyncio.to_thread(self._load, settings)
+            async with self._load_lock:
+                self._install(await asyncio.to_thread(self._build, settings), settings)
         except Exception as exc:
             self.state, self.error = "failed", str(exc)
             logger.error("variant %s: model load failed: %s", self.variant, exc)
             raise
-        self.engine, self.settings = engine, settings
-        self.state, self.error = "ready", None
 
-    def _load(self, settings: ModelSettings) -> EmotionEngine:
+    async def _swap(self, settings: ModelSettings) -> None:
+        async with self._load_lock:
+            if settings != self.target:
+                return  # superseded by a newer config while waiting
+            previous = self.engine.identity() if self.engine else None
+            started = time.time()
+            self.state = "swapping"
+            logger.info("variant %s: loading %s in the background", self.variant,
+                        settings.source)
+            try:
+                engine = await asyncio.to_thread(self._build, settings)
+            except Exception as exc:
+                self.state = "ready" if self.engine else "failed"
+                self.last_swap = {"result": "failed", "error": str(exc), "at": time.time(),
+                                  "duration_s": round(time.time() - started, 3),
+                                  "requested": {"source": settings.source,
+                                                "precision": settings.precision},
+                                  "serving": previous}
+                logger.error("variant %s: swap to %s failed, still serving %s: %s",
+                             self.variant, settings.source,
+                             previous and previous["source"], exc)
+                return
+            if settings != self.target:
+                return  # a newer config arrived during the load; its swap follows
+            self._install(engine, settings)
+            self.last_swap = {"result": "ok", "error": None, "at": time.time(),
+                              "duration_s": round(time.time() - started, 3),
+                              "from": previous, "to": engine.identity()}
+        _release_memory()  # the old engine is gone once its in-flight requests finish
+
+    def _build(self, settings: ModelSettings) -> EmotionEngine:
+        """Load and warm up a new engine (in a worker thread; touches no shared state)."""
         engine = EmotionEngine(settings, device=_replica_device(),
                                threads=settings.threads or _replica_threads())
         info = engine.load()
         engine.warmup()
-        self.load_count += 1
-        self.loaded_at = time.time()
         logger.info("variant %s: loaded %s (%s weights, %s, %s, %d threads) in %.2f s",
                     self.variant, info.source, info.weights, info.device, info.dtype,
                     info.threads, info.load_s)
         return engine
 
+    def _install(self, engine: EmotionEngine, settings: ModelSettings) -> None:
+        # One assignment on the event loop: every request sees the old engine or the new one.
+        self.engine, self.settings = engine, settings
+        self.load_count += 1
+        self.loaded_at = time.time()
+        self.state, self.error = "ready", None
+
+    async def _reload(self) -> EmotionEngine:
+        """Load the configured model again after an idle unload (the request waits)."""
+        async with self._load_lock:
+            if self.engine is None:
+                self.state = "loading"
+                try:
+                    self._install(await asyncio.to_thread(self._build, self.settings),
+                                  self.settings)
+                except Exception as exc:
+                    self.state, self.error = "failed", str(exc)
+                    raise
+            return self.engine
+
+    async def _watch_idle(self) -> None:
+        while True:
+            limit = self.settings.idle_unload_s if self.settings else 0
+            await asyncio.sleep(min(IDLE_CHECK_MAX_S, limit / 4) if limit else IDLE_CHECK_MAX_S)
+            if limit and self.engine is not None and self._in_flight == 0 \
+                    and time.monotonic() - self._last_used >= limit:
+                await self._unload()
+
+    async def _unload(self) -> None:
+        async with self._load_lock:
+            if self._in_flight or self.engine is None:
+                return  # a request arrived meanwhile: it keeps the model
+            engine, self.engine = self.engine, None
+            self.state = "unloaded"
+            rss_before = _rss_bytes()
+            engine.unload()
+            del engine
+            await asyncio.to_thread(_release_memory)
+            logger.info("variant %s: idle for %.0f s, model released (RSS %.0f -> %.0f MB)",
+                        self.variant, self.settings.idle_unload_s, rss_before / 2**20,
+                        _rss_bytes() / 2**20)
+
     def check_health(self) -> None:
-        if self.engine is None:
+        if self.engine is None and self.state in ("failed", "waiting_for_config"):
             raise RuntimeError(f"variant {self.variant}: no model loaded ({self.state}: "
                                f"{self.error or 'set this deployment user_config'})")
 
@@ -104,32 +223,45 @@ class EmotionModel:
             "load_count": self.load_count,
             "loaded_at": self.loaded_at,
             "pid": self.pid,
+            "rss_bytes": _rss_bytes(),
+            "in_flight": self._in_flight,
             "precision": self.settings.precision if self.settings else None,
+            "idle_unload_s": self.settings.idle_unload_s if self.settings else None,
+            "identity": engine.identity() if engine else None,
+            "last_swap": self.last_swap,
             **{key: model.get(key) for key in ("source", "weights", "device", "dtype",
                                                "threads", "load_s")},
         }
 
-    def _check_waveform(self, waveform: np.ndarray) -> None:
+    # -- inference -----------------------------------------------------------------------
+    def _check_waveform(self, waveform: np.ndarray, settings: ModelSettings) -> None:
         if not isinstance(waveform, np.ndarray) or waveform.dtype != np.float32 \
                 or waveform.ndim != 1:
             raise InvalidInput("expected a 1-D float32 numpy array at 16 kHz")
         if len(waveform) < MIN_SAMPLES:
             raise InvalidInput(f"at least {MIN_SAMPLES} samples are needed")
-        if len(waveform) > self.settings.max_audio_s * 16_000:
-            raise InvalidInput(f"longer than {self.settings.max_audio_s:g} s")
+        if len(waveform) > settings.max_audio_s * 16_000:
+            raise InvalidInput(f"longer than {settings.max_audio_s:g} s")
         if not np.isfinite(waveform).all():
             raise InvalidInput("NaN or infinite samples")
 
     async def predict(self, waveform: np.ndarray, granularity: str = "utterance",
                       extract_embedding: bool = False) -> dict:
         arrived = time.perf_counter()
-        engine = self.engine
-        if engine is None:
-            raise RuntimeError(f"variant {self.variant} has no model loaded")
-        self._check_waveform(waveform)
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(
-            self._inference, engine.predict, waveform, granularity, extract_embedding)
+        self._in_flight += 1  # before any await: an idle unload now waits for this request
+        try:
+            engine = self.engine
+            if engine is None:
+                if self.settings is None:
+                    raise RuntimeError(f"variant {self.variant} has no model configured")
+                engine = await self._reload()
+            self._check_waveform(waveform, engine.settings)
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(
+                self._inference, engine.predict, waveform, granularity, extract_embedding)
+        finally:
+            self._in_flight -= 1
+            self._last_used = time.monotonic()
         elapsed_ms = (time.perf_counter() - arrived) * 1000
         return {
             "labels": result.labels,

@@ -246,10 +246,14 @@ class Router:
                            headers={"Retry-After": "2"})
 
     async def _variant_info(self, name: str, deployments: dict) -> dict:
+        status = deployments.get(name)
+        if status is not None and status.status in ("HEALTHY", "DOWNSCALING") and \
+                not status.replica_states.get("RUNNING"):
+            # Autoscaled to zero replicas: asking one would start one.
+            return {"variant": name, "state": "scaled_to_zero", "error": None}
         try:
             return await asyncio.wait_for(self.variants[name].info.remote(), timeout=2.0)
         except Exception:
-            status = deployments.get(name)
             failed = status is not None and status.status in ("UNHEALTHY", "DEPLOY_FAILED")
             return {"variant": name, "state": "failed" if failed else "loading",
                     "error": status.message if status is not None and failed else None}
@@ -259,7 +263,8 @@ class Router:
         try:
             status = await asyncio.to_thread(serve.status)
             deployments = status.applications[app_name].deployments
-        except Exception:
+        except Exception as exc:
+            logger.warning("serve.status() failed: %r", exc)
             deployments = {}
         infos = await asyncio.gather(*(self._variant_info(n, deployments) for n in self.variants))
         return dict(zip(self.variants, infos))

@@ -46,7 +46,7 @@ def service(cluster, tmp_path_factory) -> Service:
     checkpoint_root = tmp_path_factory.mktemp("checkpoints")
     results_dir = tmp_path_factory.mktemp("results")
     app = load_app(TINY_CONFIG, checkpoint_root, output_dir=str(results_dir))
-    cluster.apply(app)
+    cluster.put(app)
     status = cluster.wait_for(APP_NAME, ("RUNNING", "DEPLOY_FAILED", "UNHEALTHY"))
     assert status.status == "RUNNING", status
     checkpoints = {d["name"]: Path(d["user_config"]["source"])

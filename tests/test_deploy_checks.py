@@ -16,13 +16,13 @@ def test_gpu_config_fails_fast_on_a_cpu_cluster(service, config):
     before = cluster_pids(service)
     gpu_app = load_app(REPO / config)
     gpu_app.update(name="gpu", route_prefix="/gpu")
-    cluster.apply(service.app, gpu_app)
+    cluster.put(gpu_app)
     try:
         status = cluster.wait_for("gpu", ("DEPLOY_FAILED", "RUNNING"), timeout_s=120)
         assert status.status == "DEPLOY_FAILED"
         assert "GPUs" in status.message and "configs/cpu.yaml" in status.message
     finally:
-        cluster.apply(service.app)
+        cluster.remove("gpu")
     # The running app was left alone.
     assert cluster.wait_for("emotion2vec", ("RUNNING",)).status == "RUNNING"
     assert cluster_pids(service) == before

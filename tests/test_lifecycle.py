@@ -1,0 +1,295 @@
+"""Hot swap and model lifecycle through the declarative deploy path, on a real cluster:
+model availability during a reload, a failed reload keeps the old model, update while
+inferencing, live router mapping, idle release and scale to zero."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from serve_app import audio, checkpoints
+from serve_app.cluster import load_app
+from tests.conftest import TINY_CONFIG
+
+APP = "lifecycle"
+PREFIX = "/lc"
+
+
+def make_app(checkpoint_root: Path, name: str = APP, prefix: str = PREFIX,
+             variants: tuple[str, ...] = ("base", "large"), router: dict | None = None,
+             **model_overrides) -> dict:
+    """The tiny config as another app; model_overrides: variant -> user_config updates."""
+    app = load_app(TINY_CONFIG, checkpoint_root)
+    app.update(name=name, route_prefix=prefix)
+    app["args"]["variants"] = {v: app["args"]["variants"][v] for v in variants}
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in (*variants, "Router")]
+    for deployment in app["deployments"]:
+        if deployment["name"] == "Router":
+            deployment["user_config"] = router or {"default_version": variants[0]}
+        elif deployment["name"] in model_overrides:
+            deployment["user_config"] = {**deployment["user_config"],
+                                         **model_overrides[deployment["name"]]}
+    return app
+
+
+def tiny(root: Path, seed: int) -> dict:
+    return {"source": str(root / f"tiny-seed{seed}"), "generate": {"arch": "tiny", "seed": seed}}
+
+
+class Client:
+    def __init__(self, url: str, prefix: str):
+        self.http = httpx.Client(base_url=url + prefix, timeout=120)
+
+    def predict(self, clip: Path, **fields) -> httpx.Response:
+        return self.http.post("/v1/predict", files={"file": (clip.name, clip.read_bytes())},
+                              data=fields)
+
+    def variant(self, name: str) -> dict:
+        return self.http.get("/v1/models").json()["variants"][name]
+
+    def wait(self, name: str, condition, timeout_s: float = 90) -> dict:
+        deadline = time.monotonic() + timeout_s
+        info = None
+        while time.monotonic() < deadline:
+            info = self.variant(name)
+            if condition(info):
+                return info
+            time.sleep(0.25)
+        raise TimeoutError(f"{name} never met the condition: {info}")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lifecycle-checkpoints")
+
+
+@pytest.fixture(scope="module")
+def lifecycle(cluster, root):
+    app = make_app(root, base=tiny(root, 11), large=tiny(root, 12))
+    cluster.put(app)
+    assert cluster.wait_for(APP, ("RUNNING", "DEPLOY_FAILED")).status == "RUNNING"
+    yield Client(cluster.url, PREFIX)
+    cluster.remove(APP)
+
+
+def expected_scores(funasr_models, directory: Path, clip: Path) -> list[float]:
+    decoded = audio.decode(clip.read_bytes(), max_duration_s=60, min_duration_s=0.1)
+    return funasr_models(directory).generate(decoded.waveform)[0]["scores"]
+
+
+def ordered(body: dict) -> list[float]:
+    return list(body["scores"].values())
+
+
+def test_swap_under_load_fails_no_request(cluster, root, lifecycle, clips, funasr_models):
+    clip = clips["tone_16k_mono_wav"]
+    before = lifecycle.variant("base")
+    old_scores = expected_scores(funasr_models, root / "tiny-seed11", clip)
+    results: list[tuple[float, int, list[float] | str]] = []
+    stop = threading.Event()
+
+    def send() -> None:
+        with httpx.Client(base_url=cluster.url + PREFIX, timeout=60) as http:
+            deadline = time.monotonic() + 120  # bounded: stops by itself
+            while not stop.is_set() and time.monotonic() < deadline and len(results) < 5000:
+                response = http.post("/v1/predict", files={"file": ("c.wav", clip.read_bytes())},
+                                     data={"model_version": "base"})
+                results.append((time.monotonic(), response.status_code,
+                                ordered(response.json()) if response.status_code == 200
+                                else response.text))
+
+    senders = [threading.Thread(target=send) for _ in range(3)]
+    for sender in senders:
+        sender.start()
+    try:
+        time.sleep(1.0)
+        cluster.put(make_app(root, base=tiny(root, 21), large=tiny(root, 12)))
+        swapped = lifecycle.wait(
+            "base", lambda i: (i["last_swap"] or {}).get("result") == "ok")
+        swap_seen_at = time.monotonic()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join(timeout=130)
+    failures = [r for r in results if r[1] != 200]
+    assert not failures, failures[:3]
+    assert swapped["pid"] == before["pid"]  # swapped inside the same replica process
+    assert swapped["load_count"] == before["load_count"] + 1
+    assert swapped["identity"]["sha256"] != before["identity"]["sha256"]
+    assert swapped["last_swap"]["from"]["sha256"] == before["identity"]["sha256"]
+    new_scores = expected_scores(funasr_models, root / "tiny-seed21", clip)
+    assert not np.allclose(old_scores, new_scores, atol=1e-3)
+    # Every answer came from one model or the other, the old first, the new at the end.
+    for _, _, scores in results:
+        assert (np.allclose(scores, old_scores, atol=1e-5) or
+                np.allclose(scores, new_scores, atol=1e-5))
+    np.testing.assert_allclose(results[0][2], old_scores, atol=1e-5)
+    np.testing.assert_allclose(results[-1][2], new_scores, atol=1e-5)
+    assert sum(1 for t, _, _ in results if t < swap_seen_at) >= 3
+    np.testing.assert_allclose(ordered(lifecycle.predict(clip, model_version="base").json()),
+                               new_scores, atol=1e-5)
+
+
+def _broken_checkpoints(root: Path) -> dict[str, Path]:
+    good = checkpoints.write_checkpoint(root / "tiny-seed31", "tiny", 31)
+    broken = {"missing": root / "does-not-exist"}
+    for kind in ("corrupt", "wrong_shape", "missing_tensor"):
+        folder = root / f"broken-{kind}"
+        if not folder.exists():
+            shutil.copytree(good, folder)
+        broken[kind] = folder
+    (broken["corrupt"] / "model.pt").write_bytes(b"\x00not a checkpoint" * 100)
+    state = torch.load(good / "model.pt")
+    wrong = dict(state, **{"proj.weight": torch.zeros(9, 32)})
+    torch.save(wrong, broken["wrong_shape"] / "model.pt")
+    torch.save({k: v for k, v in state.items() if k != "proj.bias"},
+               broken["missing_tensor"] / "model.pt")
+    return broken
+
+
+def test_failed_swap_keeps_the_old_model_serving(cluster, root, lifecycle, clips):
+    clip = clips["tone_16k_mono_wav"]
+    serving = lifecycle.variant("large")
+    scores = ordered(lifecycle.predict(clip, model_version="large").json())
+    expected_error = {"missing": "does not exist", "corrupt": "could not load",
+                      "wrong_shape": "proj.weight", "missing_tensor": "proj.bias missing"}
+    for kind, folder in _broken_checkpoints(root).items():
+        broken_large = {"source": str(folder), "generate": None}
+        cluster.put(make_app(root, base=tiny(root, 21), large=broken_large))
+        info = lifecycle.wait("large", lambda i, f=str(folder): (i["last_swap"] or {}).get(
+            "requested", {}).get("source") == f)
+        assert info["last_swap"]["result"] == "failed", kind
+        assert expected_error[kind] in info["last_swap"]["error"], info["last_swap"]
+        assert str(folder) in info["last_swap"]["error"]
+        assert info["state"] == "ready"
+        assert info["identity"] == serving["identity"]
+        assert info["load_count"] == serving["load_count"]
+        response = lifecycle.predict(clip, model_version="large")
+        assert response.status_code == 200
+        assert ordered(response.json()) == scores
+    cluster.put(make_app(root, base=tiny(root, 21), large=tiny(root, 12)))
+    lifecycle.wait("large", lambda i: i["state"] == "ready")
+
+
+def test_reconfigure_with_the_same_config_loads_once(cluster, root, lifecycle):
+    from ray import serve
+
+    before = lifecycle.variant("base")
+    app = make_app(root, base=tiny(root, 21), large=tiny(root, 12))
+    cluster.put(app)  # the same config again through the deploy path
+    user_config = next(d for d in app["deployments"] if d["name"] == "base")["user_config"]
+    handle = serve.get_deployment_handle("base", app_name=APP)
+    handle.reconfigure.remote(user_config).result(timeout_s=60)
+    handle.reconfigure.remote(copy.deepcopy(user_config)).result(timeout_s=60)
+    time.sleep(1.0)
+    after = lifecycle.variant("base")
+    assert after["load_count"] == before["load_count"]
+    assert after["loaded_at"] == before["loaded_at"]
+
+
+def test_default_and_aliases_change_live(cluster, root, lifecycle, clips):
+    clip = clips["tone_16k_mono_wav"]
+    before = {name: lifecycle.variant(name) for name in ("base", "large")}
+    router = {"default_version": "large", "aliases": {"newest": "base", "stable": "large"}}
+    cluster.put(make_app(root, router=router, base=tiny(root, 21), large=tiny(root, 12)))
+    deadline = time.monotonic() + 60
+    while lifecycle.http.get("/v1/models").json()["aliases"] != router["aliases"]:
+        assert time.monotonic() < deadline, "the router never took the new aliases"
+        time.sleep(0.25)
+    assert lifecycle.http.get("/v1/models").json()["default_version"] == "large"
+    assert lifecycle.predict(clip).json()["model_version"] == "large"
+    assert lifecycle.predict(clip, model_version="newest").json()["model_version"] == "base"
+    assert lifecycle.predict(clip, model_version="stable").json()["model_version"] == "large"
+    # Nothing restarted or reloaded for a router change.
+    for name, info in before.items():
+        now = lifecycle.variant(name)
+        assert (now["pid"], now["load_count"]) == (info["pid"], info["load_count"])
+
+
+def long_clip(folder: Path, seconds: float) -> Path:
+    path = folder / f"long-{seconds:g}s.wav"
+    t = np.arange(int(seconds * 16_000)) / 16_000
+    soundfile.write(path, (0.2 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 16_000)
+    return path
+
+
+def test_idle_unload_releases_memory_and_reloads(cluster, root, clips, tmp_path):
+    """A base-sized model (94 M parameters) so that the memory it frees is measurable."""
+    idle_s = 4.0
+    app = make_app(root, name="idle", prefix="/idle", variants=("base",),
+                   base={"source": str(root / "base-seed0"),
+                         "generate": {"arch": "base", "seed": 0}, "threads": 2,
+                         "idle_unload_s": idle_s})
+    cluster.put(app)
+    try:
+        assert cluster.wait_for("idle", ("RUNNING", "DEPLOY_FAILED")).status == "RUNNING"
+        client = Client(cluster.url, "/idle")
+        short, long = clips["tone_16k_mono_wav"], long_clip(tmp_path, 25.0)
+        assert client.predict(short).status_code == 200
+        last_use = time.monotonic()
+        loaded = client.variant("base")
+        assert loaded["state"] == "ready" and loaded["load_count"] == 1
+        # A request that is running when the idle deadline passes is not cut short.
+        time.sleep(max(0.0, idle_s - 0.5 - (time.monotonic() - last_use)))
+        started = time.monotonic()
+        running = client.predict(long)
+        assert running.status_code == 200
+        assert time.monotonic() - started > 0.5 + 0.2, "the long request ended too soon"
+        assert client.variant("base")["load_count"] == 1
+        unloaded = client.wait("base", lambda i: i["state"] == "unloaded", timeout_s=60)
+        assert unloaded["identity"] is None
+        assert unloaded["rss_bytes"] < loaded["rss_bytes"] - 200 * 2**20, (
+            loaded["rss_bytes"], unloaded["rss_bytes"])
+        # The next request loads the model again, waits for it, and succeeds.
+        again = client.predict(short)
+        assert again.status_code == 200
+        assert ordered(again.json()) == pytest.approx(
+            ordered(client.predict(short).json()), abs=1e-6)
+        reloaded = client.variant("base")
+        assert reloaded["state"] == "ready" and reloaded["load_count"] == 2
+        assert reloaded["pid"] == loaded["pid"]
+    finally:
+        cluster.remove("idle")
+
+
+def test_autoscaling_to_zero_frees_everything_and_scales_back(cluster, root, clips):
+    from ray import serve
+
+    app = make_app(root, name="scale0", prefix="/scale0", variants=("base",),
+                   base=tiny(root, 11))
+    for deployment in app["deployments"]:
+        if deployment["name"] == "base":
+            deployment["autoscaling_config"] = {
+                "min_replicas": 0, "initial_replicas": 1, "max_replicas": 1,
+                "target_ongoing_requests": 1, "upscale_delay_s": 0, "downscale_delay_s": 2,
+                "downscale_to_zero_delay_s": 2}
+
+    def running_replicas() -> int:
+        status = serve.status().applications["scale0"].deployments["base"]
+        return status.replica_states.get("RUNNING", 0)
+
+    cluster.put(app)
+    try:
+        assert cluster.wait_for("scale0", ("RUNNING", "DEPLOY_FAILED")).status == "RUNNING"
+        deadline = time.monotonic() + 90
+        while running_replicas() > 0:
+            assert time.monotonic() < deadline, "never scaled to zero"
+            time.sleep(0.5)
+        client = Client(cluster.url, "/scale0")
+        assert client.variant("base")["state"] == "scaled_to_zero"  # and asking started none
+        assert running_replicas() == 0
+        response = client.predict(clips["tone_16k_mono_wav"])  # waits for a new replica
+        assert response.status_code == 200, response.text
+        assert running_replicas() == 1
+    finally:
+        cluster.remove("scale0")
