@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from dataclasses import asdict
 
 import numpy as np
@@ -55,13 +56,17 @@ def _replica_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _release_memory() -> None:
-    """Give freed memory back to the OS: Python's collector, glibc's free lists, CUDA's cache."""
-    gc.collect()
+def _trim_heap() -> None:
+    """Hand glibc's free lists back to the OS (freed tensors otherwise stay in the RSS)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc: the allocator keeps what it keeps
+
+
+def _release_memory() -> None:
+    gc.collect()
+    _trim_heap()
 
 
 def _rss_bytes() -> int:
@@ -153,7 +158,6 @@ class EmotionModel:
             self.last_swap = {"result": "ok", "error": None, "at": time.time(),
                               "duration_s": round(time.time() - started, 3),
                               "from": previous, "to": engine.identity()}
-        _release_memory()  # the old engine is gone once its in-flight requests finish
 
     def _build(self, settings: ModelSettings) -> EmotionEngine:
         """Load and warm up a new engine (in a worker thread; touches no shared state)."""
@@ -167,6 +171,9 @@ class EmotionModel:
         return engine
 
     def _install(self, engine: EmotionEngine, settings: ModelSettings) -> None:
+        if self.engine is not None:
+            # Requests in flight still hold the old engine: trim once the last one lets go.
+            weakref.finalize(self.engine, _trim_heap)
         # One assignment on the event loop: every request sees the old engine or the new one.
         self.engine, self.settings = engine, settings
         self.load_count += 1

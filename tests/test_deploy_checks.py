@@ -48,8 +48,12 @@ def test_check_resources_names_the_fix():
 def test_every_shipped_config_is_valid():
     from serve_app.config import ModelSettings, RouterSettings
 
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
     for path in ["deploy.yaml", "configs/cpu.yaml", "configs/single-gpu.yaml",
                  "configs/tiny.yaml"]:
+        ServeDeploySchema.model_validate(yaml.safe_load((REPO / path).read_text()))
         app = load_app(REPO / path)
         args = AppArgs.model_validate(app["args"])
         deployments = {d["name"]: d for d in app["deployments"]}

@@ -216,6 +216,48 @@ def test_default_and_aliases_change_live(cluster, root, lifecycle, clips):
         assert (now["pid"], now["load_count"]) == (info["pid"], info["load_count"])
 
 
+def test_restarting_change_has_no_stall(cluster, root, clips):
+    """A change that restarts replicas (resources in args): with max_surge_percent the new
+    replicas are up before the old ones go, and in-flight requests finish."""
+    app = make_app(root, name="restart", prefix="/restart", variants=("base",),
+                   base=tiny(root, 11))
+    cluster.put(app)
+    try:
+        assert cluster.wait_for("restart", ("RUNNING", "DEPLOY_FAILED")).status == "RUNNING"
+        client = Client(cluster.url, "/restart")
+        before = client.variant("base")
+        clip = clips["tone_16k_mono_wav"]
+        codes: list[int] = []
+        stop = threading.Event()
+
+        def send() -> None:
+            with httpx.Client(base_url=cluster.url + "/restart", timeout=60) as http:
+                deadline = time.monotonic() + 120
+                while not stop.is_set() and time.monotonic() < deadline and len(codes) < 5000:
+                    codes.append(http.post("/v1/predict",
+                                           files={"file": ("c.wav", clip.read_bytes())}
+                                           ).status_code)
+
+        senders = [threading.Thread(target=send) for _ in range(2)]
+        for sender in senders:
+            sender.start()
+        try:
+            time.sleep(1.0)
+            restarted = copy.deepcopy(app)
+            restarted["args"]["variants"]["base"]["num_cpus"] = 0.15
+            cluster.put(restarted)
+            client.wait("base", lambda i: i.get("pid") not in (None, before["pid"]))
+            assert cluster.wait_for("restart", ("RUNNING",)).status == "RUNNING"
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            for sender in senders:
+                sender.join(timeout=130)
+        assert codes and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+    finally:
+        cluster.remove("restart")
+
+
 def long_clip(folder: Path, seconds: float) -> Path:
     path = folder / f"long-{seconds:g}s.wav"
     t = np.arange(int(seconds * 16_000)) / 16_000
