@@ -16,7 +16,9 @@ import soxr
 from serve_app.errors import ApiError
 
 TARGET_SR = 16_000
-_BLOCK_FRAMES = 65_536
+MAX_CHANNELS = 32
+MIN_RATE, MAX_RATE = 1_000, 384_000
+_BLOCK_SAMPLES = 1 << 20  # per read, over all channels: bounds memory whatever the header says
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,19 @@ class DecodedAudio:
 
 
 def decode(data: bytes, *, max_duration_s: float, min_duration_s: float) -> DecodedAudio:
+    """Decode, check and convert; every failure is an ApiError with a 4xx status."""
     if not data:
         raise ApiError(422, "empty_audio", "the upload is empty")
+    try:
+        return _decode(data, max_duration_s, min_duration_s)
+    except ApiError:
+        raise
+    except Exception as exc:  # libsndfile and soxr raise many kinds on hostile files
+        raise ApiError(415, "unsupported_audio", f"the audio could not be decoded: {exc}") \
+            from None
+
+
+def _decode(data: bytes, max_duration_s: float, min_duration_s: float) -> DecodedAudio:
     try:
         sound = soundfile.SoundFile(io.BytesIO(data))
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
@@ -39,8 +52,12 @@ def decode(data: bytes, *, max_duration_s: float, min_duration_s: float) -> Deco
                        f"formats of libsndfile are accepted): {exc}") from None
     with sound:
         rate, channels = int(sound.samplerate), int(sound.channels)
-        if rate <= 0 or channels <= 0:
-            raise ApiError(415, "unsupported_audio", "the audio header is invalid")
+        if not MIN_RATE <= rate <= MAX_RATE:
+            raise ApiError(422, "unsupported_sample_rate",
+                           f"sample rate {rate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz")
+        if not 1 <= channels <= MAX_CHANNELS:
+            raise ApiError(422, "too_many_channels",
+                           f"{channels} channels; at most {MAX_CHANNELS} are accepted")
         max_frames = int(max_duration_s * rate)
         if sound.frames > max_frames and sound.frames < 2**62:
             raise ApiError(413, "audio_too_long",
@@ -49,7 +66,8 @@ def decode(data: bytes, *, max_duration_s: float, min_duration_s: float) -> Deco
         blocks, total = [], 0
         try:
             while True:
-                block = sound.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
+                block = sound.read(max(1, _BLOCK_SAMPLES // channels), dtype="float32",
+                                   always_2d=True)
                 if not len(block):
                     break
                 total += len(block)

@@ -44,8 +44,10 @@ def load_app(path: str | os.PathLike, checkpoint_root: Path | None = None,
 class LocalServe:
     """Handle on a Serve instance started by `local_serve`, with the apps applied to it."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, metrics_url: str, temp_dir: str):
         self.url = url
+        self.metrics_url = metrics_url  # this node's Prometheus endpoint
+        self.temp_dir = temp_dir        # Ray's logs are under session_latest/logs
         self.apps: dict[str, dict] = {}
 
     def put(self, *apps: dict) -> None:
@@ -88,12 +90,15 @@ def local_serve(num_cpus: int | None = None, dashboard: bool = False) -> Iterato
 
     # Unix socket paths must stay under 107 bytes: a short temp dir directly under /tmp.
     temp_dir = tempfile.mkdtemp(prefix="e2v", dir="/tmp")
+    metrics_port = free_port()
     ray.init(num_cpus=num_cpus, _temp_dir=temp_dir, include_dashboard=dashboard,
-             dashboard_host="127.0.0.1", log_to_driver=False)
+             dashboard_host="127.0.0.1", log_to_driver=False, _metrics_export_port=metrics_port,
+             _node_ip_address="127.0.0.1")
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield LocalServe(f"http://127.0.0.1:{port}")
+        yield LocalServe(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics",
+                         temp_dir)
     finally:
         try:
             serve.shutdown()

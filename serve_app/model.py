@@ -31,6 +31,7 @@ from ray import serve
 
 from serve_app.config import ModelSettings
 from serve_app.engine import MIN_SAMPLES, EmotionEngine
+from serve_app.metrics import ModelMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -75,7 +76,8 @@ def _rss_bytes() -> int:
 
 
 @serve.deployment(
-    max_ongoing_requests=64,
+    max_ongoing_requests=16,
+    max_queued_requests=32,
     health_check_period_s=10,
     health_check_timeout_s=30,
     graceful_shutdown_timeout_s=60,
@@ -97,6 +99,7 @@ class EmotionModel:
         self._load_lock = asyncio.Lock()  # one load at a time: swap, or reload after unload
         self._background: set[asyncio.Task] = set()
         self._idle_watch: asyncio.Task | None = None
+        self.metrics = ModelMetrics(variant)
         # One worker: FunASR's model is not reentrant, so requests queue in front of it.
         self._inference = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"{variant}-inference")
@@ -127,8 +130,10 @@ class EmotionModel:
                 self._install(await asyncio.to_thread(self._build, settings), settings)
         except Exception as exc:
             self.state, self.error = "failed", str(exc)
+            self.metrics.load("initial", ok=False)
             logger.error("variant %s: model load failed: %s", self.variant, exc)
             raise
+        self.metrics.load("initial", ok=True)
 
     async def _swap(self, settings: ModelSettings) -> None:
         async with self._load_lock:
@@ -142,6 +147,7 @@ class EmotionModel:
             try:
                 engine = await asyncio.to_thread(self._build, settings)
             except Exception as exc:
+                self.metrics.load("swap", ok=False)
                 self.state = "ready" if self.engine else "failed"
                 self.last_swap = {"result": "failed", "error": str(exc), "at": time.time(),
                                   "duration_s": round(time.time() - started, 3),
@@ -155,6 +161,7 @@ class EmotionModel:
             if settings != self.target:
                 return  # a newer config arrived during the load; its swap follows
             self._install(engine, settings)
+            self.metrics.load("swap", ok=True)
             self.last_swap = {"result": "ok", "error": None, "at": time.time(),
                               "duration_s": round(time.time() - started, 3),
                               "from": previous, "to": engine.identity()}
@@ -179,6 +186,7 @@ class EmotionModel:
         self.load_count += 1
         self.loaded_at = time.time()
         self.state, self.error = "ready", None
+        self.metrics.set_loaded(True)
 
     async def _reload(self) -> EmotionEngine:
         """Load the configured model again after an idle unload (the request waits)."""
@@ -190,7 +198,9 @@ class EmotionModel:
                                   self.settings)
                 except Exception as exc:
                     self.state, self.error = "failed", str(exc)
+                    self.metrics.load("reload", ok=False)
                     raise
+                self.metrics.load("reload", ok=True)
             return self.engine
 
     async def _watch_idle(self) -> None:
@@ -207,6 +217,7 @@ class EmotionModel:
                 return  # a request arrived meanwhile: it keeps the model
             engine, self.engine = self.engine, None
             self.state = "unloaded"
+            self.metrics.set_loaded(False)
             rss_before = _rss_bytes()
             engine.unload()
             del engine
@@ -256,6 +267,7 @@ class EmotionModel:
                       extract_embedding: bool = False) -> dict:
         arrived = time.perf_counter()
         self._in_flight += 1  # before any await: an idle unload now waits for this request
+        self.metrics.set_queue(self._in_flight)
         try:
             engine = self.engine
             if engine is None:
@@ -268,7 +280,9 @@ class EmotionModel:
                 self._inference, engine.predict, waveform, granularity, extract_embedding)
         finally:
             self._in_flight -= 1
+            self.metrics.set_queue(self._in_flight)
             self._last_used = time.monotonic()
+        self.metrics.forward(result.inference_ms, batch_size=1)
         elapsed_ms = (time.perf_counter() - arrived) * 1000
         return {
             "labels": result.labels,

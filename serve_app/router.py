@@ -31,8 +31,10 @@ from serve_app import audio
 from serve_app.config import RouterSettings
 from serve_app.engine import english_name
 from serve_app.errors import ApiError
+from serve_app.metrics import RouterMetrics
 
 logger = logging.getLogger("ray.serve")
+access_log = logging.getLogger("ray.serve.emotion2vec.access")
 
 GRANULARITIES = ("utterance", "frame")
 PARAMS = ("model_version", "granularity", "extract_embedding")
@@ -154,6 +156,7 @@ class Router:
     def __init__(self, variants: dict[str, DeploymentHandle]):
         self.variants = variants
         self.settings = RouterSettings(default_version=next(iter(variants)))
+        self.metrics = RouterMetrics()
 
     def reconfigure(self, user_config: dict) -> None:
         settings = RouterSettings.model_validate(user_config)
@@ -172,9 +175,28 @@ class Router:
     async def predict(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
         request_id = _request_id(request)
+        trace: dict = {"request_id": request_id, "variant": None}
+        status = 500
+        try:
+            response = await self._predict(request, request_id, started, trace)
+            status = response.status_code
+            return response
+        except ApiError as exc:
+            status, trace["code"] = exc.status, exc.code
+            raise
+        finally:
+            # One line per request: ids, variant, outcome and durations; never audio.
+            trace.update(status=status, total_ms=round((time.perf_counter() - started) * 1000, 1))
+            access_log.info(json.dumps(trace))
+            self.metrics.record(trace["variant"], status, trace["total_ms"],
+                                trace.get("audio_s"))
+
+    async def _predict(self, request: Request, request_id: str, started: float,
+                       trace: dict) -> JSONResponse:
         settings = self.settings
         data, params = await _read_upload(request, settings.max_upload_bytes)
         variant = self._resolve(params.get("model_version"))
+        trace["variant"] = variant
         granularity = params.get("granularity") or "utterance"
         if granularity not in GRANULARITIES:
             raise ApiError(422, "invalid_granularity",
@@ -187,11 +209,13 @@ class Router:
                                           max_duration_s=settings.max_duration_s,
                                           min_duration_s=settings.min_duration_s)
         decode_ms = (time.perf_counter() - decode_started) * 1000
+        trace.update(audio_s=round(decoded.duration_s, 3), decode_ms=round(decode_ms, 1))
 
         model_started = time.perf_counter()
         out = await self._call_model(variant, decoded.waveform, granularity, extract_embedding,
                                      settings.model_timeout_s)
         model_ms = (time.perf_counter() - model_started) * 1000
+        trace["model_ms"] = round(model_ms, 1)
 
         scores = {english_name(label): score for label, score in zip(out["labels"], out["scores"])}
         best = int(np.argmax(out["scores"]))
@@ -224,6 +248,24 @@ class Router:
 
     async def _call_model(self, variant: str, waveform: np.ndarray, granularity: str,
                           extract_embedding: bool, timeout_s: float) -> dict:
+        deadline = time.monotonic() + timeout_s
+        for attempt in (1, 2):
+            try:
+                return await self._call_once(variant, waveform, granularity, extract_embedding,
+                                             max(0.1, deadline - time.monotonic()))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                # The replica died under the request. Inference has no side effects, so one
+                # retry on another (or the restarted) replica is safe.
+                logger.warning("variant %s: replica lost (attempt %d): %s", variant, attempt, exc)
+                if attempt == 2 or time.monotonic() > deadline - 1:
+                    raise ApiError(503, "model_unavailable",
+                                   f"variant {variant} is unavailable; retry",
+                                   headers={"Retry-After": "2"})
+                await asyncio.sleep(0.5)
+        raise AssertionError("unreachable")
+
+    async def _call_once(self, variant: str, waveform: np.ndarray, granularity: str,
+                         extract_embedding: bool, timeout_s: float) -> dict:
         response = self.variants[variant].predict.remote(waveform, granularity, extract_embedding)
         try:
             return await asyncio.wait_for(response, timeout=timeout_s)
@@ -235,15 +277,14 @@ class Router:
             raise ApiError(503, "overloaded", f"variant {variant} is at capacity; retry later",
                            headers={"Retry-After": "1"})
         except ray.exceptions.RayTaskError as exc:
-            if "InvalidInput" in str(exc.cause.__class__.__name__):
+            if type(exc.cause).__name__ == "InvalidInput":
                 raise ApiError(422, "invalid_audio", str(exc.cause))
+            if isinstance(exc.cause, (ray.exceptions.RayActorError,
+                                      ray.exceptions.ActorUnavailableError)):
+                raise exc.cause
             logger.error("variant %s failed: %s", variant, exc)
             raise ApiError(503, "model_error", f"variant {variant} failed on this request",
                            headers={"Retry-After": "1"})
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-            logger.error("variant %s unavailable: %s", variant, exc)
-            raise ApiError(503, "model_unavailable", f"variant {variant} is unavailable; retry",
-                           headers={"Retry-After": "2"})
 
     async def _variant_info(self, name: str, deployments: dict) -> dict:
         status = deployments.get(name)

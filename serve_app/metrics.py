@@ -1,0 +1,68 @@
+"""The service's own metrics, exported through Ray (`ray.serve.metrics`): they appear on each
+node's Prometheus endpoint as `ray_<name>` and in the Ray dashboard's metrics views. Serve
+adds the deployment, replica and application tags itself."""
+
+from __future__ import annotations
+
+from ray.serve import metrics
+
+_LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
+
+
+class RouterMetrics:
+    """Recorded by the router, once per HTTP request."""
+
+    def __init__(self) -> None:
+        self.requests = metrics.Counter(
+            "emotion2vec_requests_total", description="Prediction requests by variant and "
+            "outcome (status class: 2xx, 4xx, 5xx)", tag_keys=("variant", "outcome"))
+        self.latency = metrics.Histogram(
+            "emotion2vec_request_latency_ms", description="End-to-end latency in the router",
+            boundaries=_LATENCY_MS, tag_keys=("variant",))
+        self.audio_seconds = metrics.Counter(
+            "emotion2vec_audio_seconds_total", description="Seconds of audio processed",
+            tag_keys=("variant",))
+
+    def record(self, variant: str | None, status: int, latency_ms: float,
+               audio_s: float | None) -> None:
+        name = variant or "none"
+        self.requests.inc(tags={"variant": name, "outcome": f"{status // 100}xx"})
+        self.latency.observe(latency_ms, tags={"variant": name})
+        if audio_s and status < 300:
+            self.audio_seconds.inc(audio_s, tags={"variant": name})
+
+
+class ModelMetrics:
+    """Recorded by a variant's replica."""
+
+    def __init__(self, variant: str) -> None:
+        self.tags = {"variant": variant}
+        self.inference = metrics.Histogram(
+            "emotion2vec_inference_latency_ms", description="Model forward time per batch",
+            boundaries=_LATENCY_MS, tag_keys=("variant",))
+        self.batch_size = metrics.Histogram(
+            "emotion2vec_batch_size", description="Clips per forward pass",
+            boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("variant",))
+        self.loads = metrics.Counter(
+            "emotion2vec_model_loads_total", description="Model loads by kind "
+            "(initial, swap, reload) and result (ok, failed)",
+            tag_keys=("variant", "kind", "result"))
+        self.loaded = metrics.Gauge(
+            "emotion2vec_model_loaded", description="1 while this replica holds a model",
+            tag_keys=("variant",))
+        self.queue = metrics.Gauge(
+            "emotion2vec_queue_length", description="Requests in this replica waiting for or "
+            "running on the model", tag_keys=("variant",))
+
+    def load(self, kind: str, ok: bool) -> None:
+        self.loads.inc(tags={**self.tags, "kind": kind, "result": "ok" if ok else "failed"})
+
+    def set_loaded(self, loaded: bool) -> None:
+        self.loaded.set(1 if loaded else 0, tags=self.tags)
+
+    def set_queue(self, length: int) -> None:
+        self.queue.set(length, tags=self.tags)
+
+    def forward(self, latency_ms: float, batch_size: int) -> None:
+        self.inference.observe(latency_ms, tags=self.tags)
+        self.batch_size.observe(batch_size, tags=self.tags)
