@@ -132,6 +132,15 @@ def _request_id(request: Request) -> str:
     return candidate if _SAFE_ID.match(candidate) else uuid.uuid4().hex
 
 
+def _timeline_window(labels: list[str], window: dict) -> dict:
+    """One timeline window in the response's shape: times, emotion, scores by English name."""
+    best = int(np.argmax(window["scores"]))
+    return {"start_s": window["start_s"], "end_s": window["end_s"],
+            "emotion": english_name(labels[best]), "confidence": window["scores"][best],
+            "scores": {english_name(label): score
+                       for label, score in zip(labels, window["scores"])}}
+
+
 def _save_result(output_dir: str, request_id: str, result: dict,
                  embedding: np.ndarray | None) -> None:
     """Write result.json (and embedding.npy) under output_dir/request_id, all or nothing."""
@@ -208,6 +217,9 @@ class Router:
                       "format": decoded.format},
             "model": out["model"],
         }
+        if out.get("timeline") is not None:
+            result["timeline"] = [_timeline_window(out["labels"], window)
+                                  for window in out["timeline"]]
         embedding = out["embedding"]
         if extract_embedding:
             result["embedding"] = embedding.tolist()
