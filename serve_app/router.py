@@ -20,7 +20,7 @@ import numpy as np
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -40,6 +40,36 @@ FORM_FIELDS = ("file", *PARAMS)
 _FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+# The web page (serve_app/web, installed as package data): served as files, no build step.
+WEB_DIR = Path(__file__).resolve().parent / "web"
+WEB_ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+_NO_CACHE = {"Cache-Control": "no-cache"}  # a redeploy with a new page shows at once
+
+# The route reads the request itself (a form, or the raw body): its schema is given here.
+_PARAM_SCHEMAS = {
+    "model_version": {"type": "string", "description": "a variant (base, large, turbo) or an "
+                      "alias (see GET /v1/models); default: the router's default_version"},
+    "granularity": {"type": "string", "enum": list(GRANULARITIES), "default": "utterance",
+                    "description": "utterance: one embedding; frame: one per 20 ms frame, "
+                    "and an emotion timeline"},
+    "extract_embedding": {"type": "boolean", "default": False,
+                          "description": "include the embedding"},
+}
+PREDICT_OPENAPI = {
+    "parameters": [{"name": name, "in": "query", "required": False, "schema": schema,
+                    "description": "with a raw body only: " + schema["description"]}
+                   for name, schema in _PARAM_SCHEMAS.items()],
+    "requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": "the audio: wav, flac, ogg/vorbis, mp3, ..."},
+                           **_PARAM_SCHEMAS}}},
+        "application/octet-stream": {"schema": {
+            "type": "string", "format": "binary",
+            "description": "the audio file's bytes as the body; the fields as query parameters"}},
+    }},
+}
 
 api = FastAPI(
     title="emotion2vec-serve",
@@ -177,7 +207,21 @@ class Router:
                            f"unknown model_version {requested!r}; valid: {valid}", valid=valid)
         return variant
 
-    @api.post("/v1/predict", summary="Recognise the emotion in one audio clip")
+    @api.get("/", response_class=HTMLResponse,
+             summary="The web page: try the models in a browser")
+    async def page(self) -> HTMLResponse:
+        html = await asyncio.to_thread((WEB_DIR / "index.html").read_text, encoding="utf-8")
+        return HTMLResponse(html, headers=_NO_CACHE)
+
+    @api.get("/web/{name}", include_in_schema=False)
+    async def web_asset(self, name: str) -> Response:
+        if name not in WEB_ASSETS:  # a fixed list: no path from the request reaches the disk
+            raise ApiError(404, "not_found", f"no web asset {name!r}")
+        data = await asyncio.to_thread((WEB_DIR / name).read_bytes)
+        return Response(data, media_type=WEB_ASSETS[name], headers=_NO_CACHE)
+
+    @api.post("/v1/predict", summary="Recognise the emotion in one audio clip",
+              openapi_extra=PREDICT_OPENAPI)
     async def predict(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
         request_id = _request_id(request)
