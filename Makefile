@@ -26,6 +26,9 @@ serve: install
 test-tools:
 	@command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null) \
 		|| echo "espeak-ng could not be installed: speech clips will be skipped"
+	@# Debian's chromium, driven by playwright (no browser download) for the web page tests.
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed: the browser tests will be skipped"
 
 test: install test-tools
 	$(RAY_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -105,3 +105,15 @@ def local_serve(num_cpus: int | None = None, dashboard: bool = False) -> Iterato
         finally:
             ray.shutdown()
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def deploy_config(config: dict) -> None:
+    """Apply a Serve config (a config file's content) to the cluster this process joined with
+    `ray.init(address=...)`, as `serve deploy` does without going through the dashboard:
+    applications it does not list are deleted; its http_options are not applied (they are
+    fixed when Serve starts)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate({"applications": config["applications"]})
+    _get_global_client().deploy_apps(schema)

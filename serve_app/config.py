@@ -48,6 +48,9 @@ class ModelSettings(_Strict):
     max_audio_s: float = Field(default=600.0, gt=0, description="refuse longer arrays")
     idle_unload_s: float = Field(default=0.0, ge=0,
                                  description="release the model after this long unused; 0: never")
+    # granularity=frame timeline: scores of frames pooled over windows (serve_app/timeline.py)
+    timeline_window_s: float = Field(default=1.0, ge=0.02, le=60.0)
+    timeline_hop_s: float = Field(default=0.5, ge=0.02, le=60.0)
 
     @field_validator("source")
     @classmethod

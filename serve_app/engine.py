@@ -21,6 +21,7 @@ import numpy as np
 
 from serve_app import checkpoints
 from serve_app.config import ModelSettings
+from serve_app.timeline import emotion_timeline
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Prediction:
     scores: list[float]      # softmax over the head, float32, same order
     embedding: np.ndarray | None
     inference_ms: float
+    timeline: list[dict] | None = None  # granularity=frame: scores per window (timeline.py)
 
 
 @dataclass
@@ -233,5 +235,11 @@ class EmotionEngine:
             if extract_embedding:
                 feats = frames[0].cpu().numpy()
                 embedding = feats if granularity == "frame" else np.mean(feats, axis=0)
+            timeline = None
+            if granularity == "frame":
+                masked = [i for i, label in enumerate(self.labels) if label.startswith("unuse")]
+                timeline = emotion_timeline(frames[0], self.model.proj, masked,
+                                            self.settings.timeline_window_s,
+                                            self.settings.timeline_hop_s)
         return Prediction(self.labels, scores, embedding,
-                          round((time.perf_counter() - started) * 1000, 3))
+                          round((time.perf_counter() - started) * 1000, 3), timeline)

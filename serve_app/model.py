@@ -288,6 +288,7 @@ class EmotionModel:
             "labels": result.labels,
             "scores": result.scores,
             "embedding": result.embedding,
+            "timeline": result.timeline,
             "model": {"variant": self.variant, "source": engine.info.source,
                       "weights": engine.info.weights, "dtype": engine.info.dtype,
                       "device": engine.info.device},

@@ -20,7 +20,7 @@ import numpy as np
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -42,6 +42,36 @@ FORM_FIELDS = ("file", *PARAMS)
 _FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+# The web page (serve_app/web, installed as package data): served as files, no build step.
+WEB_DIR = Path(__file__).resolve().parent / "web"
+WEB_ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+_NO_CACHE = {"Cache-Control": "no-cache"}  # a redeploy with a new page shows at once
+
+# The route reads the request itself (a form, or the raw body): its schema is given here.
+_PARAM_SCHEMAS = {
+    "model_version": {"type": "string", "description": "a variant (base, large, turbo) or an "
+                      "alias (see GET /v1/models); default: the router's default_version"},
+    "granularity": {"type": "string", "enum": list(GRANULARITIES), "default": "utterance",
+                    "description": "utterance: one embedding; frame: one per 20 ms frame, "
+                    "and an emotion timeline"},
+    "extract_embedding": {"type": "boolean", "default": False,
+                          "description": "include the embedding"},
+}
+PREDICT_OPENAPI = {
+    "parameters": [{"name": name, "in": "query", "required": False, "schema": schema,
+                    "description": "with a raw body only: " + schema["description"]}
+                   for name, schema in _PARAM_SCHEMAS.items()],
+    "requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": "the audio: wav, flac, ogg/vorbis, mp3, ..."},
+                           **_PARAM_SCHEMAS}}},
+        "application/octet-stream": {"schema": {
+            "type": "string", "format": "binary",
+            "description": "the audio file's bytes as the body; the fields as query parameters"}},
+    }},
+}
 
 api = FastAPI(
     title="emotion2vec-serve",
@@ -134,6 +164,15 @@ def _request_id(request: Request) -> str:
     return candidate if _SAFE_ID.match(candidate) else uuid.uuid4().hex
 
 
+def _timeline_window(labels: list[str], window: dict) -> dict:
+    """One timeline window in the response's shape: times, emotion, scores by English name."""
+    best = int(np.argmax(window["scores"]))
+    return {"start_s": window["start_s"], "end_s": window["end_s"],
+            "emotion": english_name(labels[best]), "confidence": window["scores"][best],
+            "scores": {english_name(label): score
+                       for label, score in zip(labels, window["scores"])}}
+
+
 def _save_result(output_dir: str, request_id: str, result: dict,
                  embedding: np.ndarray | None) -> None:
     """Write result.json (and embedding.npy) under output_dir/request_id, all or nothing."""
@@ -171,7 +210,21 @@ class Router:
                            f"unknown model_version {requested!r}; valid: {valid}", valid=valid)
         return variant
 
-    @api.post("/v1/predict", summary="Recognise the emotion in one audio clip")
+    @api.get("/", response_class=HTMLResponse,
+             summary="The web page: try the models in a browser")
+    async def page(self) -> HTMLResponse:
+        html = await asyncio.to_thread((WEB_DIR / "index.html").read_text, encoding="utf-8")
+        return HTMLResponse(html, headers=_NO_CACHE)
+
+    @api.get("/web/{name}", include_in_schema=False)
+    async def web_asset(self, name: str) -> Response:
+        if name not in WEB_ASSETS:  # a fixed list: no path from the request reaches the disk
+            raise ApiError(404, "not_found", f"no web asset {name!r}")
+        data = await asyncio.to_thread((WEB_DIR / name).read_bytes)
+        return Response(data, media_type=WEB_ASSETS[name], headers=_NO_CACHE)
+
+    @api.post("/v1/predict", summary="Recognise the emotion in one audio clip",
+              openapi_extra=PREDICT_OPENAPI)
     async def predict(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
         request_id = _request_id(request)
@@ -232,6 +285,9 @@ class Router:
                       "format": decoded.format},
             "model": out["model"],
         }
+        if out.get("timeline") is not None:
+            result["timeline"] = [_timeline_window(out["labels"], window)
+                                  for window in out["timeline"]]
         embedding = out["embedding"]
         if extract_embedding:
             result["embedding"] = embedding.tolist()

@@ -1,0 +1,278 @@
+// The page's logic: pick or record audio, call POST /v1/predict, draw the answer as SVG.
+// Plain browser JavaScript, no build step and nothing fetched from elsewhere.
+"use strict";
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+const COLORS = {
+  angry: "#d92d20", disgusted: "#669f2a", fearful: "#7a5af8", happy: "#f79009",
+  neutral: "#667085", other: "#0ba5ec", sad: "#2f6fde", surprised: "#ee46bc", unknown: "#98a2b3",
+};
+const $ = (id) => document.getElementById(id);
+let audio = null;  // {blob, name}: what the next request sends
+
+// -- audio in ---------------------------------------------------------------------------
+function setAudio(blob, name) {
+  audio = { blob, name };
+  $("audio-name").textContent = `${name} (${(blob.size / 1024).toFixed(1)} KiB)`;
+  const preview = $("preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(blob);
+  preview.hidden = false;
+  $("submit").disabled = false;
+}
+
+// 16-bit PCM WAV, mono: the server decodes with libsndfile, which reads no webm/opus.
+function encodeWav(samples, rate) {
+  const view = new DataView(new ArrayBuffer(44 + samples.length * 2));
+  const text = (offset, s) => [...s].forEach((c, i) => view.setUint8(offset + i, c.charCodeAt(0)));
+  text(0, "RIFF"); view.setUint32(4, 36 + samples.length * 2, true); text(8, "WAVE");
+  text(12, "fmt "); view.setUint32(16, 16, true); view.setUint16(20, 1, true);
+  view.setUint16(22, 1, true); view.setUint32(24, rate, true); view.setUint32(28, rate * 2, true);
+  view.setUint16(32, 2, true); view.setUint16(34, 16, true);
+  text(36, "data"); view.setUint32(40, samples.length * 2, true);
+  samples.forEach((x, i) => {
+    const s = Math.max(-1, Math.min(1, x));
+    view.setInt16(44 + i * 2, s < 0 ? s * 0x8000 : s * 0x7fff, true);
+  });
+  return new Blob([view.buffer], { type: "audio/wav" });
+}
+
+// Whatever the browser recorded (webm/opus, ogg, mp4) -> 16 kHz mono WAV.
+async function toWav(blob) {
+  const context = new AudioContext();
+  try {
+    const decoded = await context.decodeAudioData(await blob.arrayBuffer());
+    const rate = 16000;
+    const offline = new OfflineAudioContext(1, Math.max(1, Math.ceil(decoded.duration * rate)), rate);
+    const source = offline.createBufferSource();
+    source.buffer = decoded;
+    source.connect(offline.destination);
+    source.start();
+    const rendered = await offline.startRendering();
+    return encodeWav(rendered.getChannelData(0), rate);
+  } finally {
+    context.close();
+  }
+}
+
+let recorder = null;
+async function toggleRecording() {
+  const button = $("record");
+  if (recorder && recorder.state === "recording") {
+    recorder.stop();
+    return;
+  }
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  } catch (err) {
+    showError(`The microphone is not available: ${err.message}`);
+    return;
+  }
+  const chunks = [];
+  recorder = new MediaRecorder(stream);
+  recorder.ondataavailable = (event) => chunks.push(event.data);
+  recorder.onstop = async () => {
+    stream.getTracks().forEach((track) => track.stop());
+    button.textContent = "Record";
+    button.classList.remove("recording");
+    try {
+      setAudio(await toWav(new Blob(chunks, { type: recorder.mimeType })), "recording.wav");
+    } catch (err) {
+      showError(`Could not convert the recording: ${err.message}`);
+    }
+  };
+  recorder.start();
+  button.textContent = "Stop";
+  button.classList.add("recording");
+  hideError();
+}
+
+// -- the model list -----------------------------------------------------------------------
+async function loadModels() {
+  const select = $("model-version");
+  try {
+    const response = await fetch("/v1/models");
+    const models = await response.json();
+    select.replaceChildren();
+    for (const [name, info] of Object.entries(models.variants)) {
+      const option = new Option(`${name}${name === models.default_version ? " (default)" : ""}` +
+        ` — ${info.state}${info.weights === "random" ? ", random weights" : ""}`, name);
+      option.selected = name === models.default_version;
+      select.add(option);
+    }
+    for (const [alias, target] of Object.entries(models.aliases || {})) {
+      select.add(new Option(`${alias} → ${target}`, alias));
+    }
+  } catch (err) {
+    select.replaceChildren(new Option("(server default)", ""));
+    showError(`Could not list the models: ${err.message}`);
+  }
+}
+
+// -- the request ----------------------------------------------------------------------------
+async function submit(event) {
+  event.preventDefault();
+  if (!audio) return;
+  const form = new FormData();
+  form.append("file", audio.blob, audio.name);
+  if ($("model-version").value) form.append("model_version", $("model-version").value);
+  form.append("granularity", $("granularity").value);
+  form.append("extract_embedding", $("embedding").checked ? "true" : "false");
+  $("submit").disabled = true;
+  $("status").textContent = "Recognising…";
+  hideError();
+  try {
+    const response = await fetch("/v1/predict", { method: "POST", body: form });
+    const body = await response.json();
+    if (!response.ok) {
+      const error = body.error || {};
+      throw new Error(`${response.status} ${error.code || ""}: ${error.message || response.statusText}`);
+    }
+    render(body);
+    $("status").textContent = `Done in ${body.timings_ms.total.toFixed(0)} ms.`;
+  } catch (err) {
+    $("status").textContent = "";
+    showError(err.message);
+  } finally {
+    $("submit").disabled = false;
+  }
+}
+
+function showError(message) { $("error").textContent = message; $("error").hidden = false; }
+function hideError() { $("error").hidden = true; }
+
+// -- drawing ----------------------------------------------------------------------------------
+function el(name, attrs, text) {
+  const node = document.createElementNS(SVG_NS, name);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function drawBars(svg, scores, best) {
+  const names = Object.keys(scores);
+  const row = 24, left = 80, right = 60, width = 600;
+  svg.setAttribute("viewBox", `0 0 ${width} ${names.length * row + 4}`);
+  svg.replaceChildren();
+  names.forEach((name, i) => {
+    const y = i * row + 2, value = scores[name];
+    svg.append(el("text", { x: left - 6, y: y + row / 2 + 4, "text-anchor": "end" }, name));
+    svg.append(el("rect", {
+      class: "bar", "data-emotion": name, x: left, y: y + 3, height: row - 6,
+      width: Math.max(0.5, value * (width - left - right)), fill: COLORS[name] || "#888",
+      opacity: name === best ? 1 : 0.55,
+    }));
+    svg.append(el("text", { x: left + value * (width - left - right) + 6, y: y + row / 2 + 4 },
+      value.toFixed(3)));
+  });
+}
+
+function drawTimeline(svg, windows) {
+  const width = 600, height = 240, left = 36, right = 24, top = 10, strip = 14, bottom = 36;
+  const plotBottom = height - bottom - strip - 6;
+  const end = Math.max(...windows.map((w) => w.end_s), 0.02);
+  const x = (t) => left + (t / end) * (width - left - right);
+  const y = (v) => top + (1 - v) * (plotBottom - top);
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.replaceChildren();
+  svg.append(el("line", { class: "axis", x1: left, y1: plotBottom, x2: width - right, y2: plotBottom }));
+  svg.append(el("line", { class: "axis", x1: left, y1: top, x2: left, y2: plotBottom }));
+  for (const v of [0, 0.5, 1]) {
+    svg.append(el("text", { x: left - 4, y: y(v) + 4, "text-anchor": "end" }, v.toFixed(1)));
+  }
+  const ticks = Math.min(10, Math.ceil(end));
+  for (let i = 0; i <= ticks; i++) {
+    const t = (end * i) / ticks;
+    svg.append(el("text", { x: x(t), y: height - 6, "text-anchor": "middle" }, `${t.toFixed(1)} s`));
+  }
+  const centre = (w) => (w.start_s + w.end_s) / 2;
+  // One line per emotion: its score in each window, drawn at the window's centre.
+  for (const name of Object.keys(windows[0].scores)) {
+    const points = windows.map((w) => `${x(centre(w)).toFixed(1)},${y(w.scores[name]).toFixed(1)}`);
+    svg.append(el("polyline", { class: "line", "data-emotion": name, points: points.join(" "),
+      fill: "none", stroke: COLORS[name] || "#888", "stroke-width": 1.5 }));
+  }
+  // The leading emotion of each window: a point on its line and a band below the plot.
+  // Windows overlap (hop < window): each band runs between the midpoints of window centres.
+  windows.forEach((w, i) => {
+    const colour = COLORS[w.emotion] || "#888";
+    svg.append(el("circle", { class: "point", cx: x(centre(w)), cy: y(w.confidence), r: 3,
+      fill: colour }));
+    const from = i === 0 ? w.start_s : (centre(windows[i - 1]) + centre(w)) / 2;
+    const to = i === windows.length - 1 ? w.end_s : (centre(w) + centre(windows[i + 1])) / 2;
+    const band = el("rect", { class: "segment", x: x(from), y: plotBottom + 6,
+      width: Math.max(1, x(to) - x(from)), height: strip, fill: colour, opacity: 0.8 });
+    band.append(el("title", {}, `${w.start_s}–${w.end_s} s: ${w.emotion} ${w.confidence.toFixed(2)}`));
+    svg.append(band);
+  });
+  $("legend").replaceChildren(...Object.keys(windows[0].scores).map((name) => {
+    const item = document.createElement("span");
+    item.style.setProperty("--c", COLORS[name] || "#888");
+    item.textContent = name;
+    return item;
+  }));
+}
+
+function drawModel(body) {
+  const model = body.model;
+  const rows = [["version asked", $("model-version").value || "(default)"],
+    ["served by", body.model_version], ...Object.entries(model),
+    ["audio", `${body.audio.duration_s} s, ${body.audio.sample_rate} Hz, ` +
+      `${body.audio.channels} ch, ${body.audio.format}`]];
+  $("model-info").replaceChildren(...rows.map(([key, value]) => {
+    const tr = document.createElement("tr");
+    tr.append(Object.assign(document.createElement("td"), { textContent: key }),
+      Object.assign(document.createElement("td"), { textContent: String(value) }));
+    return tr;
+  }));
+  const warning = $("warning");
+  warning.hidden = model.weights !== "random";
+  warning.textContent = "Random weights: this variant serves a generated checkpoint, not a " +
+    "trained model. Its predictions mean nothing.";
+}
+
+function render(body) {
+  $("result").hidden = false;
+  $("emotion").textContent = body.emotion;
+  $("confidence").textContent = `(${(body.confidence * 100).toFixed(1)} %)`;
+  drawBars($("bars"), body.scores, body.emotion);
+  const hasTimeline = Array.isArray(body.timeline) && body.timeline.length > 0;
+  $("timeline-box").hidden = !hasTimeline;
+  if (hasTimeline) drawTimeline($("timeline"), body.timeline);
+  drawModel(body);
+  // The page shows embeddings shortened (they can be megabytes); the download has all of it.
+  const shown = { ...body };
+  if (Array.isArray(body.embedding)) {
+    const shape = Array.isArray(body.embedding[0])
+      ? `${body.embedding.length} x ${body.embedding[0].length}` : `${body.embedding.length}`;
+    shown.embedding = `[${shape} numbers: see the download]`;
+  }
+  $("raw").textContent = JSON.stringify(shown, null, 2);
+  const download = $("download");
+  if (download.href) URL.revokeObjectURL(download.href);
+  download.href = URL.createObjectURL(new Blob([JSON.stringify(body)], { type: "application/json" }));
+}
+
+// -- wiring -------------------------------------------------------------------------------------
+function init() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (event) => {
+    const file = event.target.files[0];
+    if (file) setAudio(file, file.name);
+  });
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    const file = event.dataTransfer.files[0];
+    if (file) setAudio(file, file.name);
+  });
+  $("record").addEventListener("click", toggleRecording);
+  if (!window.MediaRecorder || !navigator.mediaDevices) $("record").disabled = true;
+  $("form").addEventListener("submit", submit);
+  loadModels();
+}
+
+init();

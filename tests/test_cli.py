@@ -1,0 +1,203 @@
+"""`emotion2vec-serve predict` as a user runs it: a subprocess against the test cluster, and
+its retry logic against a small HTTP server of the test's own on 127.0.0.1."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from serve_app.cli import backoff_delay, expand, retry_after_s
+
+EMOTIONS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised",
+            "unknown"]
+
+
+def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serve_app.cli", "predict", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def audio_dir(clips, tmp_path):
+    """A directory with three clips (one in a subfolder) and a file that is not audio."""
+    folder = tmp_path / "batch"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(clips["tone_16k_mono_wav"], folder / "a.wav")
+    shutil.copy(clips["stereo_44k_flac"], folder / "sub" / "b.flac")
+    shutil.copy(clips["noise_22k_ogg"], folder / "c.ogg")
+    (folder / "notes.txt").write_text("not audio")
+    return folder
+
+
+def test_expand_finds_audio_in_directories(audio_dir, clips):
+    files = expand([str(audio_dir), str(clips["tone_48k_mp3"]), str(audio_dir / "a.wav")])
+    assert [p.relative_to(audio_dir).as_posix() for p in files[:3]] == [
+        "a.wav", "c.ogg", "sub/b.flac"]
+    assert files[3] == clips["tone_48k_mp3"] and len(files) == 4
+    with pytest.raises(FileNotFoundError):
+        expand([str(audio_dir / "missing.wav")])
+
+
+def test_jsonl_for_files_and_a_directory(service, clips, audio_dir, tmp_path):
+    out = tmp_path / "results.jsonl"
+    done = run_cli(str(clips["tone_48k_mp3"]), str(audio_dir), "--url", service.url,
+                   "--model-version", "base", "--out", str(out), "--concurrency", "3")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"] for r in rows] == [str(clips["tone_48k_mp3"]), str(audio_dir / "a.wav"),
+                                         str(audio_dir / "c.ogg"),
+                                         str(audio_dir / "sub" / "b.flac")]
+    for row in rows:
+        assert row["status"] == "ok" and row["http_status"] == 200 and row["error"] is None
+        assert row["model_version"] == "base"
+        assert list(row["scores"]) == EMOTIONS
+        assert row["emotion"] == max(row["scores"], key=row["scores"].get)
+        assert row["confidence"] == row["scores"][row["emotion"]]
+        assert "timeline" not in row
+    # The summary: counts per emotion, on stderr (with the progress bar).
+    assert "4 files: 4 ok, 0 failed" in done.stderr
+    counts = {}
+    for row in rows:
+        counts[row["emotion"]] = counts.get(row["emotion"], 0) + 1
+    emotions_line = next(l for l in done.stderr.splitlines() if l.startswith("emotions: "))
+    assert dict((name, int(n)) for name, n in
+                (part.rsplit(" ", 1) for part in emotions_line[10:].split(", "))) == counts
+    assert "4/4" in done.stderr  # the progress bar reached the end
+
+
+def test_csv_with_frame_granularity(service, clips, tmp_path):
+    out = tmp_path / "results.csv"
+    done = run_cli(str(clips["tone_16k_mono_wav"]), str(clips["tone_5s_16k_wav"]),
+                   "--url", service.url, "--model-version", "fast", "--granularity", "frame",
+                   "--out", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2
+    assert list(rows[0])[:8] == ["path", "status", "http_status", "emotion", "confidence",
+                                 "model_version", "error", "request_id"]
+    assert list(rows[0])[8:] == [f"score_{name}" for name in EMOTIONS]
+    for row in rows:
+        assert row["status"] == "ok" and row["model_version"] == "turbo" and row["error"] == ""
+        scores = {name: float(row[f"score_{name}"]) for name in EMOTIONS}
+        assert sum(scores.values()) == pytest.approx(1.0, abs=1e-5)
+        assert float(row["confidence"]) == max(scores.values())
+    # The same run as JSON lines carries each file's timeline.
+    jsonl = run_cli(str(clips["tone_5s_16k_wav"]), "--url", service.url, "--granularity",
+                    "frame", "--no-progress")
+    (row,) = [json.loads(line) for line in jsonl.stdout.splitlines()]
+    assert len(row["timeline"]) == 9 and row["timeline"][0]["start_s"] == 0.0
+
+
+def test_unknown_version_fails_with_a_non_zero_exit(service, clips, tmp_path):
+    out = tmp_path / "results.jsonl"
+    done = run_cli(str(clips["tone_16k_mono_wav"]), str(clips["stereo_44k_flac"]),
+                   "--url", service.url, "--model-version", "huge", "--out", str(out))
+    assert done.returncode == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert all(r["http_status"] == 400 and r["attempts"] == 1 for r in rows)  # no retry on 4xx
+    assert all(r["error"].startswith("400 unknown_model_version") for r in rows)
+    assert "2 files: 0 ok, 2 failed" in done.stderr
+    assert f"{clips['tone_16k_mono_wav']}: 400 unknown_model_version" in done.stderr
+
+
+def test_a_failed_file_among_good_ones(service, clips, tmp_path):
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF not really")
+    done = run_cli(str(clips["tone_16k_mono_wav"]), str(bad), "--url", service.url,
+                   "--no-progress")
+    assert done.returncode == 1
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["status"] for r in rows] == ["ok", "failed"]
+    assert rows[1]["http_status"] == 415 and "unsupported_audio" in rows[1]["error"]
+    assert "2 files: 1 ok, 1 failed" in done.stderr
+
+
+def test_usage_errors(tmp_path):
+    assert run_cli(str(tmp_path / "missing.wav")).returncode == 2
+    assert run_cli(str(tmp_path)).returncode == 2  # an empty directory: no audio
+    assert run_cli(str(tmp_path), "--out", "results.txt").returncode == 2
+
+
+# -- retries -----------------------------------------------------------------------------------
+def test_backoff_delay():
+    assert [backoff_delay(a, None, 0.5, 30) for a in range(4)] == [0.5, 1.0, 2.0, 4.0]
+    assert backoff_delay(0, "3", 0.5, 30) == 3.0       # the server asks for longer
+    assert backoff_delay(3, "1", 0.5, 30) == 4.0       # the backoff is longer
+    assert backoff_delay(10, None, 0.5, 30) == 30      # capped
+    assert backoff_delay(0, "120", 0.5, 30) == 30
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
+    assert retry_after_s("soon") == 0.0 and retry_after_s(None) == 0.0
+
+
+class FlakyServer:
+    """Answers 503 (Retry-After: 1) `failures` times, then 200 with a result."""
+
+    def __init__(self, failures: int):
+        self.failures = failures
+        self.times: list[float] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                server.times.append(time.monotonic())
+                if len(server.times) <= server.failures:
+                    body, status = {"error": {"code": "overloaded", "message": "busy"}}, 503
+                else:
+                    body, status = {"emotion": "happy", "confidence": 0.9, "model_version": "x",
+                                    "request_id": "r1", "scores": {"happy": 0.9, "sad": 0.1}}, 200
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                if status == 503:
+                    self.send_header("retry-after", "1")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def test_503_is_retried_after_retry_after(clips):
+    with FlakyServer(failures=2) as server:
+        done = run_cli(str(clips["tone_16k_mono_wav"]), "--url", server.url, "--tries", "4",
+                       "--backoff", "0.1", "--no-progress", timeout=60)
+    assert done.returncode == 0, done.stderr
+    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert row["status"] == "ok" and row["attempts"] == 3 and row["emotion"] == "happy"
+    gaps = [b - a for a, b in zip(server.times, server.times[1:])]
+    assert len(gaps) == 2 and all(gap >= 0.95 for gap in gaps)  # Retry-After 1 s, not 0.1 s
+
+
+def test_retries_are_bounded(clips):
+    with FlakyServer(failures=100) as server:
+        done = run_cli(str(clips["tone_16k_mono_wav"]), "--url", server.url, "--tries", "2",
+                       "--backoff", "0.1", "--no-progress", timeout=60)
+    assert done.returncode == 1
+    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert row["status"] == "failed" and row["attempts"] == 2 and row["http_status"] == 503
+    assert row["error"] == "503 overloaded: busy" and len(server.times) == 2

@@ -1,0 +1,179 @@
+"""The web page at / in a real headless Chromium against the test cluster, and the OpenAPI
+description of the API.
+
+The browser tests need Debian's chromium (`make test-tools` installs it) and the playwright
+package; they are skipped when either is missing. Playwright drives the system browser
+(`executable_path`), so no browser is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import REPO
+
+EMOTIONS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised",
+            "unknown"]
+ARTIFACTS = REPO / "artifacts"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+    # A fake microphone (a beep) that needs no permission prompt: tests the recording path.
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+]
+TIMEOUT_MS = 60_000
+
+
+# -- the page and its assets over plain HTTP ------------------------------------------------
+def test_page_and_assets_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script src="/web/app.js">' in page.text and "/web/style.css" in page.text
+    script = client.get("/web/app.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert "function encodeWav" in script.text
+    assert client.get("/web/style.css").headers["content-type"].startswith("text/css")
+    for bad in ("/web/index.htm", "/web/..%2Frouter.py", "/web/router.py"):
+        response = client.get(bad)
+        assert response.status_code == 404, bad
+        assert "def predict" not in response.text
+
+
+def test_openapi_describes_the_api(client):
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    assert {"/", "/v1/predict", "/v1/models", "/health", "/ready"} <= set(paths)
+    assert not [p for p in paths if p.startswith("/web")]
+    assert "text/html" in paths["/"]["get"]["responses"]["200"]["content"]
+    predict = paths["/v1/predict"]["post"]
+    body = predict["requestBody"]["content"]
+    form = body["multipart/form-data"]["schema"]
+    assert form["required"] == ["file"]
+    assert form["properties"]["file"]["format"] == "binary"
+    assert form["properties"]["granularity"]["enum"] == ["utterance", "frame"]
+    assert form["properties"]["extract_embedding"]["type"] == "boolean"
+    assert "model_version" in form["properties"]
+    assert body["application/octet-stream"]["schema"]["format"] == "binary"
+    assert {p["name"] for p in predict["parameters"] if p["in"] == "query"} == {
+        "model_version", "granularity", "extract_embedding"}
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+# -- in the browser ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("chromium is not installed (make test-tools installs it)")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS,
+                                              headless=True, timeout=TIMEOUT_MS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def page(browser, service):
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(service.url + "/")
+    # The version list comes from GET /v1/models: three variants and two aliases.
+    page.wait_for_function("document.querySelectorAll('#model-version option').length >= 5")
+    yield page
+    context.close()
+    assert errors == [], errors
+
+
+def shown_result(page) -> dict:
+    """Wait for a result, then the JSON the page shows."""
+    page.wait_for_selector("#result:not([hidden])")
+    page.wait_for_selector("#submit:not([disabled])")
+    return json.loads(page.text_content("#raw"))
+
+
+def test_versions_offered(page):
+    options = page.eval_on_selector_all(
+        "#model-version option", "els => els.map(e => [e.value, e.textContent, e.selected])")
+    values = [value for value, _, _ in options]
+    assert values == ["base", "large", "turbo", "latest", "fast"]
+    assert [value for value, _, selected in options if selected] == ["large"]
+    labels = dict((value, text) for value, text, _ in options)
+    assert "(default)" in labels["large"] and labels["fast"] == "fast → turbo"
+
+
+def test_upload_shows_emotion_scores_and_model(page, clips):
+    page.set_input_files("#file", str(clips["tone_16k_mono_wav"]))
+    page.select_option("#model-version", "base")
+    page.click("#submit")
+    body = shown_result(page)
+    assert body["model_version"] == "base" and body["granularity"] == "utterance"
+    emotion = page.text_content("#emotion")
+    assert emotion == body["emotion"] and emotion in EMOTIONS
+    bars = page.eval_on_selector_all(
+        "#bars rect.bar", "els => els.map(e => [e.dataset.emotion, +e.getAttribute('width')])")
+    assert [name for name, _ in bars] == EMOTIONS
+    widths = dict(bars)
+    assert max(widths, key=widths.get) == body["emotion"]  # the longest bar is the answer
+    assert page.is_hidden("#timeline-box")
+    # The tiny test checkpoints have random weights: the page says so.
+    assert page.is_visible("#warning")
+    assert "Random weights" in page.text_content("#warning")
+    assert "random" in page.text_content("#model-info")
+
+
+def test_frame_granularity_draws_the_timeline(page, clips):
+    page.set_input_files("#file", str(clips["tone_5s_16k_wav"]))
+    page.select_option("#model-version", "fast")
+    page.select_option("#granularity", "frame")
+    page.check("#embedding")
+    page.click("#submit")
+    body = shown_result(page)
+    assert body["model_version"] == "turbo" and body["granularity"] == "frame"
+    windows = body["timeline"]
+    assert len(windows) == 9
+    assert page.is_visible("#timeline")
+    assert page.locator("#timeline circle.point").count() == len(windows)
+    assert page.locator("#timeline rect.segment").count() == len(windows)
+    assert page.locator("#timeline polyline.line").count() == len(EMOTIONS)
+    assert page.locator("#bars rect.bar").count() == len(EMOTIONS)
+    # The page shortens the embedding; the raw JSON otherwise is the response.
+    assert "numbers: see the download" in body["embedding"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-result.png"), full_page=True)
+    assert (ARTIFACTS / "web-result.png").stat().st_size > 10_000
+
+
+def test_microphone_recording_is_sent_as_wav(page):
+    page.click("#record")
+    page.wait_for_selector("#record.recording")
+    page.wait_for_timeout(1500)
+    page.click("#record")
+    page.wait_for_function("document.getElementById('audio-name').textContent"
+                           ".startsWith('recording.wav')")
+    page.select_option("#model-version", "base")
+    page.click("#submit")
+    body = shown_result(page)
+    assert body["audio"]["format"] == "WAV"
+    assert body["audio"]["sample_rate"] == 16_000 and body["audio"]["channels"] == 1
+    assert 1.0 <= body["audio"]["duration_s"] <= 3.0
+    assert page.text_content("#emotion") in EMOTIONS
+
+
+def test_errors_are_shown(page, tmp_path):
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("these are not samples")
+    page.set_input_files("#file", str(not_audio))
+    page.click("#submit")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "415 unsupported_audio" in page.text_content("#error")
+    assert page.is_hidden("#result")
