@@ -12,6 +12,7 @@ makes N clips of mixed lengths, and prints, per precision:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -43,13 +44,16 @@ def max_abs(batched: list[Prediction], single: list[Prediction], field: str) -> 
                for b, s in zip(batched, single))
 
 
-def median_s(fn, repeats: int) -> float:
-    times = []
+def interleaved_times(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Wall times of each run, alternating them so that load from other processes on the
+    machine falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for name, fn in runs.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return times
 
 
 def measure(checkpoint: Path, precision: str, clips: list[np.ndarray], threads: int,
@@ -67,11 +71,18 @@ def measure(checkpoint: Path, precision: str, clips: list[np.ndarray], threads: 
           f"utterance emb {max_abs(batched['utterance'], single['utterance'], 'embedding'):.3g}, "
           f"frame emb {max_abs(batched['frame'], single['frame'], 'embedding'):.3g}")
 
-    sequential = median_s(lambda: [engine.predict(c, "utterance", False) for c in clips], repeats)
-    one_batch = median_s(lambda: engine.predict_batch(clips, "utterance", False), repeats)
+    times = interleaved_times({
+        "sequential": lambda: [engine.predict(c, "utterance", False) for c in clips],
+        "batch": lambda: engine.predict_batch(clips, "utterance", False),
+    }, repeats)
+    sequential, one_batch = (statistics.median(times[k]) for k in ("sequential", "batch"))
     print(f"[{precision}] {len(clips)} x predict(): {sequential * 1000:.0f} ms; "
           f"predict_batch of {len(clips)}: {one_batch * 1000:.0f} ms "
-          f"(median of {repeats}, {threads} threads; x{sequential / one_batch:.2f})")
+          f"(median of {repeats}, interleaved, {threads} threads; "
+          f"sequential/batch x{sequential / one_batch:.2f}); fastest: "
+          f"{min(times['sequential']) * 1000:.0f} ms vs {min(times['batch']) * 1000:.0f} ms")
+    # Other processes on the machine skew timings: say how busy it was.
+    print(f"[{precision}] load average after: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 
 def main() -> None:
