@@ -6,6 +6,10 @@ the waveform, `extract_features`, mean over frames, the linear head, softmax) on
 that the router already decoded, with two differences that keep results honest:
 the head and softmax always run in float32 (a bf16 softmax sums to 1 +- 2e-3), and reduced
 precision ("turbo") is autocast around the encoder only.
+
+`predict_batch` runs several clips of any lengths through one padded forward pass
+(serve_app.padded) and gives each clip what `predict` would give it alone, up to float
+rounding.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve_app import checkpoints
+from serve_app import checkpoints, padded
 from serve_app.config import ModelSettings
 from serve_app.timeline import emotion_timeline
 
@@ -102,6 +106,7 @@ class EmotionEngine:
         self.model = None
         self.labels: list[str] = []
         self.info: ModelInfo | None = None
+        self._batchable = False
 
     # -- loading -------------------------------------------------------------------------
     def _resolve_source(self) -> tuple[str, dict | None]:
@@ -158,6 +163,12 @@ class EmotionEngine:
                                  f"has {model.proj.out_features} outputs")
         self.model = model
         self._normalize = bool(model.cfg.get("normalize", False))
+        try:
+            padded.check_supported(model)
+            self._batchable = True
+        except padded.UnsupportedModel as exc:
+            logger.warning("%s: %s; predict_batch runs clip by clip", source, exc)
+            self._batchable = False
         self.info = ModelInfo(
             source=source,
             weights="random" if random_info else "pretrained",
@@ -207,39 +218,94 @@ class EmotionEngine:
             torch.cuda.empty_cache()
 
     # -- inference -----------------------------------------------------------------------
-    def predict(self, waveform: np.ndarray, granularity: str,
-                extract_embedding: bool) -> Prediction:
+    def _start(self) -> float:
         import torch
-        import torch.nn.functional as F
 
         if self.model is None:
             raise RuntimeError("no model is loaded")
-        started = time.perf_counter()
         # The OpenMP thread count is per calling thread, and Ray sets OMP_NUM_THREADS to the
         # replica's CPU share rounded down: set it in the thread that runs the model.
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
+        return time.perf_counter()
+
+    def _source(self, waveform: np.ndarray):
+        import torch
+        import torch.nn.functional as F
+
+        source = torch.from_numpy(waveform).to(self.device)
+        if self._normalize:
+            source = F.layer_norm(source, source.shape)
+        return source
+
+    def _scores(self, pooled) -> list[list[float]]:
+        """Float32 head and softmax on B x D pooled frames."""
+        import torch
+
+        logits = self.model.proj(pooled)
+        for index, label in enumerate(self.labels):
+            if label.startswith("unuse"):
+                logits[:, index] = -np.inf
+        return torch.softmax(logits, dim=-1).tolist()
+
+    def _timeline(self, frames, granularity: str) -> list[dict] | None:
+        """granularity=frame: the head on frames pooled over windows (serve_app/timeline.py)."""
+        if granularity != "frame":
+            return None
+        masked = [i for i, label in enumerate(self.labels) if label.startswith("unuse")]
+        return emotion_timeline(frames, self.model.proj, masked,
+                                self.settings.timeline_window_s, self.settings.timeline_hop_s)
+
+    @staticmethod
+    def _embedding(frames, granularity: str) -> np.ndarray:
+        feats = frames.cpu().numpy()
+        return feats if granularity == "frame" else np.mean(feats, axis=0)
+
+    def predict(self, waveform: np.ndarray, granularity: str,
+                extract_embedding: bool) -> Prediction:
+        import torch
+
+        started = self._start()
         with torch.inference_mode():
-            source = torch.from_numpy(waveform).to(self.device)
-            if self._normalize:
-                source = F.layer_norm(source, source.shape)
+            source = self._source(waveform)
             with self._autocast():
                 frames = self.model.extract_features(source.view(1, -1), padding_mask=None)["x"]
             frames = frames.float()
-            logits = self.model.proj(frames.mean(dim=1))
-            for index, label in enumerate(self.labels):
-                if label.startswith("unuse"):
-                    logits[:, index] = -np.inf
-            scores = torch.softmax(logits, dim=-1)[0].tolist()
-            embedding = None
-            if extract_embedding:
-                feats = frames[0].cpu().numpy()
-                embedding = feats if granularity == "frame" else np.mean(feats, axis=0)
-            timeline = None
-            if granularity == "frame":
-                masked = [i for i, label in enumerate(self.labels) if label.startswith("unuse")]
-                timeline = emotion_timeline(frames[0], self.model.proj, masked,
-                                            self.settings.timeline_window_s,
-                                            self.settings.timeline_hop_s)
+            scores = self._scores(frames.mean(dim=1))[0]
+            embedding = self._embedding(frames[0], granularity) if extract_embedding else None
+            timeline = self._timeline(frames[0], granularity)
         return Prediction(self.labels, scores, embedding,
                           round((time.perf_counter() - started) * 1000, 3), timeline)
+
+    def predict_batch(self, waveforms: list[np.ndarray], granularity: str,
+                      extract_embedding: bool) -> list[Prediction]:
+        """`predict` for each clip, in input order, from one padded forward pass.
+
+        Each clip's scores and embedding are those `predict` gives it alone (the frame
+        embedding has exactly its own frames). Every Prediction carries the whole batch's
+        inference time: that is how long each clip waited for its answer.
+        """
+        import torch
+
+        if not waveforms:
+            return []
+        short = [i for i, w in enumerate(waveforms) if len(w) < MIN_SAMPLES]
+        if short:
+            raise ValueError(f"clips {short} have fewer than {MIN_SAMPLES} samples")
+        if not self._batchable:
+            return [self.predict(w, granularity, extract_embedding) for w in waveforms]
+        started = self._start()
+        with torch.inference_mode():
+            sources = [self._source(w) for w in waveforms]
+            with self._autocast():
+                frames, lengths = padded.padded_features(self.model, sources)
+            frames = frames.float()
+            # Each clip's own frames only: padded frames carry no meaning.
+            clips = [frames[i, :n] for i, n in enumerate(lengths.tolist())]
+            scores = self._scores(torch.stack([clip.mean(dim=0) for clip in clips]))
+            embeddings = [self._embedding(clip, granularity) if extract_embedding else None
+                          for clip in clips]
+            timelines = [self._timeline(clip, granularity) for clip in clips]
+        elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+        return [Prediction(self.labels, clip_scores, embedding, elapsed_ms, timeline)
+                for clip_scores, embedding, timeline in zip(scores, embeddings, timelines)]
