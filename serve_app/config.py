@@ -46,6 +46,11 @@ class ModelSettings(_Strict):
                                 description="torch threads; default: the replica's CPUs")
     warmup_s: float = Field(default=1.0, ge=0.05, le=30.0)
     max_audio_s: float = Field(default=600.0, gt=0, description="refuse longer arrays")
+    # Dynamic batching (serve.batch): 1 = off. A batch runs as one padded forward pass whose
+    # per-clip results equal single-clip inference; it is also capped by total audio seconds.
+    max_batch_size: int = Field(default=1, ge=1, le=64)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=1.0)
+    max_batch_audio_s: float = Field(default=120.0, gt=0)
     idle_unload_s: float = Field(default=0.0, ge=0,
                                  description="release the model after this long unused; 0: never")
     # granularity=frame timeline: scores of frames pooled over windows (serve_app/timeline.py)
@@ -58,6 +63,11 @@ class ModelSettings(_Strict):
         if not value.strip():
             raise ValueError("source must name a model directory or a hub id")
         return value.strip()
+
+    def load_key(self) -> tuple:
+        """The settings that need a model load when they change; the others apply live."""
+        return (self.source, self.hub, self.revision, self.generate, self.precision,
+                self.threads, self.warmup_s)
 
     @property
     def is_local(self) -> bool:

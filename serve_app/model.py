@@ -100,6 +100,9 @@ class EmotionModel:
         self._background: set[asyncio.Task] = set()
         self._idle_watch: asyncio.Task | None = None
         self.metrics = ModelMetrics(variant)
+        self._batching = False
+        self._max_batch_audio_s = 120.0
+        self.largest_batch = 0
         # One worker: FunASR's model is not reentrant, so requests queue in front of it.
         self._inference = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"{variant}-inference")
@@ -107,6 +110,11 @@ class EmotionModel:
     # -- configuration and lifecycle -----------------------------------------------------
     async def reconfigure(self, user_config: dict) -> None:
         settings = ModelSettings.model_validate(user_config)
+        # Batching settings apply at once, whatever the model (no reload for them).
+        self._batched.set_max_batch_size(settings.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self._batching = settings.max_batch_size > 1
+        self._max_batch_audio_s = settings.max_batch_audio_s
         if settings == self.target:
             return  # Ray may call reconfigure twice with the same config: load once
         self.target = settings
@@ -114,8 +122,12 @@ class EmotionModel:
             self._idle_watch = asyncio.get_running_loop().create_task(self._watch_idle())
         if self.state == "waiting_for_config":
             await self._initial_load(settings)
-        elif settings == self.settings:
-            return  # back to what is being served (a swap in progress is dropped)
+        elif self.settings is not None and settings.load_key() == self.settings.load_key():
+            # Nothing to load (limits, batching, timeline, idle release change live); back to
+            # the model being served, a swap still in progress is dropped.
+            self.settings = settings
+            if self.engine is not None:
+                self.engine.settings = settings
         elif self.engine is None:
             self.settings = settings  # unloaded (or failed): the next request loads it
         else:
@@ -247,6 +259,8 @@ class EmotionModel:
             "idle_unload_s": self.settings.idle_unload_s if self.settings else None,
             "identity": engine.identity() if engine else None,
             "last_swap": self.last_swap,
+            "max_batch_size": self.settings.max_batch_size if self.settings else None,
+            "largest_batch": self.largest_batch,
             **{key: model.get(key) for key in ("source", "weights", "device", "dtype",
                                                "threads", "load_s")},
         }
@@ -263,6 +277,38 @@ class EmotionModel:
         if not np.isfinite(waveform).all():
             raise InvalidInput("NaN or infinite samples")
 
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
+    async def _batched(self, requests: list[tuple]) -> list:
+        """Requests gathered by Serve, run as padded batches of the same engine and options,
+        each batch at most max_batch_audio_s of audio; results in request order."""
+        results: list = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for index, (engine, _, granularity, extract) in enumerate(requests):
+            groups.setdefault((id(engine), granularity, extract), []).append(index)
+        loop = asyncio.get_running_loop()
+        for indices in groups.values():
+            engine, _, granularity, extract = requests[indices[0]]
+            for chunk in self._by_audio_seconds(indices, requests):
+                waves = [requests[i][1] for i in chunk]
+                predictions = await loop.run_in_executor(
+                    self._inference, engine.predict_batch, waves, granularity, extract)
+                self.metrics.forward(predictions[0].inference_ms, batch_size=len(chunk))
+                self.largest_batch = max(self.largest_batch, len(chunk))
+                for i, prediction in zip(chunk, predictions):
+                    results[i] = prediction
+        return results
+
+    def _by_audio_seconds(self, indices: list[int], requests: list[tuple]) -> list[list[int]]:
+        chunks, current, seconds = [], [], 0.0
+        for index in indices:
+            length = len(requests[index][1]) / 16_000
+            if current and seconds + length > self._max_batch_audio_s:
+                chunks.append(current)
+                current, seconds = [], 0.0
+            current.append(index)
+            seconds += length
+        return chunks + [current]
+
     async def predict(self, waveform: np.ndarray, granularity: str = "utterance",
                       extract_embedding: bool = False) -> dict:
         arrived = time.perf_counter()
@@ -275,14 +321,17 @@ class EmotionModel:
                     raise RuntimeError(f"variant {self.variant} has no model configured")
                 engine = await self._reload()
             self._check_waveform(waveform, engine.settings)
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(
-                self._inference, engine.predict, waveform, granularity, extract_embedding)
+            if self._batching:
+                result = await self._batched((engine, waveform, granularity, extract_embedding))
+            else:
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(
+                    self._inference, engine.predict, waveform, granularity, extract_embedding)
+                self.metrics.forward(result.inference_ms, batch_size=1)
         finally:
             self._in_flight -= 1
             self.metrics.set_queue(self._in_flight)
             self._last_used = time.monotonic()
-        self.metrics.forward(result.inference_ms, batch_size=1)
         elapsed_ms = (time.perf_counter() - arrived) * 1000
         return {
             "labels": result.labels,
