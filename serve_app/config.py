@@ -40,12 +40,18 @@ class ModelSettings(_Strict):
     hub: Literal["ms", "hf"] = "ms"
     revision: str | None = None
     generate: GenerateSpec | None = None
+    # mmap: build FunASR's Emotion2vec on the meta device and map model.pt into it (~1x its
+    # size at peak); funasr: AutoModel's own path (~3x). Hub ids always load through AutoModel.
+    loader: Literal["mmap", "funasr"] = "mmap"
     # reduced: bfloat16 autocast on CPU, float16 autocast on CUDA (what "turbo" means).
     precision: Literal["fp32", "reduced"] = "fp32"
     threads: int | None = Field(default=None, ge=1, le=256,
                                 description="torch threads; default: the replica's CPUs")
     warmup_s: float = Field(default=1.0, ge=0.05, le=30.0)
     max_audio_s: float = Field(default=600.0, gt=0, description="refuse longer arrays")
+    # Longer clips run in windows of this length (their frames are pooled together): bounds
+    # memory and cost. Up to it, results equal FunASR's on the whole clip.
+    window_s: float = Field(default=30.0, ge=1.0, le=600.0)
     # Dynamic batching (serve.batch): 1 = off. A batch runs as one padded forward pass whose
     # per-clip results equal single-clip inference; it is also capped by total audio seconds.
     max_batch_size: int = Field(default=1, ge=1, le=64)
@@ -66,8 +72,8 @@ class ModelSettings(_Strict):
 
     def load_key(self) -> tuple:
         """The settings that need a model load when they change; the others apply live."""
-        return (self.source, self.hub, self.revision, self.generate, self.precision,
-                self.threads, self.warmup_s)
+        return (self.source, self.hub, self.revision, self.generate, self.loader,
+                self.precision, self.threads, self.warmup_s)
 
     @property
     def is_local(self) -> bool:

@@ -96,6 +96,39 @@ def _verify_weights(model, weights_file: Path) -> None:
             f"{len(missing)} missing and {len(wrong)} mis-shaped tensors ({'; '.join(examples)})")
 
 
+def _load_mmap(directory: Path):
+    """FunASR's Emotion2vec class built on the meta device (no memory), then given the
+    tensors of model.pt memory-mapped (assign=True): about 1x model.pt at peak instead of
+    AutoModel's 3x (random init, the loaded dict and its deep copy). Same class, same
+    weights, same outputs."""
+    import torch
+    import yaml
+    from funasr.models.emotion2vec.model import Emotion2vec
+
+    config = yaml.safe_load((directory / "config.yaml").read_text(encoding="utf-8"))
+    if config.get("model") != "Emotion2vec":
+        raise ModelLoadError(f"{directory}: config.yaml names model {config.get('model')!r}, "
+                             "not Emotion2vec")
+    labels = [line.strip() for line in
+              (directory / "tokens.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        with torch.device("meta"):
+            model = Emotion2vec(**config, vocab_size=len(labels))
+        state = torch.load(directory / "model.pt", map_location="cpu", mmap=True,
+                           weights_only=True)
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load {directory}: {exc}") from exc
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ModelLoadError(f"{directory}: model.pt leaves {left[:3]} unset")
+    return model, labels
+
+
 class EmotionEngine:
     """One loaded emotion2vec model. Not thread-safe: one predict at a time."""
 
@@ -131,33 +164,17 @@ class EmotionEngine:
 
     def load(self) -> ModelInfo:
         import torch
-        from funasr import AutoModel
 
         started = time.perf_counter()
         source, random_info = self._resolve_source()
         torch.set_num_threads(self.threads)
-        kwargs = dict(model=source, device=self.device, ncpu=self.threads,
-                      disable_update=True, disable_pbar=True, disable_log=True,
-                      ignore_init_mismatch=False)
-        if not self.settings.is_local:
-            kwargs["hub"] = self.settings.hub
-            if self.settings.revision:
-                kwargs["model_revision"] = self.settings.revision
-        root_level = logging.getLogger().level
-        try:
-            auto = AutoModel(**kwargs)
-        except Exception as exc:  # FunASR raises many kinds; the message is what matters
-            raise ModelLoadError(f"FunASR could not load {source}: {exc}") from exc
-        finally:
-            logging.getLogger().setLevel(root_level)  # funasr sets the root logger to INFO
-        model = auto.model
-        if model is None or getattr(model, "proj", None) is None:
-            raise ModelLoadError(f"{source} is not an emotion2vec model with a classifier head")
-        weights_file = Path(auto.kwargs.get("init_param") or Path(source) / "model.pt")
-        _verify_weights(model, weights_file)
+        if self.settings.is_local and self.settings.loader == "mmap":
+            model, self.labels = _load_mmap(Path(source))
+            model.to(self.device)
+            weights_file = Path(source) / "model.pt"
+        else:
+            model, self.labels, weights_file = self._load_funasr(source)
         model.eval()
-        tokenizer = auto.kwargs.get("tokenizer")
-        self.labels = list(tokenizer.token_list) if tokenizer is not None else []
         if len(self.labels) != model.proj.out_features:
             raise ModelLoadError(f"{source}: {len(self.labels)} labels in tokens.txt but the head "
                                  f"has {model.proj.out_features} outputs")
@@ -183,6 +200,33 @@ class EmotionEngine:
             logger.warning("loaded %s: RANDOM weights (%s, seed %s); predictions carry no meaning",
                            source, random_info.get("arch"), random_info.get("seed"))
         return self.info
+
+    def _load_funasr(self, source: str):
+        """FunASR's own path: AutoModel builds, fills (3x model.pt at peak) and moves."""
+        from funasr import AutoModel
+
+        kwargs = dict(model=source, device=self.device, ncpu=self.threads,
+                      disable_update=True, disable_pbar=True, disable_log=True,
+                      ignore_init_mismatch=False)
+        if not self.settings.is_local:
+            kwargs["hub"] = self.settings.hub
+            if self.settings.revision:
+                kwargs["model_revision"] = self.settings.revision
+        root_level = logging.getLogger().level
+        try:
+            auto = AutoModel(**kwargs)
+        except Exception as exc:  # FunASR raises many kinds; the message is what matters
+            raise ModelLoadError(f"FunASR could not load {source}: {exc}") from exc
+        finally:
+            logging.getLogger().setLevel(root_level)  # funasr sets the root logger to INFO
+        model = auto.model
+        if model is None or getattr(model, "proj", None) is None:
+            raise ModelLoadError(f"{source} is not an emotion2vec model with a classifier head")
+        weights_file = Path(auto.kwargs.get("init_param") or Path(source) / "model.pt")
+        _verify_weights(model, weights_file)
+        tokenizer = auto.kwargs.get("tokenizer")
+        labels = list(tokenizer.token_list) if tokenizer is not None else []
+        return model, labels, weights_file
 
     def identity(self) -> dict:
         """What exactly this engine serves: where from, which weights, in which precision."""
@@ -267,15 +311,32 @@ class EmotionEngine:
 
         started = self._start()
         with torch.inference_mode():
-            source = self._source(waveform)
-            with self._autocast():
-                frames = self.model.extract_features(source.view(1, -1), padding_mask=None)["x"]
-            frames = frames.float()
+            frames = torch.cat([self._window_frames(piece) for piece in
+                                self._windows(waveform)], dim=1)
             scores = self._scores(frames.mean(dim=1))[0]
             embedding = self._embedding(frames[0], granularity) if extract_embedding else None
             timeline = self._timeline(frames[0], granularity)
         return Prediction(self.labels, scores, embedding,
                           round((time.perf_counter() - started) * 1000, 3), timeline)
+
+    def _windows(self, waveform: np.ndarray) -> list[np.ndarray]:
+        """Clips longer than window_s run window by window: attention cost and FunASR's ALiBi
+        cache then grow with the window, not the clip. A last piece shorter than a second
+        joins the window before it."""
+        size = int(self.settings.window_s * 16_000)
+        if len(waveform) <= size:
+            return [waveform]
+        starts = list(range(0, len(waveform), size))
+        if len(waveform) - starts[-1] < 16_000:
+            starts.pop()
+        return [waveform[a:b] for a, b in zip(starts, starts[1:] + [len(waveform)])]
+
+    def _window_frames(self, waveform: np.ndarray):
+        """1 x T x D float32 frame features of one clip (or window), FunASR's steps."""
+        source = self._source(waveform)
+        with self._autocast():
+            frames = self.model.extract_features(source.view(1, -1), padding_mask=None)["x"]
+        return frames.float()
 
     def predict_batch(self, waveforms: list[np.ndarray], granularity: str,
                       extract_embedding: bool) -> list[Prediction]:
@@ -292,7 +353,8 @@ class EmotionEngine:
         short = [i for i, w in enumerate(waveforms) if len(w) < MIN_SAMPLES]
         if short:
             raise ValueError(f"clips {short} have fewer than {MIN_SAMPLES} samples")
-        if not self._batchable:
+        if not self._batchable or any(len(w) > self.settings.window_s * 16_000
+                                      for w in waveforms):
             return [self.predict(w, granularity, extract_embedding) for w in waveforms]
         started = self._start()
         with torch.inference_mode():

@@ -133,3 +133,31 @@ def test_empty_and_too_short(fp32):
     assert fp32.predict_batch([], "utterance", False) == []
     with pytest.raises(ValueError, match=r"clips \[1\]"):
         fp32.predict_batch(make_clips([RATE, 399]), "utterance", False)
+
+
+def test_long_clips_run_in_windows_that_equal_funasr_per_window(tmp_path):
+    """Past window_s a clip runs window by window; each window's frames are FunASR's frames
+    for that piece, and the utterance result pools all frames."""
+    from funasr import AutoModel
+
+    directory = checkpoints.write_checkpoint(tmp_path / "w", "tiny", seed=5)
+    engine = EmotionEngine(ModelSettings(source=str(directory), window_s=2.0), "cpu", 1)
+    engine.load()
+    rng = np.random.default_rng(0)
+    clip = (rng.standard_normal(int(16_000 * 5.3)) * 0.1).astype(np.float32)
+    result = engine.predict(clip, "frame", True)
+    pieces = [clip[:32_000], clip[32_000:64_000], clip[64_000:]]  # 2 s, 2 s, 1.3 s
+    funasr = AutoModel(model=str(directory), device="cpu", ncpu=1, disable_update=True,
+                       disable_pbar=True)
+    expected = np.concatenate([funasr.generate(p, granularity="frame", extract_embedding=True)
+                               [0]["feats"] for p in pieces])
+    np.testing.assert_allclose(result.embedding, expected, atol=1e-5, rtol=0)
+    utterance = engine.predict(clip, "utterance", True)
+    np.testing.assert_allclose(utterance.embedding, expected.mean(axis=0), atol=1e-5)
+    assert abs(sum(utterance.scores) - 1) < 1e-5
+    # A clip within the window is FunASR's whole-clip result, untouched.
+    short = clip[:30_000]
+    np.testing.assert_allclose(engine.predict(short, "utterance", False).scores,
+                               funasr.generate(short)[0]["scores"], atol=1e-6)
+    # A last piece under a second joins the window before it.
+    assert [len(w) for w in engine._windows(clip[:int(16_000 * 4.5)])] == [32_000, 40_000]

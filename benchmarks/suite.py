@@ -1,0 +1,229 @@
+"""The benchmark suite: one command, one table, every number measured side by side in one run.
+
+On the CPU config (configs/cpu.yaml: base and large architectures, turbo = large in bf16),
+with a speech clip (espeak-ng; a voiced tone without it):
+  1. naive: load the model for every request, as the original Gradio app did;
+  2. in-process singleton: FunASR's AutoModel.generate in a loop, no server (the floor);
+  3. this service over HTTP, 1 client: p50/p99 and the ratio to (2);
+  4. this service, 8 concurrent clients, batching off vs on: throughput and latency;
+  5. turbo vs large: latency ratio, and fidelity (top-1 agreement, max score difference,
+     embedding cosine) over several speech clips.
+With --device auto and a GPU present, the variants get a GPU each share (same checkpoints).
+
+    python benchmarks/suite.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import soundfile
+
+from benchmarks.serve_latency import http_latencies, inprocess_latencies, speech_clip
+from serve_app import checkpoints
+from serve_app.cluster import load_app, local_serve
+from serve_app.config import ModelSettings
+
+REPO = Path(__file__).resolve().parents[1]
+FIDELITY_TEXTS = [
+    ("en", 140, "I can't believe you did that, this is wonderful news!"),
+    ("en-us", 120, "Please leave me alone. I am very tired today."),
+    ("en-gb", 175, "Why would anybody do such a thing? It is outrageous."),
+    ("en+f3", 160, "Oh no, I think something terrible has happened to the house."),
+    ("en+m3", 100, "Well, that is fine. We can meet tomorrow at nine."),
+    ("en-us+f2", 200, "Wow, look at that! I did not expect a surprise party at all."),
+]
+
+
+def wav_bytes(samples: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, 16_000, format="WAV")
+    return buffer.getvalue()
+
+
+def naive_latencies(settings: ModelSettings, clip: np.ndarray, count: int) -> list[float]:
+    """Load per request, then answer: what a script without a resident model pays."""
+    from funasr import AutoModel
+
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        model = AutoModel(model=str(settings.local_path), device="cpu", ncpu=settings.threads or 1,
+                          disable_update=True, disable_pbar=True)
+        model.generate(clip)
+        times.append(time.perf_counter() - started)
+        del model
+    return times
+
+
+def concurrent_run(url: str, variant: str, wav: bytes, clip_s: float, clients: int,
+                   seconds: float) -> dict:
+    latencies: list[float] = []
+    failures = 0
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client() -> None:
+        nonlocal failures
+        with httpx.Client(base_url=url, timeout=300) as http:
+            while time.monotonic() < deadline and len(latencies) < 10_000:
+                started = time.monotonic()
+                response = http.post("/v1/predict", files={"file": ("c.wav", wav)},
+                                     data={"model_version": variant})
+                with lock:
+                    if response.status_code == 200:
+                        latencies.append(time.monotonic() - started)
+                    else:
+                        failures += 1
+
+    begin = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=seconds + 600)
+    elapsed = time.monotonic() - begin
+    return {"clips_s": len(latencies) / elapsed, "audio_s_s": len(latencies) * clip_s / elapsed,
+            "p50": np.percentile(latencies, 50), "p99": np.percentile(latencies, 99),
+            "ok": len(latencies), "failed": failures}
+
+
+def with_batching(app: dict, variant: str, max_batch_size: int) -> dict:
+    app = copy.deepcopy(app)
+    for deployment in app["deployments"]:
+        if deployment["name"] == variant:
+            deployment["user_config"].update(max_batch_size=max_batch_size,
+                                             batch_wait_timeout_s=0.05)
+    return app
+
+
+def turbo_fidelity(large: ModelSettings, turbo: ModelSettings) -> dict:
+    """Turbo against large fp32, same checkpoint, over espeak-ng voices and rates."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    import soxr
+
+    from serve_app.engine import EmotionEngine
+
+    clips = []
+    if shutil.which("espeak-ng"):
+        with tempfile.TemporaryDirectory() as folder:
+            for index, (voice, rate, text) in enumerate(FIDELITY_TEXTS):
+                path = Path(folder) / f"{index}.wav"
+                subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-w", str(path), text],
+                               check=True, timeout=60, capture_output=True)
+                samples, sr = soundfile.read(path, dtype="float32")
+                clips.append(soxr.resample(samples, sr, 16_000).astype(np.float32))
+    else:
+        clips = [speech_clip(3.0 + i) for i in range(4)]
+    engines = {}
+    for name, settings in (("large", large), ("turbo", turbo)):
+        engines[name] = EmotionEngine(settings, "cpu", settings.threads or 2)
+        engines[name].load()
+    agree, max_diff, cosines = 0, 0.0, []
+    for clip in clips:
+        a = engines["large"].predict(clip, "utterance", True)
+        b = engines["turbo"].predict(clip, "utterance", True)
+        agree += int(np.argmax(a.scores) == np.argmax(b.scores))
+        max_diff = max(max_diff, float(np.abs(np.subtract(a.scores, b.scores)).max()))
+        cosines.append(float(np.dot(a.embedding, b.embedding) /
+                             (np.linalg.norm(a.embedding) * np.linalg.norm(b.embedding))))
+    return {"clips": len(clips), "top1": agree / len(clips), "max_score_diff": max_diff,
+            "min_cosine": min(cosines), "mean_cosine": statistics.mean(cosines)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"))
+    parser.add_argument("--device", choices=["auto", "cpu"], default="auto")
+    parser.add_argument("--requests", type=int, default=10)
+    parser.add_argument("--naive-requests", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--concurrent-seconds", type=float, default=30.0)
+    parser.add_argument("--clip-seconds", type=float, default=5.0)
+    args = parser.parse_args()
+
+    import torch
+
+    gpu = args.device == "auto" and torch.cuda.is_available()
+    app = load_app(args.config)
+    if gpu:
+        for resources in app["args"]["variants"].values():
+            resources["num_gpus"] = 0.3
+    variants = {d["name"]: ModelSettings.model_validate(d["user_config"])
+                for d in app["deployments"] if d["name"] != "Router"}
+    for settings in variants.values():
+        checkpoints.write_checkpoint(settings.local_path, settings.generate.arch,
+                                     settings.generate.seed)
+    clip = speech_clip(args.clip_seconds)
+    wav = wav_bytes(clip)
+    rows: dict[str, dict] = {name: {} for name in variants}
+
+    for name in ("base", "large"):
+        rows[name]["naive"] = statistics.median(
+            naive_latencies(variants[name], clip, args.naive_requests))
+    for name, settings in variants.items():
+        rows[name]["inproc"] = statistics.median(
+            inprocess_latencies(settings, clip, args.requests))
+
+    with local_serve() as serve_handle:
+        serve_handle.put(app)
+        serve_handle.wait_for(app["name"], ("RUNNING",), timeout_s=900)
+        for name in variants:
+            times = http_latencies(serve_handle.url, name, wav, args.requests)
+            rows[name]["http_p50"], rows[name]["http_p99"] = (np.percentile(times, 50),
+                                                              np.percentile(times, 99))
+        concurrent = {}
+        for name in ("base", "large"):
+            for size in (1, args.clients):
+                serve_handle.put(with_batching(app, name, size))
+                deadline = time.monotonic() + 120
+                while httpx.get(f"{serve_handle.url}/v1/models", timeout=30).json()[
+                        "variants"][name].get("max_batch_size") != size:
+                    assert time.monotonic() < deadline, "batch size never applied"
+                    time.sleep(0.5)
+                concurrent[(name, size)] = concurrent_run(
+                    serve_handle.url, name, wav, args.clip_seconds, args.clients,
+                    args.concurrent_seconds)
+            serve_handle.put(app)
+    fidelity = turbo_fidelity(variants["large"], variants["turbo"])
+
+    device = "GPU" if gpu else "CPU"
+    print(f"\n== emotion2vec-serve benchmark ({device}, {args.config}, "
+          f"{args.clip_seconds:g} s speech clip) ==")
+    print(f"{'variant':8} {'naive p50':>10} {'in-proc p50':>12} {'http p50':>9} {'http p99':>9}"
+          f" {'http/in-proc':>13} {'naive/http':>11}")
+    for name, row in rows.items():
+        naive = f"{row['naive'] * 1000:8.0f}ms" if "naive" in row else f"{'-':>10}"
+        ratio = f"{row['naive'] / row['http_p50']:11.1f}" if "naive" in row else f"{'-':>11}"
+        print(f"{name:8} {naive} {row['inproc'] * 1000:10.0f}ms {row['http_p50'] * 1000:7.0f}ms"
+              f" {row['http_p99'] * 1000:7.0f}ms {row['http_p50'] / row['inproc']:13.2f} {ratio}")
+    print(f"\n{args.clients} concurrent clients, {args.concurrent_seconds:g} s each:")
+    print(f"{'variant':8} {'batch':>5} {'clips/s':>8} {'audio s/s':>10} {'p50':>8} {'p99':>8}"
+          f" {'failed':>7}")
+    for (name, size), result in concurrent.items():
+        print(f"{name:8} {size:5d} {result['clips_s']:8.2f} {result['audio_s_s']:10.1f} "
+              f"{result['p50'] * 1000:6.0f}ms {result['p99'] * 1000:6.0f}ms {result['failed']:7d}")
+    for name in ("base", "large"):
+        ratio = concurrent[(name, args.clients)]["clips_s"] / concurrent[(name, 1)]["clips_s"]
+        print(f"  {name}: batched/unbatched throughput {ratio:.2f}")
+    print(f"\nturbo/large latency (http p50): "
+          f"{rows['turbo']['http_p50'] / rows['large']['http_p50']:.2f}; in-process: "
+          f"{rows['turbo']['inproc'] / rows['large']['inproc']:.2f}")
+    print(f"turbo fidelity over {fidelity['clips']} speech clips: top-1 agreement "
+          f"{fidelity['top1']:.0%}, max score difference {fidelity['max_score_diff']:.4f}, "
+          f"embedding cosine min {fidelity['min_cosine']:.4f} / mean {fidelity['mean_cosine']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
