@@ -1,7 +1,9 @@
 """Cold start: time to a warm model and peak RSS while loading, per architecture and loader.
 
-Each load runs in a fresh process (peak RSS is the process's high-water mark, measured after
-importing torch and FunASR, so it shows what loading adds). The checkpoint is read once first
+Each load runs in a fresh process; the peak is the process's high-water mark (VmHWM, restarted
+after torch and FunASR are imported) above its RSS before the load. With the mmap loader the
+weights are file-backed pages (shared with the page cache, and between replicas that map the
+same file); the last column shows how much of the RSS they are. The checkpoint is read once first
 so that the page cache is warm for every loader alike.
 
     python benchmarks/cold_start.py --archs base,large
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -30,14 +31,22 @@ def measure(directory: str, loader: str, threads: int) -> dict:
     from serve_app.config import ModelSettings
     from serve_app.engine import EmotionEngine
 
-    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before_mb = _status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from now
     started = time.perf_counter()
     engine = EmotionEngine(ModelSettings(source=directory, loader=loader), "cpu", threads)
     engine.load()
     loaded = time.perf_counter() - started
     engine.warmup()
     return {"load_s": loaded, "ready_s": time.perf_counter() - started,
-            "peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kb) / 1024}
+            "peak_mb": _status_mb("VmHWM") - before_mb, "file_mb": _status_mb("RssFile")}
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
 
 
 def main() -> None:
@@ -50,7 +59,7 @@ def main() -> None:
         print(json.dumps(measure(*args.measure, args.threads)))
         return
     print(f"{'arch':6} {'model.pt':>9} {'loader':7} {'load s':>7} {'ready s':>8} "
-          f"{'peak RSS added':>15} {'x model.pt':>10}")
+          f"{'peak RSS added':>15} {'x model.pt':>10} {'file-backed':>12}")
     for arch in args.archs.split(","):
         directory = checkpoints.write_checkpoint(CACHE / f"{arch}-seed0", arch, 0)
         size_mb = (directory / "model.pt").stat().st_size / 2**20
@@ -63,7 +72,7 @@ def main() -> None:
             result = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{arch:6} {size_mb:8.0f}M {loader:7} {result['load_s']:7.2f} "
                   f"{result['ready_s']:8.2f} {result['peak_mb']:14.0f}M "
-                  f"{result['peak_mb'] / size_mb:10.2f}")
+                  f"{result['peak_mb'] / size_mb:10.2f} {result['file_mb']:11.0f}M")
 
 
 if __name__ == "__main__":
