@@ -171,7 +171,10 @@ class EmotionModel:
                              previous and previous["source"], exc)
                 return
             if settings != self.target:
-                return  # a newer config arrived during the load; its swap follows
+                # A newer config arrived during the load: its own swap follows, or it was
+                # the model already serving.
+                self.state = "ready"
+                return
             self._install(engine, settings)
             self.metrics.load("swap", ok=True)
             self.last_swap = {"result": "ok", "error": None, "at": time.time(),
