@@ -62,3 +62,19 @@ def test_every_shipped_config_is_valid():
         router.check_against(list(args.variants))
         for name in args.variants:
             ModelSettings.model_validate(deployments[name]["user_config"])
+
+
+def test_grafana_dashboard_charts_only_metrics_the_service_exports():
+    """Every metric the dashboard queries is one the service records, and every one it
+    records is charted."""
+    import json
+    import re
+
+    dashboard = json.loads((REPO / "configs" / "grafana" / "emotion2vec-dashboard.json")
+                           .read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"ray_(emotion2vec_[a-z_]+?)(?:_bucket|_sum|_count)?\b",
+                                      target["expr"])}
+    source = (REPO / "serve_app" / "metrics.py").read_text()
+    recorded = set(re.findall(r'"(emotion2vec_[a-z_]+)"', source))
+    assert queried == recorded, (queried ^ recorded)
