@@ -342,3 +342,35 @@ def test_metrics_reach_the_prometheus_endpoint(client, clips, service):
     base_ok = [line for line in text.splitlines() if line.startswith(
         "ray_emotion2vec_requests_total{") and 'variant="base"' in line and 'outcome="2xx"' in line]
     assert base_ok and float(base_ok[0].rsplit(" ", 1)[1]) >= 1
+
+
+def test_a_replica_whose_model_breaks_reports_unhealthy(cluster, tmp_path_factory, clips):
+    """The model's files vanish while it is idle-released: the reload fails, the request gets
+    a clear 503, check_health turns the replica unhealthy and /v1/models says failed."""
+    import shutil
+
+    from ray import serve
+
+    from serve_app import checkpoints
+
+    root = tmp_path_factory.mktemp("breaks")
+    directory = checkpoints.write_checkpoint(root / "tiny", "tiny", 6)
+    app = make_app(root, name="breaks", prefix="/breaks", variants=("base",),
+                   base={"source": str(directory), "generate": None, "idle_unload_s": 1.0})
+    cluster.put(app)
+    try:
+        assert cluster.wait_for("breaks", ("RUNNING", "DEPLOY_FAILED")).status == "RUNNING"
+        client = Client(cluster.url, "/breaks")
+        client.wait("base", lambda i: i["state"] == "unloaded", timeout_s=60)
+        shutil.rmtree(directory)
+        response = client.predict(clips["tone_16k_mono_wav"])
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "model_error"
+        deadline = time.monotonic() + 90
+        while serve.status().applications["breaks"].deployments["base"].status not in (
+                "UNHEALTHY", "DEPLOY_FAILED"):
+            assert time.monotonic() < deadline, "never reported unhealthy"
+            time.sleep(1)
+        assert client.variant("base")["state"] == "failed"
+    finally:
+        cluster.remove("breaks")
