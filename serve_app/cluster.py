@@ -60,12 +60,7 @@ class LocalServe:
         self._apply()
 
     def _apply(self) -> None:
-        # A whole Serve config, as `serve deploy` sends it: apps not listed are deleted.
-        from ray.serve.context import _get_global_client
-        from ray.serve.schema import ServeDeploySchema
-
-        schema = ServeDeploySchema.model_validate({"applications": list(self.apps.values())})
-        _get_global_client().deploy_apps(schema)
+        deploy_config({"applications": list(self.apps.values())})
 
     def wait_for(self, name: str, statuses: tuple[str, ...], timeout_s: float = 300):
         from ray import serve

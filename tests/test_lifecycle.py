@@ -201,7 +201,10 @@ def test_default_and_aliases_change_live(cluster, root, lifecycle, clips):
     clip = clips["tone_16k_mono_wav"]
     before = {name: lifecycle.variant(name) for name in ("base", "large")}
     router = {"default_version": "large", "aliases": {"newest": "base", "stable": "large"}}
-    cluster.put(make_app(root, router=router, base=tiny(root, 21), large=tiny(root, 12)))
+    app = cluster.apps[APP]  # the variants as they are: only the router changes
+    cluster.put({**app, "deployments": [
+        {**d, "user_config": router} if d["name"] == "Router" else d
+        for d in app["deployments"]]})
     deadline = time.monotonic() + 60
     while lifecycle.http.get("/v1/models").json()["aliases"] != router["aliases"]:
         assert time.monotonic() < deadline, "the router never took the new aliases"

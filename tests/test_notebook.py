@@ -3,7 +3,6 @@ including its live alias switch."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
