@@ -36,13 +36,6 @@ class ModelLoadError(RuntimeError):
     """The configured model could not be loaded; the message says what to fix."""
 
 
-def english_name(label: str) -> str:
-    """FunASR's '生气/angry' -> 'angry'; '<unk>' -> 'unknown'."""
-    if label == "<unk>":
-        return "unknown"
-    return label.rsplit("/", 1)[-1]
-
-
 @dataclass
 class Prediction:
     labels: list[str]        # FunASR's raw labels, head order

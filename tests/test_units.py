@@ -9,7 +9,8 @@ import soundfile
 
 from serve_app import audio, checkpoints
 from serve_app.config import ModelSettings, RouterSettings
-from serve_app.engine import EmotionEngine, ModelLoadError, english_name
+from serve_app.engine import EmotionEngine, ModelLoadError
+from serve_app.labels import english_name
 from serve_app.errors import ApiError
 
 

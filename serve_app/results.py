@@ -1,0 +1,67 @@
+"""What a variant answered, shaped into the API's JSON (one shape for all variants), and
+results saved to disk. No torch, no Ray: the router and the stream both use it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from serve_app.labels import english_name
+
+
+def emotion_fields(labels: list[str], scores: list[float]) -> dict:
+    """emotion, label, confidence and the scores by English name, for one set of scores."""
+    best = int(np.argmax(scores))
+    return {
+        "emotion": english_name(labels[best]),
+        "label": labels[best],
+        "confidence": scores[best],
+        "scores": {english_name(label): score for label, score in zip(labels, scores)},
+    }
+
+
+def timeline_window(labels: list[str], window: dict) -> dict:
+    """One timeline window in the response's shape: times, emotion, scores by English name."""
+    fields = emotion_fields(labels, window["scores"])
+    del fields["label"]
+    return {"start_s": window["start_s"], "end_s": window["end_s"], **fields}
+
+
+def audio_fields(duration_s: float, sample_rate: int, channels: int, fmt: str) -> dict:
+    return {"duration_s": round(duration_s, 4), "sample_rate": sample_rate,
+            "channels": channels, "format": fmt}
+
+
+def prediction(out: dict, *, request_id: str, variant: str, granularity: str,
+               audio: dict, extract_embedding: bool) -> dict:
+    """The response body of a prediction (timings are added by the caller)."""
+    result = {
+        "request_id": request_id,
+        "model_version": variant,
+        **emotion_fields(out["labels"], out["scores"]),
+        "granularity": granularity,
+        "audio": audio,
+        "model": out["model"],
+    }
+    if out.get("timeline") is not None:
+        result["timeline"] = [timeline_window(out["labels"], window)
+                              for window in out["timeline"]]
+    if extract_embedding:
+        result["embedding"] = out["embedding"].tolist()
+    return result
+
+
+def save_result(output_dir: str, request_id: str, result: dict,
+                embedding: np.ndarray | None) -> None:
+    """Write result.json (and embedding.npy) under output_dir/request_id, all or nothing."""
+    root = Path(output_dir).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{request_id}.", dir=root))
+    (staging / "result.json").write_text(json.dumps(result))
+    if embedding is not None:
+        np.save(staging / "embedding.npy", embedding)
+    os.rename(staging, root / request_id)

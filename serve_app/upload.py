@@ -1,0 +1,128 @@
+"""Reading a prediction request: the audio bytes within the size cap, and its parameters,
+from a multipart form or a raw body with query parameters. No decoding here."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from serve_app.errors import ApiError
+
+GRANULARITIES = ("utterance", "frame")
+PARAMS = ("model_version", "granularity", "extract_embedding")
+FORM_FIELDS = ("file", *PARAMS)
+_FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+# The route reads the request itself (a form, or the raw body): its schema is given here.
+_PARAM_SCHEMAS = {
+    "model_version": {"type": "string", "description": "a variant (base, large, turbo) or an "
+                      "alias (see GET /v1/models); default: the router's default_version"},
+    "granularity": {"type": "string", "enum": list(GRANULARITIES), "default": "utterance",
+                    "description": "utterance: one embedding; frame: one per 20 ms frame, "
+                    "and an emotion timeline"},
+    "extract_embedding": {"type": "boolean", "default": False,
+                          "description": "include the embedding"},
+}
+PREDICT_OPENAPI = {
+    "parameters": [{"name": name, "in": "query", "required": False, "schema": schema,
+                    "description": "with a raw body only: " + schema["description"]}
+                   for name, schema in _PARAM_SCHEMAS.items()],
+    "requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": "the audio: wav, flac, ogg/vorbis, mp3, ..."},
+                           **_PARAM_SCHEMAS}}},
+        "application/octet-stream": {"schema": {
+            "type": "string", "format": "binary",
+            "description": "the audio file's bytes as the body; the fields as query parameters"}},
+    }},
+}
+
+
+def parse_bool(name: str, value: str | None) -> bool:
+    text = (value or "").strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ApiError(422, "invalid_parameter", f"{name} must be true or false, not {value!r}")
+
+
+def parse_granularity(value: str | None) -> str:
+    granularity = value or "utterance"
+    if granularity not in GRANULARITIES:
+        raise ApiError(422, "invalid_granularity",
+                       f"granularity must be one of {list(GRANULARITIES)}, not {granularity!r}")
+    return granularity
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    too_large = ApiError(413, "payload_too_large",
+                         f"the upload is larger than the limit of {limit} bytes")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, dict[str, str]]:
+    """(audio bytes, parameters) from a multipart form or a raw body with query parameters."""
+    params = dict(request.query_params)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        body = await read_capped(request, max_bytes + _FORM_OVERHEAD)
+
+        async def replay() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(
+                max_files=1, max_fields=len(PARAMS), max_part_size=_FORM_OVERHEAD)
+        except (MultiPartException, ValueError, KeyError) as exc:
+            raise ApiError(400, "malformed_form", f"the multipart form is malformed: {exc}")
+        except Exception as exc:  # starlette raises HTTPException for over-limit forms
+            raise ApiError(400, "malformed_form", f"the multipart form was refused: {exc}")
+        unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
+        if unknown:
+            raise ApiError(422, "unknown_field", f"unknown form fields {unknown}; expected "
+                           f"{list(FORM_FIELDS)}")
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(422, "missing_file", "send the audio in the form field 'file'")
+        data = await upload.read()
+        if len(data) > max_bytes:
+            raise ApiError(413, "payload_too_large",
+                           f"the upload is larger than the limit of {max_bytes} bytes")
+        params.update({key: value for key, value in form.items() if isinstance(value, str)})
+    elif content_type.startswith("application/x-www-form-urlencoded"):
+        raise ApiError(422, "missing_file", "send the audio as multipart/form-data in the field "
+                       "'file', or as the raw request body")
+    else:
+        data = await read_capped(request, max_bytes)
+    unknown = sorted(set(params) - set(PARAMS))
+    if unknown:
+        raise ApiError(422, "unknown_field",
+                       f"unknown parameters {unknown}; expected {list(PARAMS)}")
+    return data, params
+
+
+def request_id(request) -> str:
+    """Serve's request id (the client's X-Request-ID, or one Serve made), so that logs and the
+    response's X-Request-ID header agree; a fresh one when it is unsafe as a folder name.
+    Takes any Starlette HTTPConnection (a request or a WebSocket)."""
+    candidate = request.headers.get("x-request-id", "")
+    return candidate if _SAFE_ID.match(candidate) else uuid.uuid4().hex

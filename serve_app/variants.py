@@ -1,0 +1,97 @@
+"""Calling the variant deployments from the ingress: one prediction with a deadline, a retry
+when a replica dies under it, Serve's errors mapped to API errors; and each variant's state.
+No torch here; the waveform is a 16 kHz mono float32 numpy array."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+import ray
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.errors import ApiError
+
+logger = logging.getLogger("ray.serve")
+
+
+class Variants:
+    """The variant deployments' handles, by name."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle]):
+        self.handles = handles
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.handles)
+
+    async def predict(self, variant: str, waveform: np.ndarray, granularity: str,
+                      extract_embedding: bool, timeout_s: float) -> dict:
+        """The variant's answer, or an ApiError (503 unavailable/overloaded, 504, 422)."""
+        deadline = time.monotonic() + timeout_s
+        for attempt in (1, 2):
+            try:
+                return await self._predict_once(variant, waveform, granularity,
+                                                 extract_embedding,
+                                                 max(0.1, deadline - time.monotonic()))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                # The replica died under the request. Inference has no side effects, so one
+                # retry on another (or the restarted) replica is safe.
+                logger.warning("variant %s: replica lost (attempt %d): %s", variant, attempt, exc)
+                if attempt == 2 or time.monotonic() > deadline - 1:
+                    raise ApiError(503, "model_unavailable",
+                                   f"variant {variant} is unavailable; retry",
+                                   headers={"Retry-After": "2"})
+                await asyncio.sleep(0.5)
+        raise AssertionError("unreachable")
+
+    async def _predict_once(self, variant: str, waveform: np.ndarray, granularity: str,
+                            extract_embedding: bool, timeout_s: float) -> dict:
+        response = self.handles[variant].predict.remote(waveform, granularity, extract_embedding)
+        try:
+            return await asyncio.wait_for(response, timeout=timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise ApiError(504, "model_timeout",
+                           f"variant {variant} did not answer within {timeout_s:g} s")
+        except BackPressureError:
+            raise ApiError(503, "overloaded", f"variant {variant} is at capacity; retry later",
+                           headers={"Retry-After": "1"})
+        except ray.exceptions.RayTaskError as exc:
+            if type(exc.cause).__name__ == "InvalidInput":
+                raise ApiError(422, "invalid_audio", str(exc.cause))
+            if isinstance(exc.cause, (ray.exceptions.RayActorError,
+                                      ray.exceptions.ActorUnavailableError)):
+                raise exc.cause
+            logger.error("variant %s failed: %s", variant, exc)
+            raise ApiError(503, "model_error", f"variant {variant} failed on this request",
+                           headers={"Retry-After": "1"})
+
+    async def _info(self, name: str, deployments: dict) -> dict:
+        status = deployments.get(name)
+        if status is not None and status.status in ("HEALTHY", "DOWNSCALING") and \
+                not status.replica_states.get("RUNNING"):
+            # Autoscaled to zero replicas: asking one would start one.
+            return {"variant": name, "state": "scaled_to_zero", "error": None}
+        try:
+            return await asyncio.wait_for(self.handles[name].info.remote(), timeout=2.0)
+        except Exception:
+            failed = status is not None and status.status in ("UNHEALTHY", "DEPLOY_FAILED")
+            return {"variant": name, "state": "failed" if failed else "loading",
+                    "error": status.message if status is not None and failed else None}
+
+    async def info(self) -> dict[str, dict]:
+        """Each variant's info() from a replica, or its state from Serve's status."""
+        app_name = serve.get_replica_context().app_name
+        try:
+            status = await asyncio.to_thread(serve.status)
+            deployments = status.applications[app_name].deployments
+        except Exception as exc:
+            logger.warning("serve.status() failed: %r", exc)
+            deployments = {}
+        infos = await asyncio.gather(*(self._info(n, deployments) for n in self.handles))
+        return dict(zip(self.handles, infos))
