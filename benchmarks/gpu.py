@@ -31,7 +31,6 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -210,12 +209,13 @@ def cpu_fp32(directory: Path, threads: int, clips: list[np.ndarray],
 def environment(device: str, threads: int, profile_name: str, funasr_version: str) -> dict:
     import torch
 
-    cuda = device.startswith("cuda")
+    gpu = torch.cuda.get_device_properties(device) if device.startswith("cuda") else None
     return {
         "device": device,
-        "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor()
-        or platform.machine(),
+        "device_name": gpu.name if gpu else platform.processor() or platform.machine(),
+        "gpu_memory_mib": round(gpu.total_memory / MIB) if gpu else None,
         "torch": torch.__version__, "cuda": torch.version.cuda, "funasr": funasr_version,
+        "cudnn": torch.backends.cudnn.version() if gpu else None,
         "python": platform.python_version(), "threads": threads, "profile": profile_name,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
@@ -226,9 +226,10 @@ def environment(device: str, threads: int, profile_name: str, funasr_version: st
 def render(report: dict) -> str:
     """The table, from the JSON report alone (so the JSON holds every number it shows)."""
     env, variants = report["environment"], report["variants"]
-    lines = [f"{env['device_name']} ({env['device']}), torch {env['torch']}, CUDA {env['cuda'] or '-'}, "
-             f"FunASR {env['funasr']}, Python {env['python']}, {env['threads']} CPU threads, "
-             f"profile {env['profile']}; RANDOM weights; {report['total_s']:.0f} s in all"]
+    lines = [f"{env['device_name']} ({env['device']}), torch {env['torch']}, "
+             f"CUDA {env['cuda'] or '-'}, FunASR {env['funasr']}, Python {env['python']}, "
+             f"{env['threads']} CPU threads, profile {env['profile']}; RANDOM weights; "
+             f"{report['total_s']:.0f} s in all"]
 
     def num(value, fmt: str, width: int) -> str:
         return f"{'-':>{width}}" if value is None else format(value, f">{width}{fmt}")
@@ -246,7 +247,8 @@ def render(report: dict) -> str:
                      f"{mib(v['memory_peak'], 'allocated_mib'):>11} "
                      f"{mib(v['memory_peak'], 'reserved_mib')}")
     clips = [entry["clip_s"] for entry in next(iter(variants.values()))["latency"]]
-    lines.append("latency ms (p50/p99)  " + "".join(f"{format(s, 'g') + ' s clip':>18}" for s in clips))
+    lines.append("latency ms (p50/p99)  "
+                 + "".join(f"{format(s, 'g') + ' s clip':>18}" for s in clips))
     for name, v in variants.items():
         cells = ["%.1f/%.1f" % (e["p50_ms"], e["p99_ms"]) for e in v["latency"]]
         lines.append(f"{name:<22}" + "".join(f"{cell:>18}" for cell in cells))
@@ -305,7 +307,8 @@ def run(args: argparse.Namespace) -> dict:
     for name in sorted(needed):
         arch, seed = profile.checkpoints[name]
         began = time.perf_counter()
-        directory = checkpoints.write_checkpoint(args.workdir / f"{arch}-seed{seed}", arch, seed)
+        directory = (args.workdir / f"{arch}-seed{seed}").resolve()
+        checkpoints.write_checkpoint(directory, arch, seed)
         written[name] = (directory, round(time.perf_counter() - began, 2))
 
     latency_clips = [clip[:int(s * RATE)] for s, clip in zip(
@@ -315,7 +318,7 @@ def run(args: argparse.Namespace) -> dict:
                               profile.batch_clip_s, seed=100)
 
     large_scores = None
-    for name in args.variants:
+    for name in [v for v in VARIANTS if v in args.variants]:  # large before turbo
         checkpoint, precision = VARIANTS[name]
         directory, checkpoint_s = written[checkpoint]
         print(f"[{name}] {directory} ({precision}) on {args.device}", flush=True)
@@ -360,4 +363,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
