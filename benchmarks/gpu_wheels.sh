@@ -48,5 +48,5 @@ echo "$count wheels in $dest: $(( wheels / 1024 )) KiB; with the working tree ($
 (( wheels + tree < limit )) || { echo "too large to travel" >&2; exit 1; }
 cat <<'EOF'
 On the GPU machine, from the repository root, with .whl carried (under 8 minutes on one H100):
-set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv && python3 -m benchmarks.gpu --device cuda --out $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
+set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 -m benchmarks.gpu --device cuda --out $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
 EOF
