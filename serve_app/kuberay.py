@@ -29,7 +29,7 @@ UID = 1000  # the Dockerfile's user
 CACHE_CLAIM = f"{NAME}-model-cache"
 CACHE_MOUNT = "/model-cache"
 CACHE_SIZE = "20Gi"  # base and large from the hub are ~3.1 GB; room for revisions
-WORKER_MEMORY = "16Gi"  # one variant: large through FunASR's loader peaks at ~3x its 1.95 GB file
+VARIANT_MEMORY_GI = 16  # large through FunASR's loader peaks at ~3x its 1.95 GB file
 HEAD = {"cpu": "2", "memory": "8Gi"}  # GCS, Serve controller, dashboard: no replicas
 SYSTEM_CPUS = 1  # per worker pod, beyond what Ray hands out: raylet, proxy, agent
 GENERATED_BY = "python -m serve_app.kuberay > configs/kuberay/rayservice.yaml"
@@ -51,7 +51,7 @@ def k8s_serve_config(config: dict) -> dict:
     return config
 
 
-def _image() -> str:
+def default_image() -> str:
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     return f"emotion2vec-serve:{version}"
 
@@ -92,13 +92,15 @@ def _worker_group(image: str, args: AppArgs, serve_port: int) -> dict:
     pods = max(1, math.ceil(gpus - 1e-9))  # one GPU per pod
     per_pod = math.ceil(len(args.variants) / pods)
     # The pod's share of the variants, plus the router (the head takes none).
-    ray_cpus = per_pod * max(v.num_cpus for v in args.variants.values()) + args.router_num_cpus
-    cpu = str(math.ceil(ray_cpus) + SYSTEM_CPUS)
+    ray_cpus = math.ceil(per_pod * max(v.num_cpus for v in args.variants.values())
+                         + args.router_num_cpus - 1e-9)
+    cpu = str(ray_cpus + SYSTEM_CPUS)
+    memory = f"{VARIANT_MEMORY_GI * per_pod}Gi"
     pod_security, container_security = _security()
     return {
         "groupName": "gpu",
         "replicas": pods, "minReplicas": pods, "maxReplicas": pods,
-        "rayStartParams": {"num-cpus": f"{ray_cpus:g}"},
+        "rayStartParams": {"num-cpus": str(ray_cpus)},
         "template": {"spec": {
             "securityContext": pod_security,
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
@@ -113,8 +115,8 @@ def _worker_group(image: str, args: AppArgs, serve_port: int) -> dict:
                         {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"}],
                 "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_MOUNT}],
                 "resources": {
-                    "requests": {"cpu": cpu, "memory": WORKER_MEMORY, "nvidia.com/gpu": 1},
-                    "limits": {"cpu": cpu, "memory": WORKER_MEMORY, "nvidia.com/gpu": 1},
+                    "requests": {"cpu": cpu, "memory": memory, "nvidia.com/gpu": 1},
+                    "limits": {"cpu": cpu, "memory": memory, "nvidia.com/gpu": 1},
                 },
                 "ports": [{"name": "serve", "containerPort": serve_port}],
                 # In the serve Service only while every variant is ready (asked through this
@@ -129,12 +131,12 @@ def _worker_group(image: str, args: AppArgs, serve_port: int) -> dict:
     }
 
 
-def manifest(deploy: dict) -> list[dict]:
+def manifest(deploy: dict, image: str | None = None) -> list[dict]:
     """The Kubernetes objects: the model cache's claim, then the RayService."""
     serve = k8s_serve_config(deploy)
     (app,) = serve["applications"]
     args = AppArgs.model_validate(app["args"])
-    image = _image()
+    image = image or default_image()
     claim = {
         "apiVersion": "v1", "kind": "PersistentVolumeClaim",
         "metadata": {"name": CACHE_CLAIM},
@@ -173,11 +175,11 @@ def _string(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
 _Dumper.add_representer(str, _string)
 
 
-def render(deploy_path: Path = REPO / "deploy.yaml") -> str:
+def render(deploy_path: Path = REPO / "deploy.yaml", image: str | None = None) -> str:
     deploy = yaml.safe_load(Path(deploy_path).read_text())
-    header = (f"# Generated from {Path(deploy_path).name} by `{GENERATED_BY}`:\n"
-              "# edit the config (or serve_app/kuberay.py), then generate this file again.\n")
-    return header + yaml.dump_all(manifest(deploy), Dumper=_Dumper, sort_keys=False,
+    header = (f"# Generated from {Path(deploy_path).name} by `python -m serve_app.kuberay` "
+              "(serve_app/kuberay.py):\n# edit those, then generate this file again.\n")
+    return header + yaml.dump_all(manifest(deploy, image), Dumper=_Dumper, sort_keys=False,
                                   explicit_start=True, width=100)
 
 
@@ -185,7 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print the KubeRay RayService manifest.")
     parser.add_argument("--config", type=Path, default=REPO / "deploy.yaml",
                         help="the Serve config to embed (default: deploy.yaml)")
-    sys.stdout.write(render(parser.parse_args(argv).config))
+    parser.add_argument("--image", help=f"the pods' image (default: {default_image()}, "
+                                        "built from the Dockerfile)")
+    args = parser.parse_args(argv)
+    sys.stdout.write(render(args.config, args.image))
 
 
 if __name__ == "__main__":
