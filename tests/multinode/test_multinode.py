@@ -39,8 +39,8 @@ def tiny(root: Path, seed: int) -> dict:
 
 def make_app(root: Path, name: str = APP, prefix: str = "/", args: dict | None = None,
              **sources: dict) -> dict:
-    """The tiny config with base and large pinned to worker nodes and the router to the head;
-    `sources`: variant -> user_config updates."""
+    """The tiny config; by default base and large pinned to worker nodes and the router to the
+    head. `sources`: variant -> user_config updates."""
     app = load_app(TINY_CONFIG, root)
     app.update(name=name, route_prefix=prefix)
     app["args"] = args or {
@@ -62,10 +62,6 @@ class MultiNode:
     def __init__(self, serve, root: Path, clip: Path):
         self.serve, self.root, self.clip = serve, root, clip
         self.http = httpx.Client(base_url=serve.url, timeout=HTTP_TIMEOUT_S)
-
-    @property
-    def head_id(self) -> str:
-        return self.serve.nodes.head_node.node_id
 
     def worker(self, node_id: str):
         (node,) = [n for n in self.serve.nodes.worker_nodes if n.node_id == node_id]
