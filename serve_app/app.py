@@ -1,8 +1,9 @@
 """The application builder named by the configs: `import_path: serve_app.app:build_app`.
 
 It wires one EmotionModel deployment per variant behind the Router, with each variant's
-resources from the args, and refuses at deploy time a config that asks for more GPUs or
-CPUs than the cluster has: otherwise Serve leaves such replicas pending forever.
+resources from the args, and refuses at deploy time a config that the cluster cannot hold:
+otherwise Serve leaves such replicas pending forever. The check counts every alive node of
+the cluster: a config may fit only across several nodes, but each replica must fit on one.
 """
 
 from __future__ import annotations
@@ -14,39 +15,74 @@ from serve_app.config import AppArgs
 from serve_app.model import EmotionModel
 from serve_app.router import Router
 
+_EPS = 1e-9
+
 
 class ResourceError(ValueError):
     """The config asks for resources the cluster does not have."""
 
 
-def check_resources(args: AppArgs, available: dict[str, float]) -> None:
-    """Raise ResourceError, naming the fix, if one replica of every deployment cannot fit."""
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{name}: {amount:g}" for name, amount in resources.items()) + "}"
+
+
+def check_resources(args: AppArgs, nodes: list[dict[str, float]]) -> None:
+    """Raise ResourceError, naming the fix, if one replica of every deployment cannot fit on
+    these nodes (each node's total resources): the cluster as a whole must have enough, and
+    each replica needs a single node that has all it asks for."""
+    demands = args.demands()
+    have = {}
+    for node in nodes:
+        for name, amount in node.items():
+            have[name] = have.get(name, 0.0) + amount
     gpus = sum(v.num_gpus for v in args.variants.values())
-    have_gpus = available.get("GPU", 0.0)
-    if gpus > have_gpus + 1e-9:
+    if gpus > have.get("GPU", 0.0) + _EPS:
         asking = {n: v.num_gpus for n, v in args.variants.items() if v.num_gpus}
         raise ResourceError(
-            f"the variants ask for {gpus:g} GPUs {asking} but the cluster has {have_gpus:g}. "
-            "Deploy configs/cpu.yaml on a machine without GPUs, configs/single-gpu.yaml to share "
-            "one GPU, or lower num_gpus in the config's args.variants")
-    cpus = sum(v.num_cpus for v in args.variants.values()) + args.router_num_cpus
-    have_cpus = available.get("CPU", 0.0)
-    if cpus > have_cpus + 1e-9:
+            f"the variants ask for {gpus:g} GPUs {asking} but the cluster has "
+            f"{have.get('GPU', 0.0):g}. Deploy configs/cpu.yaml on a machine without GPUs, "
+            "configs/single-gpu.yaml to share one GPU, or lower num_gpus in the config's "
+            "args.variants")
+    cpus = sum(demand.get("CPU", 0.0) for demand in demands.values())
+    if cpus > have.get("CPU", 0.0) + _EPS:
         raise ResourceError(
-            f"the deployments ask for {cpus:g} CPUs but the cluster has {have_cpus:g}. "
+            f"the deployments ask for {cpus:g} CPUs but the cluster has {have.get('CPU', 0.0):g}. "
             "Lower num_cpus in args.variants (threads can stay higher: set `threads` in the "
             "variant's user_config)")
+    custom = {name for demand in demands.values() for name in demand} - {"CPU", "GPU"}
+    for name in sorted(custom):
+        asked = sum(demand.get(name, 0.0) for demand in demands.values())
+        if asked > have.get(name, 0.0) + _EPS:
+            raise ResourceError(
+                f"the deployments ask for {asked:g} of the custom resource {name!r} but the "
+                f"cluster's nodes offer {have.get(name, 0.0):g}. Start nodes with it "
+                f"(ray start --resources '{{\"{name}\": N}}') or change the resources in args")
+    for deployment, demand in demands.items():
+        if not any(all(node.get(k, 0.0) + _EPS >= v for k, v in demand.items()) for node in nodes):
+            shapes = sorted({_fmt({k: node.get(k, 0.0) for k in demand}) for node in nodes})
+            raise ResourceError(
+                f"one {deployment} replica asks for {_fmt(demand)} but no single node has that "
+                f"much (the nodes offer {', '.join(shapes[:5])}). Lower its resources in "
+                "args, or add a node large enough")
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    """Each alive node's total resources, from the cluster this process belongs to."""
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
 
 
 def build_app(args: dict) -> Application:
     app_args = AppArgs.model_validate(args)
     if app_args.check_resources:
-        check_resources(app_args, ray.cluster_resources())
+        check_resources(app_args, alive_nodes())
     handles = {
         name: EmotionModel.options(
             name=name,
-            ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
+            ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": res.num_gpus,
+                               "resources": dict(res.resources)},
         ).bind(name)
         for name, res in app_args.variants.items()
     }
-    return Router.options(ray_actor_options={"num_cpus": app_args.router_num_cpus}).bind(handles)
+    return Router.options(ray_actor_options={
+        "num_cpus": app_args.router_num_cpus, "resources": dict(app_args.router_resources),
+    }).bind(handles)

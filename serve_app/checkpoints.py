@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import errno
 import fcntl
 import json
 import logging
@@ -125,13 +126,37 @@ def random_weights_info(directory: Path) -> dict | None:
 def _exclusive(lock_path: Path) -> Iterator[None]:
     # Several replicas (large and turbo share a checkpoint) may ask for the same
     # directory at once: one writes it, the others wait and then find it complete.
+    # The lock covers the replicas of one node (and of several nodes where a shared
+    # filesystem supports flock); where the filesystem has no locks, the atomic rename in
+    # _publish keeps the writers apart.
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        locked = True
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                raise
+            logger.warning("%s: the filesystem has no file locks; relying on rename", lock_path)
+            locked = False
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _publish(staging: Path, target: Path) -> bool:
+    """Rename the written folder into place; False when another writer (another node on a
+    shared filesystem) got there first with a complete checkpoint, whose copy is kept."""
+    try:
+        os.rename(staging, target)
+        return True
+    except OSError:
+        if not is_complete(target):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        return False
 
 
 def write_checkpoint(directory: str | os.PathLike, arch: str, seed: int = 0) -> Path:
@@ -148,11 +173,7 @@ def write_checkpoint(directory: str | os.PathLike, arch: str, seed: int = 0) -> 
     target = Path(directory).expanduser().resolve()
     with _exclusive(target.parent / f".{target.name}.lock"):
         if is_complete(target):
-            marker = random_weights_info(target)
-            if marker and (marker.get("arch"), marker.get("seed")) != (arch, seed):
-                raise ValueError(f"{target} already holds a {marker.get('arch')} checkpoint "
-                                 f"with seed {marker.get('seed')}, not {arch} seed {seed}")
-            return target
+            return _same_checkpoint(target, arch, seed)
         if target.exists():
             raise ValueError(f"{target} exists but is not a complete checkpoint; remove it")
         config = model_config(arch)
@@ -175,11 +196,22 @@ def write_checkpoint(directory: str | os.PathLike, arch: str, seed: int = 0) -> 
                 {"weights": "random", "arch": arch, "seed": seed, "params": params,
                  "note": "Generated with random weights: predictions carry no meaning."},
                 indent=2))
-            os.rename(staging, target)
+            published = _publish(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+    if not published:
+        return _same_checkpoint(target, arch, seed)
     logger.warning("wrote a %s checkpoint with RANDOM weights (seed %d) to %s", arch, seed, target)
+    return target
+
+
+def _same_checkpoint(target: Path, arch: str, seed: int) -> Path:
+    """`target`, complete, if it holds what was asked for (or real weights)."""
+    marker = random_weights_info(target)
+    if marker and (marker.get("arch"), marker.get("seed")) != (arch, seed):
+        raise ValueError(f"{target} already holds a {marker.get('arch')} checkpoint "
+                         f"with seed {marker.get('seed')}, not {arch} seed {seed}")
     return target
 
 

@@ -1,6 +1,6 @@
-"""Start a local Ray cluster with Serve on loopback and apply configs to it, the way
-`serve run` / `serve deploy` do (the declarative path, so user_config changes reconfigure
-replicas in place). Used by the tests and the benchmarks."""
+"""Start a local Ray cluster with Serve on loopback (one node, or several nodes on 127.0.0.1)
+and apply configs to it, the way `serve run` / `serve deploy` do (the declarative path, so
+user_config changes reconfigure replicas in place). Used by the tests and the benchmarks."""
 
 from __future__ import annotations
 
@@ -42,12 +42,14 @@ def load_app(path: str | os.PathLike, checkpoint_root: Path | None = None,
 
 
 class LocalServe:
-    """Handle on a Serve instance started by `local_serve`, with the apps applied to it."""
+    """Handle on a Serve instance started by `local_serve` or `local_cluster`, with the apps
+    applied to it."""
 
-    def __init__(self, url: str, metrics_url: str, temp_dir: str):
+    def __init__(self, url: str, metrics_url: str, temp_dir: str, nodes=None):
         self.url = url
-        self.metrics_url = metrics_url  # this node's Prometheus endpoint
+        self.metrics_url = metrics_url  # the head node's Prometheus endpoint
         self.temp_dir = temp_dir        # Ray's logs are under session_latest/logs
+        self.nodes = nodes              # local_cluster: its ray.cluster_utils.Cluster
         self.apps: dict[str, dict] = {}
 
     def put(self, *apps: dict) -> None:
@@ -55,8 +57,9 @@ class LocalServe:
         self.apps.update({app["name"]: app for app in apps})
         self._apply()
 
-    def remove(self, name: str) -> None:
-        self.apps.pop(name, None)
+    def remove(self, *names: str) -> None:
+        for name in names:
+            self.apps.pop(name, None)
         self._apply()
 
     def _apply(self) -> None:
@@ -75,13 +78,35 @@ class LocalServe:
         raise TimeoutError(f"application {name} not in {statuses} after {timeout_s} s: {status}")
 
 
+def _loopback_env() -> None:
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+@contextmanager
+def _serve_on_head(temp_dir: str, metrics_port: int, nodes=None) -> Iterator[LocalServe]:
+    """Serve on the cluster this process joined, its proxy on the head node at 127.0.0.1;
+    on exit Serve stops and this process leaves the cluster."""
+    import ray
+    from ray import serve
+
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        yield LocalServe(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics",
+                         temp_dir, nodes)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
 @contextmanager
 def local_serve(num_cpus: int | None = None, dashboard: bool = False) -> Iterator[LocalServe]:
     """A Ray cluster of this process's own (stopped on exit) with Serve on 127.0.0.1."""
-    for key, value in LOOPBACK_ENV.items():
-        os.environ.setdefault(key, value)
+    _loopback_env()
     import ray
-    from ray import serve
 
     # Unix socket paths must stay under 107 bytes: a short temp dir directly under /tmp.
     temp_dir = tempfile.mkdtemp(prefix="e2v", dir="/tmp")
@@ -90,15 +115,47 @@ def local_serve(num_cpus: int | None = None, dashboard: bool = False) -> Iterato
              dashboard_host="127.0.0.1", log_to_driver=False, _metrics_export_port=metrics_port,
              _node_ip_address="127.0.0.1")
     try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield LocalServe(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics",
-                         temp_dir)
+        with _serve_on_head(temp_dir, metrics_port) as handle:
+            yield handle
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextmanager
+def local_cluster(head: dict, workers: list[dict],
+                  system_config: dict | None = None) -> Iterator[LocalServe]:
+    """Several Ray nodes on 127.0.0.1 (Ray's own multi-node helper, ray.cluster_utils.Cluster),
+    joined by this process, with Serve on them; `head` and each of `workers` are node
+    arguments (num_cpus, resources, ...). The proxy runs on the head only: every node has the
+    same address, so the HTTP port can hold one proxy. `.nodes` adds and removes nodes."""
+    _loopback_env()
+    import ray
+    from ray.cluster_utils import Cluster
+
+    temp_dir = tempfile.mkdtemp(prefix="e2v", dir="/tmp")
+    # Ray's default temp dir (sessions, and the address file that `ray.init("auto")` reads)
+    # follows RAY_TMPDIR: keep them in this cluster's own folder, not the machine's /tmp/ray.
+    previous_tmpdir = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp_dir
+    metrics_port = free_port()
+    common = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
+    nodes = Cluster()
+    try:
+        nodes.add_node(**common, **head, metrics_export_port=metrics_port,
+                       _system_config=system_config or {})
+        for worker in workers:
+            nodes.add_node(**common, **worker)
+        ray.init(address=nodes.address, log_to_driver=False)
+        with _serve_on_head(temp_dir, metrics_port, nodes) as handle:
+            yield handle
     finally:
         try:
-            serve.shutdown()
+            nodes.shutdown()
         finally:
-            ray.shutdown()
+            if previous_tmpdir is None:
+                os.environ.pop("RAY_TMPDIR", None)
+            else:
+                os.environ["RAY_TMPDIR"] = previous_tmpdir
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -117,11 +117,34 @@ class RouterSettings(_Strict):
                 raise ValueError(f"alias {alias!r} hides the variant of the same name")
 
 
+BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _custom_resources(value: dict[str, float]) -> dict[str, float]:
+    for name, amount in value.items():
+        if name in BUILTIN_RESOURCES or name.startswith("node:"):
+            raise ValueError(f"resource {name!r} is not a custom resource (use num_cpus/num_gpus)")
+        if amount <= 0:
+            raise ValueError(f"resource {name!r}: ask for more than 0")
+    return value
+
+
+# Custom resources (`ray start --resources`, KubeRay's rayStartParams): a deployment asking for
+# one lands only on the nodes that offer it.
+CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
+
+
 class VariantResources(_Strict):
     """What one replica of a variant asks Ray for (changing it restarts replicas)."""
 
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    resources: CustomResources = Field(default_factory=dict)
+
+    def demand(self) -> dict[str, float]:
+        """What one replica needs from the node it lands on, zeros left out."""
+        wanted = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
+        return {name: amount for name, amount in wanted.items() if amount > 0}
 
 
 class AppArgs(_Strict):
@@ -129,6 +152,8 @@ class AppArgs(_Strict):
 
     variants: dict[str, VariantResources]
     router_num_cpus: float = Field(default=0.25, ge=0)
+    # Custom resources for the Router, e.g. to keep it (and output_dir) on one node.
+    router_resources: CustomResources = Field(default_factory=dict)
     # Off for autoscaling clusters (KubeRay) where GPUs appear on demand.
     check_resources: bool = True
 
@@ -140,3 +165,9 @@ class AppArgs(_Strict):
             if not VARIANT_NAME.match(name) or name == ROUTER_NAME:
                 raise ValueError(f"variant name {name!r}: use lowercase letters, digits, - and _")
         return self
+
+    def demands(self) -> dict[str, dict[str, float]]:
+        """One replica of every deployment: deployment name -> what it needs from its node."""
+        router = VariantResources(num_cpus=self.router_num_cpus, resources=self.router_resources)
+        return {ROUTER_NAME: router.demand(),
+                **{name: res.demand() for name, res in self.variants.items()}}

@@ -50,6 +50,13 @@ def _replica_threads() -> int:
     return max(1, min(os.cpu_count() or 1, math.ceil(cpus)))
 
 
+def _replica_node() -> dict:
+    """The Ray node this replica runs on (on Kubernetes: the pod's IP)."""
+    import ray
+
+    return {"id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
+
+
 def _replica_device() -> str:
     import torch
 
@@ -94,6 +101,7 @@ class EmotionModel:
         self.loaded_at: float | None = None
         self.last_swap: dict | None = None
         self.pid = os.getpid()
+        self.node = _replica_node()
         self._in_flight = 0
         self._last_used = time.monotonic()
         self._load_lock = asyncio.Lock()  # one load at a time: swap, or reload after unload
@@ -256,6 +264,7 @@ class EmotionModel:
             "load_count": self.load_count,
             "loaded_at": self.loaded_at,
             "pid": self.pid,
+            "node": self.node,
             "rss_bytes": _rss_bytes(),
             "in_flight": self._in_flight,
             "precision": self.settings.precision if self.settings else None,

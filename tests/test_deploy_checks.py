@@ -38,11 +38,29 @@ def cluster_pids(service):
 def test_check_resources_names_the_fix():
     args = AppArgs.model_validate({"variants": {"base": {"num_cpus": 1, "num_gpus": 1},
                                                 "large": {"num_cpus": 1, "num_gpus": 1}}})
-    check_resources(args, {"CPU": 8, "GPU": 2})
+    check_resources(args, [{"CPU": 8, "GPU": 2}])
     with pytest.raises(ResourceError, match=r"2 GPUs .* cluster has 1\b.*single-gpu.yaml"):
-        check_resources(args, {"CPU": 8, "GPU": 1})
+        check_resources(args, [{"CPU": 8, "GPU": 1}])
     with pytest.raises(ResourceError, match=r"2.25 CPUs but the cluster has 2\b.*threads"):
-        check_resources(args, {"CPU": 2, "GPU": 2})
+        check_resources(args, [{"CPU": 2, "GPU": 2}])
+
+
+def test_check_resources_counts_every_node_and_each_replica_needs_one():
+    """Totals over the nodes, custom resources included; and each replica on a single node."""
+    args = AppArgs.model_validate({
+        "variants": {"base": {"num_cpus": 1, "num_gpus": 1, "resources": {"gpu_pod": 1}},
+                     "large": {"num_cpus": 1, "num_gpus": 1, "resources": {"gpu_pod": 1}}},
+        "router_num_cpus": 1})
+    gpu_node = {"CPU": 1, "GPU": 1, "gpu_pod": 1}
+    check_resources(args, [{"CPU": 1}, gpu_node, gpu_node])  # fits only across three nodes
+    with pytest.raises(ResourceError, match=r"2 GPUs .* cluster has 1\b"):
+        check_resources(args, [{"CPU": 8}, gpu_node])
+    with pytest.raises(ResourceError, match=r"2 of the custom resource 'gpu_pod' .* offer 1\b"):
+        check_resources(args, [{"CPU": 8}, gpu_node, {"CPU": 1, "GPU": 1}])
+    # Enough in total, but no node holds a whole replica: it would stay pending forever.
+    with pytest.raises(ResourceError, match=r"one base replica asks for \{CPU: 1, GPU: 1, "
+                                            r"gpu_pod: 1\} but no single node"):
+        check_resources(args, [{"CPU": 3}, {"GPU": 1, "gpu_pod": 1}, {"GPU": 1, "gpu_pod": 1}])
 
 
 def test_every_shipped_config_is_valid():

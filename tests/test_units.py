@@ -95,6 +95,8 @@ def test_checkpoints_are_deterministic_and_marked(tmp_path):
     a, b, c = (torch.load(d / "model.pt") for d in (first, second, other))
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # Byte for byte: nodes that each generate their own copy serve the same identity (sha256).
+    assert (first / "model.pt").read_bytes() == (second / "model.pt").read_bytes()
     assert not all(torch.equal(a[k], c[k]) for k in a)
     marker = checkpoints.random_weights_info(first)
     assert marker["weights"] == "random" and marker["arch"] == "tiny" and marker["seed"] == 3
@@ -103,6 +105,39 @@ def test_checkpoints_are_deterministic_and_marked(tmp_path):
     assert checkpoints.write_checkpoint(first, "tiny", seed=3) == first
     with pytest.raises(ValueError, match="seed 3"):
         checkpoints.write_checkpoint(first, "tiny", seed=5)
+
+
+@pytest.mark.parametrize("other_seed", [3, 4])
+def test_checkpoint_writers_on_a_shared_filesystem_without_locks(tmp_path, monkeypatch,
+                                                                 other_seed):
+    """Two nodes write the same checkpoint on shared storage whose flock fails: the one that
+    renames second keeps the first one's copy (or refuses it if it holds another seed) and
+    leaves no staging folder behind."""
+    import errno
+    import fcntl
+    import shutil
+
+    other_node = checkpoints.write_checkpoint(tmp_path / "elsewhere", "tiny", seed=other_seed)
+    shared = tmp_path / "shared"
+    real_config = checkpoints.model_config
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "no locks available")
+
+    def other_node_finishes_meanwhile(arch):
+        # Called once this writer has found no checkpoint and starts building its own.
+        shutil.copytree(other_node, shared)
+        return real_config(arch)
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(checkpoints, "model_config", other_node_finishes_meanwhile)
+    if other_seed == 3:
+        assert checkpoints.write_checkpoint(shared, "tiny", seed=3) == shared
+    else:
+        with pytest.raises(ValueError, match="seed 4, not tiny seed 3"):
+            checkpoints.write_checkpoint(shared, "tiny", seed=3)
+    assert (shared / "model.pt").read_bytes() == (other_node / "model.pt").read_bytes()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".shared")] == [".shared.lock"]
 
 
 @pytest.mark.parametrize("arch,params", [("base", 93.8e6), ("large", 315.2e6)])

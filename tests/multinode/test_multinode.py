@@ -1,0 +1,219 @@
+"""The service on several Ray nodes (ray.cluster_utils.Cluster, every node on 127.0.0.1):
+variants placed on worker nodes, requests across nodes, a hot swap on a worker node, the
+resource check over the whole cluster, and a node lost under load.
+
+Its own pytest process (one driver joins one cluster): `pytest tests/multinode`. One cluster
+for the module: a head with the proxy and the router, three workers with one model slot each
+(two variants, one spare node for a variant that loses its node)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from serve_app import audio
+from serve_app.cluster import load_app, local_cluster
+from tests import clips as clip_maker
+from tests.conftest import TINY_CONFIG
+
+APP = "emotion2vec"
+VARIANTS = ("base", "large")
+HEAD = {"num_cpus": 1, "resources": {"ingress": 1}}
+WORKER = {"num_cpus": 1, "resources": {"model_slot": 1}}
+# A lost node is declared dead after about 3 s instead of Ray's default 15 s.
+FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+# Requests wait for a variant's replica up to the router's model_timeout_s: long enough here
+# for a replica to start again on another node of this busy machine.
+MODEL_TIMEOUT_S = 120
+HTTP_TIMEOUT_S = MODEL_TIMEOUT_S + 30  # a request that hangs fails here
+
+
+def tiny(root: Path, seed: int) -> dict:
+    return {"source": str(root / f"tiny-seed{seed}"), "generate": {"arch": "tiny", "seed": seed}}
+
+
+def make_app(root: Path, name: str = APP, prefix: str = "/", args: dict | None = None,
+             **sources: dict) -> dict:
+    """The tiny config; by default base and large pinned to worker nodes and the router to the
+    head. `sources`: variant -> user_config updates."""
+    app = load_app(TINY_CONFIG, root)
+    app.update(name=name, route_prefix=prefix)
+    app["args"] = args or {
+        "router_num_cpus": 0.05, "router_resources": {"ingress": 0.01},
+        "variants": {v: {"num_cpus": 0.2, "resources": {"model_slot": 1}} for v in VARIANTS}}
+    variants = set(app["args"]["variants"])
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in {*variants, "Router"}]
+    for deployment in app["deployments"]:
+        if deployment["name"] == "Router":
+            deployment["user_config"] = {"default_version": sorted(variants)[0],
+                                         "model_timeout_s": MODEL_TIMEOUT_S}
+        elif deployment["name"] in sources:
+            deployment["user_config"] = {**deployment["user_config"],
+                                         **sources[deployment["name"]]}
+    return app
+
+
+class MultiNode:
+    def __init__(self, serve, root: Path, clip: Path):
+        self.serve, self.root, self.clip = serve, root, clip
+        self.http = httpx.Client(base_url=serve.url, timeout=HTTP_TIMEOUT_S)
+
+    def worker(self, node_id: str):
+        (node,) = [n for n in self.serve.nodes.worker_nodes if n.node_id == node_id]
+        return node
+
+    @property
+    def worker_ids(self) -> set[str]:
+        return {node.node_id for node in self.serve.nodes.worker_nodes}
+
+    def predict(self, variant: str, clip: Path | None = None, **fields) -> httpx.Response:
+        clip = clip or self.clip
+        return self.http.post("/v1/predict", files={"file": (clip.name, clip.read_bytes())},
+                              data={"model_version": variant, **fields})
+
+    def variants(self) -> dict[str, dict]:
+        return self.http.get("/v1/models").json()["variants"]
+
+    def wait(self, variant: str, condition, timeout_s: float = 120) -> dict:
+        deadline = time.monotonic() + timeout_s
+        info = None
+        while time.monotonic() < deadline:
+            info = self.variants()[variant]
+            if condition(info):
+                return info
+            time.sleep(0.5)
+        raise TimeoutError(f"{variant} never met the condition: {info}")
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    clip = clip_maker.write(tmp_path_factory.mktemp("clips") / "tone.wav",
+                            clip_maker.tone(2.0, 16_000), 16_000)
+    with local_cluster(HEAD, [WORKER] * 3, system_config=FAST_NODE_DEATH) as serve:
+        serve.put(make_app(root, base=tiny(root, 1), large=tiny(root, 2)))
+        status = serve.wait_for(APP, ("RUNNING", "DEPLOY_FAILED"))
+        assert status.status == "RUNNING", status
+        handle = MultiNode(serve, root, clip)
+        yield handle
+        handle.http.close()
+
+
+def funasr_scores(directory: Path, waveform: np.ndarray) -> list[float]:
+    from funasr import AutoModel
+
+    model = AutoModel(model=str(directory), device="cpu", ncpu=1, disable_update=True,
+                      disable_pbar=True)
+    return model.generate(waveform)[0]["scores"]
+
+
+def test_variants_run_on_worker_nodes_and_answer_across_nodes(multi, tmp_path):
+    variants = multi.variants()
+    nodes = {name: variants[name]["node"]["id"] for name in VARIANTS}
+    assert set(nodes.values()) <= multi.worker_ids and len(set(nodes.values())) == 2, nodes
+    # 20 s of audio is 1.3 MB as float32: it travels through the object store, from the
+    # router on the head to the worker, and the frame embeddings travel back.
+    samples = clip_maker.tone(20.0, 16_000, 190.0, 7)
+    long_clip = clip_maker.write(tmp_path / "long.wav", samples, 16_000)
+    waveform = audio.decode(long_clip.read_bytes(), max_duration_s=60,
+                            min_duration_s=0.1).waveform
+    for variant, seed in zip(VARIANTS, (1, 2)):
+        response = multi.predict(variant, long_clip, granularity="frame",
+                                   extract_embedding="true")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model_version"] == variant
+        assert np.asarray(body["embedding"]).shape == (999, 64)
+        expected = funasr_scores(multi.root / f"tiny-seed{seed}", waveform)
+        assert np.abs(np.array(list(body["scores"].values())) - expected).max() <= 1e-5
+
+
+def test_hot_swap_on_a_variant_on_a_worker_node(multi):
+    before = multi.variants()["large"]
+    assert before["node"]["id"] in multi.worker_ids
+    old = multi.predict("large").json()["scores"]
+    multi.serve.put(make_app(multi.root, base=tiny(multi.root, 1), large=tiny(multi.root, 22)))
+    after = multi.wait("large", lambda i: (i["last_swap"] or {}).get("result") == "ok")
+    # Swapped in place: same process on the same node, the new checkpoint written there.
+    assert (after["pid"], after["node"], after["load_count"]) == (
+        before["pid"], before["node"], before["load_count"] + 1)
+    assert after["source"] == str(multi.root / "tiny-seed22")
+    new = multi.predict("large")
+    assert new.status_code == 200 and new.json()["scores"] != old
+
+
+def test_resource_check_counts_the_whole_cluster(multi):
+    base = {"base": tiny(multi.root, 1)}
+    # 1.8 CPUs: more than any node has (1), less than the cluster (4): deploys across nodes.
+    across = make_app(multi.root, "across", "/across",
+                      args={"router_num_cpus": 0.9, "variants": {"base": {"num_cpus": 0.9}}},
+                      **base)
+    # 1.5 CPUs in one replica: the cluster has 4, but no node could ever hold it.
+    nowhere = make_app(multi.root, "nowhere", "/nowhere",
+                       args={"router_num_cpus": 0.05, "variants": {"base": {"num_cpus": 1.5}}},
+                       **base)
+    multi.serve.put(across, nowhere)
+    try:
+        assert multi.serve.wait_for("across", ("RUNNING", "DEPLOY_FAILED")).status == "RUNNING"
+        response = multi.http.post("/across/v1/predict", files={
+            "file": ("c.wav", multi.clip.read_bytes())})
+        assert response.status_code == 200, response.text
+        status = multi.serve.wait_for("nowhere", ("RUNNING", "DEPLOY_FAILED"), timeout_s=120)
+        assert status.status == "DEPLOY_FAILED"
+        assert "one base replica asks for {CPU: 1.5} but no single node" in status.message
+    finally:
+        multi.serve.remove("across", "nowhere")
+
+
+def test_a_node_lost_under_load(multi):
+    """Only 200 or 503 (with Retry-After) while base's node goes away, none hangs, large is
+    untouched, and base comes back on the spare worker."""
+    infos = multi.variants()
+    lost = infos["base"]["node"]["id"]
+    spare = multi.worker_ids - {lost, infos["large"]["node"]["id"]}
+    results: dict[str, list] = {"base": [], "large": []}
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def send(variant: str) -> None:
+        deadline = time.monotonic() + 240  # bounded: stops by itself
+        with httpx.Client(base_url=multi.serve.url, timeout=HTTP_TIMEOUT_S) as http:
+            while not stop.is_set() and time.monotonic() < deadline:
+                sent_at = time.monotonic()
+                try:
+                    response = http.post("/v1/predict", data={"model_version": variant},
+                                         files={"file": ("c.wav", multi.clip.read_bytes())})
+                except httpx.HTTPError as exc:  # a timeout included
+                    errors.append(f"{variant}: {exc!r}")
+                    return
+                results[variant].append((sent_at, response.status_code,
+                                         response.headers.get("retry-after")))
+
+    senders = [threading.Thread(target=send, args=(v,)) for v in ("base",) * 3 + ("large",)]
+    for sender in senders:
+        sender.start()
+    try:
+        time.sleep(2.0)
+        removed_at = time.monotonic()
+        multi.serve.nodes.remove_node(multi.worker(lost))
+        back = multi.wait("base", lambda i: i.get("state") == "ready"
+                          and i["node"]["id"] != lost, timeout_s=180)
+        back_at = time.monotonic()
+        time.sleep(2.0)  # answers from the new replica
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join(timeout=HTTP_TIMEOUT_S + 10)
+    assert not errors, errors
+    assert {back["node"]["id"]} == spare
+    statuses = {v: [status for _, status, _ in answers] for v, answers in results.items()}
+    assert set(statuses["base"]) <= {200, 503}, statuses["base"]
+    assert all(retry for _, status, retry in results["base"] if status == 503)
+    assert statuses["large"] and set(statuses["large"]) == {200}, statuses["large"]
+    assert any(at > removed_at for at, _, _ in results["base"])  # the load ran through it
+    assert 200 in [status for at, status, _ in results["base"] if at > back_at], statuses["base"]
