@@ -29,7 +29,7 @@ access_log = logging.getLogger("ray.serve.emotion2vec.access")
 
 # The web page (serve_app/web, installed as package data): served as files, no build step.
 WEB_DIR = Path(__file__).resolve().parent / "web"
-WEB_ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+WEB_ASSETS = {"app.js": "text/javascript", "live.js": "text/javascript", "style.css": "text/css"}
 _NO_CACHE = {"Cache-Control": "no-cache"}  # a redeploy with a new page shows at once
 
 api = FastAPI(

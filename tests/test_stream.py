@@ -145,8 +145,8 @@ def test_sample_buffer_grows_and_slices():
 
 
 # -- through the proxy ------------------------------------------------------------------------
-def stream_url(service, **params) -> str:
-    return "ws" + service.url[len("http"):] + "/v1/stream" + (
+def stream_url(base_url: str, **params) -> str:
+    return "ws" + base_url[len("http"):] + "/v1/stream" + (
         "?" + urlencode(params) if params else "")
 
 
@@ -166,18 +166,19 @@ def close_code(ws: ClientConnection, timeout: float = 60) -> int | None:
 
 
 @contextmanager
-def open_stream(service, headers: dict | None = None, **params):
-    """A connected stream, with its ready event."""
-    with connect(stream_url(service, **params), additional_headers=headers or {},
+def open_stream(base_url: str, headers: dict | None = None, **params):
+    """A connected stream to the service at base_url, with its ready event."""
+    with connect(stream_url(base_url, **params), additional_headers=headers or {},
                  open_timeout=60, close_timeout=10, max_size=2**24) as ws:
         ready = next_event(ws)
         assert ready["type"] == "ready", ready
         yield ws, ready
 
 
-def refused(service, *messages, headers: dict | None = None, **params) -> tuple[dict, int]:
+def refused(base_url: str, *messages, headers: dict | None = None,
+            **params) -> tuple[dict, int]:
     """Send these messages; the error event and close code that follow."""
-    with connect(stream_url(service, **params), additional_headers=headers or {},
+    with connect(stream_url(base_url, **params), additional_headers=headers or {},
                  open_timeout=60) as ws:
         for message in messages:
             try:
@@ -246,7 +247,7 @@ def check_parity(client, events: list[dict], raw: np.ndarray, rate: int, variant
 
 def test_ready_event_and_version_resolution(service):
     headers = {"x-request-id": "live-0001"}
-    with open_stream(service, headers) as (ws, ready):
+    with open_stream(service.url, headers) as (ws, ready):
         assert ready == {
             "type": "ready", "request_id": "live-0001", "model_version": "large",
             "sample_rate": 16_000, "encoding": "pcm_s16le", "window_s": 2.0, "hop_s": 0.5,
@@ -255,7 +256,7 @@ def test_ready_event_and_version_resolution(service):
         ws.send(json.dumps({"type": "end"}))
         assert next_event(ws)["error"]["code"] == "empty_audio"
         assert close_code(ws) == 1008
-    with open_stream(service, model_version="fast", api_key="accepted-unchecked",
+    with open_stream(service.url, model_version="fast", api_key="accepted-unchecked",
                      sample_rate=8000, encoding="f32le", window_s=1, hop_s=1) as (_, ready):
         assert (ready["model_version"], ready["sample_rate"], ready["encoding"]) == (
             "turbo", 8000, "f32le")
@@ -266,7 +267,7 @@ def test_ready_event_and_version_resolution(service):
 
 def test_windows_and_result_equal_predict_at_16k(service, client):
     raw = as_int16(tone(3.2, 16_000, 200.0, 11))
-    with open_stream(service) as (ws, ready):
+    with open_stream(service.url) as (ws, ready):
         events = lockstep(ws, raw, 16_000, ready["hop_s"])
         assert close_code(ws) == 1000
     assert [w["end_s"] for w in events[:-1]] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
@@ -277,7 +278,7 @@ def test_windows_and_result_equal_predict_at_16k(service, client):
 def test_windows_and_result_equal_predict_when_resampled(service, client):
     """22.05 kHz float32: every window resampled on its own, hops of 5512.5 samples."""
     raw = tone(1.7, 22_050, 260.0, 12)
-    with open_stream(service, model_version="base", sample_rate=22_050, encoding="f32le",
+    with open_stream(service.url, model_version="base", sample_rate=22_050, encoding="f32le",
                      window_s=1.0, hop_s=0.25) as (ws, ready):
         events = lockstep(ws, raw, 22_050, 0.25)
         assert close_code(ws) == 1000
@@ -289,7 +290,7 @@ def test_windows_and_result_equal_predict_when_resampled(service, client):
 def test_real_time_windows_arrive_after_their_audio_without_skips(service):
     raw, chunk = as_int16(tone(2.6, 16_000, 210.0, 13)), 1_600  # 0.1 s per message
     arrivals: list[tuple[dict, float]] = []
-    with open_stream(service, model_version="base") as (ws, _):
+    with open_stream(service.url, model_version="base") as (ws, _):
         began = time.monotonic()
         for index, offset in enumerate(range(0, len(raw), chunk)):
             ws.send(raw[offset:offset + chunk].tobytes())
@@ -313,7 +314,7 @@ def test_real_time_windows_arrive_after_their_audio_without_skips(service):
 
 def test_audio_faster_than_the_model_skips_to_the_newest_window(service, client):
     raw = as_int16(tone(8.0, 16_000, 190.0, 14))
-    with open_stream(service, model_version="base") as (ws, _):
+    with open_stream(service.url, model_version="base") as (ws, _):
         ws.send(raw.tobytes())  # 16 windows due at once
         ws.send(json.dumps({"type": "end"}))
         events = [next_event(ws), next_event(ws)]
@@ -335,7 +336,7 @@ def test_audio_faster_than_the_model_skips_to_the_newest_window(service, client)
     ({"granularity": "frame"}, "unknown_field"),
 ])
 def test_bad_parameters_are_refused_with_1008(service, params, code):
-    event, closed = refused(service, **params)
+    event, closed = refused(service.url, **params)
     assert event["error"]["code"] == code and event["error"]["message"]
     assert closed == 1008
 
@@ -349,7 +350,7 @@ def test_bad_parameters_are_refused_with_1008(service, params, code):
     ([b"\x00\x00" * 800, json.dumps({"type": "end"})], {}, "audio_too_short"),
 ])
 def test_bad_input_is_refused_with_1008(service, messages, params, code):
-    event, closed = refused(service, *messages, **params)
+    event, closed = refused(service.url, *messages, **params)
     assert event["error"]["code"] == code and closed == 1008
 
 
@@ -379,7 +380,8 @@ def test_metrics_count_streams_and_a_dropped_stream_leaves_none_open(service):
             time.sleep(1)
 
     raw = as_int16(tone(1.2, 16_000)).tobytes()
-    with open_stream(service, model_version="turbo", window_s=0.5, hop_s=0.25) as (ws, _):
+    with open_stream(service.url, model_version="turbo", window_s=0.5,
+                     hop_s=0.25) as (ws, _):
         ws.send(raw)
         wait_for(lambda v: v.get("ray_emotion2vec_streams_active/turbo") == 1,
                  "one turbo stream open", keep_alive=lambda: ws.send(b"\x00\x00" * 16))
@@ -400,7 +402,7 @@ def reconfigure_router(service, **overrides) -> None:
     want = overrides.get("stream_idle_timeout_s", 10.0)
     deadline = time.monotonic() + 60
     while True:
-        with open_stream(service) as (_, ready):
+        with open_stream(service.url) as (_, ready):
             if ready["limits"]["idle_timeout_s"] == want:
                 return
         assert time.monotonic() < deadline, "the router never took the new settings"
@@ -418,19 +420,19 @@ def tight(service):
 
 
 def test_a_message_over_the_limit_closes_with_1009(service, tight):
-    event, closed = refused(service, b"\x00" * 4098)
+    event, closed = refused(service.url, b"\x00" * 4098)
     assert event["error"]["code"] == "message_too_large" and closed == 1009
 
 
 def test_a_stream_over_max_stream_s_is_refused(service, tight):
     chunks = [b"\x00\x01" * 2000] * 17  # 0.125 s each: 2.125 s
-    event, closed = refused(service, *chunks, model_version="base", window_s=2, hop_s=2)
+    event, closed = refused(service.url, *chunks, model_version="base", window_s=2, hop_s=2)
     assert event["error"]["code"] == "stream_too_long" and closed == 1008
     assert "2 s" in event["error"]["message"]
 
 
 def test_a_silent_stream_times_out(service, tight):
-    with open_stream(service) as (ws, ready):
+    with open_stream(service.url) as (ws, ready):
         began = time.monotonic()
         ws.send(b"\x00\x00" * 160)
         event = next_event(ws)
@@ -442,7 +444,7 @@ def test_a_session_ends_before_its_wall_clock_limit_and_the_proxy_timeout(servic
     """The stream keeps sending (never idle) but lasts too long; the proxy's per-request
     timeout header shortens the session to one second before the proxy would drop it."""
     for headers, limit in [({}, 2.5), ({"x-request-timeout-seconds": "2.2"}, 1.2)]:
-        with open_stream(service, headers) as (ws, ready):
+        with open_stream(service.url, headers) as (ws, ready):
             assert ready["limits"]["max_session_s"] == limit
             began, event = time.monotonic(), None
             for _ in range(40):
@@ -469,8 +471,8 @@ def open_both(service) -> list[ClientConnection]:
     """Two streams at once, both ready (retried while earlier ones are still closing)."""
     deadline = time.monotonic() + 30
     while True:
-        held = [connect(stream_url(service, model_version="base", window_s=0.5, hop_s=0.1),
-                        open_timeout=60) for _ in range(2)]
+        held = [connect(stream_url(service.url, model_version="base", window_s=0.5,
+                                   hop_s=0.1), open_timeout=60) for _ in range(2)]
         if all(next_event(ws)["type"] == "ready" for ws in held):
             return held
         for ws in held:
@@ -485,7 +487,7 @@ def test_streams_over_the_cap_get_1013_and_dropped_ones_free_their_slot(service,
         held = open_both(service)
         for ws in held:
             ws.send(audio_bytes)  # a window is due: it runs when the client drops
-        event, closed = refused(service)
+        event, closed = refused(service.url)
         assert event["error"]["code"] == "too_many_streams" and closed == 1013
         for ws in held:
             drop(ws)
@@ -499,7 +501,8 @@ def test_a_variant_too_slow_for_the_stream_closes_with_1013(service, tight):
     try:
         raw = as_int16(tone(28.0, 16_000)).tobytes()
         for _ in range(5):
-            with open_stream(service, model_version="base", window_s=30, hop_s=10) as (ws, _):
+            with open_stream(service.url, model_version="base", window_s=30,
+                             hop_s=10) as (ws, _):
                 ws.send(raw)
                 ws.send(json.dumps({"type": "end"}))
                 events = [next_event(ws)]
