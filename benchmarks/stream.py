@@ -67,8 +67,9 @@ def row(variant: str, result: dict) -> str:
 
 
 async def most_streams(url: str, variant: str, seconds: float, rate: int, known: dict[int, dict],
-                       limit: int) -> int:
-    """The largest count that holds: doubling past the known stages, then halving the gap."""
+                       limit: int) -> str:
+    """The largest count that holds ("at least" when the limit held): doubling past the known
+    stages, then halving the gap."""
     good = max((n for n, r in known.items() if holds(r)), default=0)
     bad = min((n for n, r in known.items() if not holds(r)), default=None)
     while bad is None and good < limit:
@@ -83,7 +84,7 @@ async def most_streams(url: str, variant: str, seconds: float, rate: int, known:
         known[n] = await stage(url, variant, n, seconds, rate)
         print(row(variant, known[n]), flush=True)
         good, bad = (n, bad) if holds(known[n]) else (good, n)
-    return good
+    return f"{good}" if bad is not None else f">= {good} (--max-streams)"
 
 
 async def bench(url: str, args: argparse.Namespace) -> None:
@@ -91,7 +92,7 @@ async def bench(url: str, args: argparse.Namespace) -> None:
           "every 0.5 s (the config's defaults)")
     print(f"{'variant':<8} {'streams':>7} {'windows':>8} {'skipped':>8} {'failed':>7} "
           f"{'p50 ms':>8} {'p99 ms':>8}")
-    most: dict[str, int] = {}
+    most: dict[str, str] = {}
     for variant in args.variants.split(","):
         await stage(url, variant, 1, min(args.seconds, 3.0), args.rate)  # warm up
         known: dict[int, dict] = {}

@@ -5,6 +5,7 @@ cluster."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -312,6 +313,19 @@ def test_real_time_windows_arrive_after_their_audio_without_skips(service):
     assert result["type"] == "result" and result["audio"]["duration_s"] == 2.6
 
 
+def test_the_client_streams_at_real_time_pace(service):
+    """serve_app.stream_client (the CLI's and the benchmark's): 1.5 s of audio takes 1.5 s."""
+    from serve_app.stream_client import stream_audio
+
+    began = time.monotonic()
+    run = asyncio.run(stream_audio(service.url, tone(1.5, 16_000), 16_000, pace="realtime",
+                                   encoding="pcm_s16le", params={"model_version": "base"}))
+    assert time.monotonic() - began >= 1.5
+    assert [w["end_s"] for w in run.windows] == [0.5, 1.0, 1.5] and run.skipped == 0
+    assert all(w["lag_ms"] >= 0 for w in run.windows)
+    assert run.result["audio"]["duration_s"] == 1.5 and run.close_code == 1000
+
+
 def test_audio_faster_than_the_model_skips_to_the_newest_window(service, client):
     raw = as_int16(tone(8.0, 16_000, 190.0, 14))
     with open_stream(service.url, model_version="base") as (ws, _):
@@ -444,9 +458,9 @@ def test_a_session_ends_before_its_wall_clock_limit_and_the_proxy_timeout(servic
     """The stream keeps sending (never idle) but lasts too long; the proxy's per-request
     timeout header shortens the session to one second before the proxy would drop it."""
     for headers, limit in [({}, 2.5), ({"x-request-timeout-seconds": "2.2"}, 1.2)]:
+        began, event = time.monotonic(), None  # the session starts once the router has it
         with open_stream(service.url, headers) as (ws, ready):
             assert ready["limits"]["max_session_s"] == limit
-            began, event = time.monotonic(), None
             for _ in range(40):
                 ws.send(b"\x00\x00" * 16)
                 try:
@@ -458,7 +472,7 @@ def test_a_session_ends_before_its_wall_clock_limit_and_the_proxy_timeout(servic
                     break
             assert event and event["error"]["code"] == "session_timeout", event
             assert close_code(ws) == 1008
-            assert limit - 0.3 <= time.monotonic() - began <= limit + 1.5
+            assert limit <= time.monotonic() - began <= limit + 3
 
 
 def drop(ws: ClientConnection) -> None:
