@@ -19,10 +19,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app import audio, results, stream, upload
+from serve_app import audio, results, upload
 from serve_app.config import RouterSettings
 from serve_app.errors import ApiError
 from serve_app.metrics import RouterMetrics, StreamMetrics
+from serve_app.stream import Streams, refuse
+from serve_app.stream_protocol import StreamError, parse_params
 from serve_app.variants import Variants
 
 access_log = logging.getLogger("ray.serve.emotion2vec.access")
@@ -61,7 +63,7 @@ class Router:
         self.variants = Variants(variants)
         self.settings = RouterSettings(default_version=next(iter(variants)))
         self.metrics = RouterMetrics()
-        self.streams = stream.Streams(self.variants, StreamMetrics())
+        self.streams = Streams(self.variants, StreamMetrics())
 
     def reconfigure(self, user_config: dict) -> None:
         settings = RouterSettings.model_validate(user_config)
@@ -151,16 +153,16 @@ class Router:
 
     @api.websocket("/v1/stream")
     async def live(self, websocket: WebSocket) -> None:
-        """Live emotion: PCM in, window events out (the protocol: serve_app/stream.py)."""
+        """Live emotion: PCM in, window events out (serve_app/stream.py)."""
         started, settings = time.monotonic(), self.settings
         await websocket.accept()  # first: errors are events on the socket, then a close code
         try:
-            params = stream.parse_params(websocket.query_params, settings)
+            params = parse_params(websocket.query_params, settings)
             variant = self._resolve(params.model_version)
         except ApiError as exc:
-            return await stream.refuse(websocket, stream.StreamError.from_api(exc))
-        except stream.StreamError as exc:
-            return await stream.refuse(websocket, exc)
+            return await refuse(websocket, StreamError.from_api(exc))
+        except StreamError as exc:
+            return await refuse(websocket, exc)
         await self.streams.run(websocket, variant, params, settings,
                                upload.request_id(websocket), started)
 

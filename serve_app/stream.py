@@ -1,13 +1,12 @@
 """Live emotion over a WebSocket (`WS /v1/stream`): mono PCM in, an emotion window each time
 the stream passes a multiple of hop_s, and the whole stream's result after `{"type": "end"}`.
-
-The pure parts (parameters, PCM, the window schedule, the session's time limit) need no
-cluster; `Streams.run` is the session loop the router hands an accepted socket to.
+`Streams.run` is the session loop the router hands an accepted socket to; the protocol's pure
+parts (parameters, PCM, the window schedule, limits) are in serve_app/stream_protocol.py.
 
 Parity with POST /v1/predict: a window's samples are converted as the decoder converts a file
-of those samples (int16 / 32768, as libsndfile does; float32 as is), resampled on their own
-with the decoder's resampler, and sent through the same Variants.predict; so a window scores
-exactly as predict on a file of its samples, and the result as predict on the whole stream.
+of those samples, resampled on their own with the decoder's resampler, and sent through the
+same Variants.predict; so a window scores exactly as predict on a file of its samples, and the
+result as predict on the whole stream.
 """
 
 from __future__ import annotations
@@ -15,17 +14,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from serve_app import results
 from serve_app.audio import to_target_rate
-from serve_app.config import STREAM_HOP_S, STREAM_WINDOW_S, RouterSettings
+from serve_app.config import RouterSettings
 from serve_app.errors import ApiError
+from serve_app.stream_protocol import (INTERNAL, NORMAL, POLICY, TOO_BIG, TRY_LATER,
+                                       SampleBuffer, StreamError, StreamParams, Window,
+                                       WindowSchedule, pcm_to_float32, session_limit_s)
 
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
@@ -35,205 +36,11 @@ if TYPE_CHECKING:
 
 access_log = logging.getLogger("ray.serve.emotion2vec.access")
 
-ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
-SAMPLE_RATES = (8_000, 96_000)
-PARAMS = ("model_version", "sample_rate", "encoding", "window_s", "hop_s",
-          "api_key")  # api_key: accepted, not checked here
-# Close codes (RFC 6455): normal, policy (bad parameters or input), message too big,
-# internal error, try again later (overloaded).
-NORMAL, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1000, 1008, 1009, 1011, 1013
-# Ray Serve's proxy starts a request's clock before the router sees it: end a session this
-# much before the proxy's request timeout would drop it without a close frame.
-PROXY_MARGIN_S = 1.0
-_TIMEOUT_HEADER = "x-request-timeout-seconds"  # Ray Serve's per-request timeout override
-
-
-class StreamError(Exception):
-    """Ends a stream: an error event, then a close with `close_code`."""
-
-    def __init__(self, close_code: int, code: str, message: str):
-        super().__init__(message)
-        self.close_code, self.code, self.message = close_code, code, message
-
-    @classmethod
-    def from_api(cls, exc: ApiError) -> "StreamError":
-        """A predict-style error: bad input 1008; unavailable, overloaded or slow 1013."""
-        if 400 <= exc.status < 500:
-            return cls(POLICY, exc.code, exc.message)
-        if exc.status in (503, 504):
-            return cls(TRY_LATER, exc.code, exc.message)
-        return cls(INTERNAL, exc.code, exc.message)
-
-    def event(self) -> dict:
-        return {"type": "error", "error": {"code": self.code, "message": self.message}}
-
 
 class _Disconnected(Exception):
     """The client went away: nothing more can be sent."""
 
 
-# -- parameters -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StreamParams:
-    model_version: str | None
-    sample_rate: int
-    encoding: str
-    window_s: float
-    hop_s: float
-
-
-def _number(name: str, value: str, low: float, high: float, integer: bool = False) -> float:
-    try:
-        number = int(value) if integer else float(value)
-    except ValueError:
-        number = math.nan
-    if not (math.isfinite(number) and low <= number <= high):
-        kind = "an integer" if integer else "a number"
-        raise StreamError(POLICY, "invalid_parameter",
-                          f"{name} must be {kind} from {low:g} to {high:g}, not {value!r}")
-    return number
-
-
-def parse_params(query: Mapping[str, str], settings: RouterSettings) -> StreamParams:
-    unknown = sorted(set(query) - set(PARAMS))
-    if unknown:
-        raise StreamError(POLICY, "unknown_field",
-                          f"unknown parameters {unknown}; expected {list(PARAMS)}")
-    encoding = query.get("encoding", "pcm_s16le")
-    if encoding not in ENCODINGS:
-        raise StreamError(POLICY, "invalid_parameter",
-                          f"encoding must be one of {list(ENCODINGS)}, not {encoding!r}")
-    window_s = _number("window_s", query.get("window_s", str(settings.stream_window_s)),
-                       *STREAM_WINDOW_S)
-    hop_s = _number("hop_s", query.get("hop_s", str(settings.stream_hop_s)), *STREAM_HOP_S)
-    if hop_s > window_s:
-        raise StreamError(POLICY, "invalid_parameter",
-                          f"hop_s ({hop_s:g}) must not exceed window_s ({window_s:g})")
-    return StreamParams(
-        model_version=query.get("model_version") or None,
-        sample_rate=int(_number("sample_rate", query.get("sample_rate", "16000"),
-                                *SAMPLE_RATES, integer=True)),
-        encoding=encoding, window_s=window_s, hop_s=hop_s)
-
-
-def session_limit_s(max_session_s: float, proxy_timeout_s: float | None,
-                    headers: Mapping[str, str]) -> float:
-    """How long this session may last: the router's limit, and under the proxy's timeout for
-    this request (its http_options.request_timeout_s, or the client's own
-    x-request-timeout-seconds header, which Ray Serve lets override it; <= 0 disables it)."""
-    timeout = proxy_timeout_s
-    if _TIMEOUT_HEADER in headers:
-        try:
-            value = float(headers[_TIMEOUT_HEADER])
-            timeout = value if value > 0 else None
-        except ValueError:
-            pass  # Ray ignores a malformed header too
-    if timeout is None:
-        return max_session_s
-    return max(0.0, min(max_session_s, timeout - PROXY_MARGIN_S))
-
-
-# -- PCM --------------------------------------------------------------------------------------
-def pcm_to_float32(data: bytes, encoding: str) -> np.ndarray:
-    """One message of PCM -> float32 samples, as libsndfile reads a file of them."""
-    dtype = ENCODINGS[encoding]
-    if len(data) % dtype.itemsize:
-        raise StreamError(POLICY, "invalid_pcm", f"a {encoding} message must hold whole "
-                          f"{dtype.itemsize}-byte samples; got {len(data)} bytes")
-    samples = np.frombuffer(data, dtype=dtype)
-    if encoding == "pcm_s16le":
-        return samples.astype(np.float32) * np.float32(1 / 32768)
-    samples = samples.astype(np.float32)
-    if not np.isfinite(samples).all():
-        raise StreamError(POLICY, "invalid_samples", "the audio contains NaN or infinite samples")
-    return samples
-
-
-class SampleBuffer:
-    """All samples received so far (float32, at the client's rate), grown by doubling."""
-
-    def __init__(self) -> None:
-        self._data = np.zeros(1 << 14, np.float32)
-        self._size = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def append(self, samples: np.ndarray) -> None:
-        needed = self._size + len(samples)
-        if needed > len(self._data):
-            grown = np.zeros(max(needed, 2 * len(self._data)), np.float32)
-            grown[:self._size] = self._data[:self._size]
-            self._data = grown
-        self._data[self._size:needed] = samples
-        self._size = needed
-
-    def slice(self, start: int, end: int) -> np.ndarray:
-        return self._data[start:min(end, self._size)].copy()
-
-
-# -- the window schedule ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Window:
-    index: int       # k: the window ends at k * hop_s
-    start: int       # sample range [start, end) at the client's rate
-    end: int
-    start_s: float
-    end_s: float
-    skipped: int     # windows passed over since the previous event
-    due_at: float    # when its last sample arrived (monotonic seconds)
-
-
-class WindowSchedule:
-    """Which window is due: window k ends at sample round(k * hop_s * rate) and starts
-    window_s before (at 0 at the earliest). When inference falls behind, only the newest due
-    window runs; the ones passed over are counted into the next window's `skipped`."""
-
-    def __init__(self, sample_rate: int, window_s: float, hop_s: float):
-        self.rate, self.hop_s = sample_rate, hop_s
-        self.window = int(window_s * sample_rate + 0.5)
-        self._next = 1                            # the first window not yet due
-        self._due: list[tuple[int, float]] = []   # (k, due_at) of due windows not yet taken
-        self._carried = 0                         # skipped, not yet reported
-
-    def end_sample(self, k: int) -> int:
-        return int(k * self.hop_s * self.rate + 0.5)
-
-    def windows_in(self, samples: int) -> int:
-        """How many windows a stream of `samples` samples passes."""
-        k = int(samples / (self.hop_s * self.rate)) + 1
-        while k > 0 and self.end_sample(k) > samples:
-            k -= 1
-        return k
-
-    def advance(self, samples: int, now: float) -> None:
-        """The stream now holds `samples` samples, the last ones arrived at `now`."""
-        while self.end_sample(self._next) <= samples:
-            self._due.append((self._next, now))
-            self._next += 1
-
-    def take(self) -> Window | None:
-        """The newest due window, or None; the older due ones are skipped."""
-        if not self._due:
-            return None
-        k, due_at = self._due[-1]
-        skipped = self._carried + len(self._due) - 1
-        self._due, self._carried = [], 0
-        end = self.end_sample(k)
-        start = max(0, end - self.window)
-        return Window(k, start, end, round(start / self.rate, 6), round(end / self.rate, 6),
-                      skipped, due_at)
-
-    @property
-    def carried(self) -> int:
-        return self._carried
-
-    def drop(self, window: Window) -> None:
-        """The window could not run (the variant was at capacity): report it as skipped."""
-        self._carried += window.skipped + 1
-
-
-# -- the session ------------------------------------------------------------------------------
 @dataclass
 class _Limits:
     max_samples: int
@@ -280,13 +87,13 @@ class Streams:
             idle_timeout_s=settings.stream_idle_timeout_s,
             session_s=session_limit_s(settings.stream_max_session_s,
                                       await self.proxy_timeout_s(), websocket.headers))
-        session = _Session(websocket, self, variant, params, settings, request_id, limits,
-                           started)
         if self.open_count >= settings.max_streams:
             await refuse(websocket, StreamError(
                 TRY_LATER, "too_many_streams",
                 f"this router replica has {settings.max_streams} streams open; retry later"))
             return
+        session = _Session(websocket, self, variant, params, settings, request_id, limits,
+                           started)
         self.active[variant] = self.active.get(variant, 0) + 1
         self.metrics.set_active(variant, self.active[variant])
         try:
@@ -373,9 +180,12 @@ class _Session:
                 if not done:
                     raise self._timeout_error()
                 if inference in done:
-                    event, inference = inference.result(), None
-                    if event is not None:
+                    outcome, inference = inference.result(), None
+                    if outcome is not None:
+                        event, due_at = outcome
                         await self._send(event)
+                        self.streams.metrics.event_lag(self.variant,
+                                                       (time.monotonic() - due_at) * 1000)
                 if receive in done:
                     last_message = time.monotonic()
                     ended = self._receive(receive.result(), last_message)
@@ -390,7 +200,7 @@ class _Session:
             return StreamError(POLICY, "session_timeout",
                                f"the stream lasted over {self.limits.session_s:g} s")
         return StreamError(POLICY, "idle_timeout", "no message for "
-                           f"{self.limits.idle_timeout_s:g} s; send audio or {{\"type\": \"end\"}}")
+                           f"{self.limits.idle_timeout_s:g} s; send audio, or end the stream")
 
     async def _within_session(self, work):
         try:
@@ -453,7 +263,8 @@ class _Session:
         except ApiError as exc:
             raise StreamError.from_api(exc) from None
 
-    async def _window_event(self, window: Window) -> dict | None:
+    async def _window_event(self, window: Window) -> tuple[dict, float] | None:
+        """The window's event and when its last sample arrived; None if it was skipped."""
         try:
             out = await self._predict(self.buffer.slice(window.start, window.end))
         except StreamError as exc:
@@ -463,10 +274,11 @@ class _Session:
             return None
         self.windows += 1
         self.skipped += window.skipped
-        return {"type": "window", **results.timeline_window(
-                    out["labels"], {"start_s": window.start_s, "end_s": window.end_s,
-                                    "scores": out["scores"]}),
-                "skipped": window.skipped, "_due_at": window.due_at}
+        event = {"type": "window", **results.timeline_window(
+                     out["labels"], {"start_s": window.start_s, "end_s": window.end_s,
+                                     "scores": out["scores"]}),
+                 "skipped": window.skipped}
+        return event, window.due_at
 
     async def _result(self) -> dict:
         rate = self.params.sample_rate
@@ -486,10 +298,7 @@ class _Session:
                 "skipped": self.skipped + self.schedule.carried}
 
     async def _send(self, event: dict) -> None:
-        due_at = event.pop("_due_at", None)
         try:
             await self.ws.send_text(json.dumps(event))
         except Exception as exc:  # the socket is gone (closed by the client, or reset)
             raise _Disconnected(None) from exc
-        if due_at is not None:
-            self.streams.metrics.event_lag(self.variant, (time.monotonic() - due_at) * 1000)

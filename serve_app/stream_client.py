@@ -16,7 +16,7 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from serve_app.stream import WindowSchedule
+from serve_app.stream_protocol import WindowSchedule
 
 PACES = ("realtime", "lockstep")
 

@@ -4,7 +4,6 @@ result."""
 
 from __future__ import annotations
 
-import json
 import threading
 
 import numpy as np

@@ -90,7 +90,7 @@ def test_every_shipped_config_ends_streams_before_the_proxy_would(path):
     import yaml
 
     from serve_app.config import RouterSettings
-    from serve_app.stream import PROXY_MARGIN_S, session_limit_s
+    from serve_app.stream_protocol import PROXY_MARGIN_S, session_limit_s
 
     config = yaml.safe_load((REPO / path).read_text())
     timeout = config["http_options"]["request_timeout_s"]

@@ -21,7 +21,7 @@ import soundfile
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from serve_app import audio, stream
+from serve_app import audio, stream_protocol as protocol
 from serve_app.config import RouterSettings
 from serve_app.errors import ApiError
 from tests.clips import tone
@@ -51,14 +51,14 @@ def test_pcm_becomes_what_libsndfile_reads_from_a_file_of_it():
     floats = rng.uniform(-1, 1, 4000).astype(np.float32)
     for samples, encoding in ((ints, "pcm_s16le"), (floats, "f32le")):
         read, _ = soundfile.read(io.BytesIO(wav_bytes(samples, 16_000)), dtype="float32")
-        converted = stream.pcm_to_float32(samples.astype(samples.dtype.newbyteorder("<"))
+        converted = protocol.pcm_to_float32(samples.astype(samples.dtype.newbyteorder("<"))
                                           .tobytes(), encoding)
         assert converted.dtype == np.float32 and np.array_equal(converted, read), encoding
-    with pytest.raises(stream.StreamError, match="whole 2-byte samples") as bad:
-        stream.pcm_to_float32(b"\x00\x01\x02", "pcm_s16le")
+    with pytest.raises(protocol.StreamError, match="whole 2-byte samples") as bad:
+        protocol.pcm_to_float32(b"\x00\x01\x02", "pcm_s16le")
     assert (bad.value.close_code, bad.value.code) == (1008, "invalid_pcm")
-    with pytest.raises(stream.StreamError) as bad:
-        stream.pcm_to_float32(np.array([0.1, np.inf], "<f4").tobytes(), "f32le")
+    with pytest.raises(protocol.StreamError) as bad:
+        protocol.pcm_to_float32(np.array([0.1, np.inf], "<f4").tobytes(), "f32le")
     assert bad.value.code == "invalid_samples"
 
 
@@ -70,27 +70,27 @@ def test_windows_are_resampled_like_the_decoder_does():
 
 def test_parameters_defaults_and_bounds():
     settings = RouterSettings(stream_window_s=3.0, stream_hop_s=1.0)
-    params = stream.parse_params({}, settings)
-    assert params == stream.StreamParams(None, 16_000, "pcm_s16le", 3.0, 1.0)
-    params = stream.parse_params({"model_version": "fast", "sample_rate": "44100",
+    params = protocol.parse_params({}, settings)
+    assert params == protocol.StreamParams(None, 16_000, "pcm_s16le", 3.0, 1.0)
+    params = protocol.parse_params({"model_version": "fast", "sample_rate": "44100",
                                   "encoding": "f32le", "window_s": "1.5", "hop_s": "0.25",
                                   "api_key": "ignored"}, settings)
-    assert params == stream.StreamParams("fast", 44_100, "f32le", 1.5, 0.25)
+    assert params == protocol.StreamParams("fast", 44_100, "f32le", 1.5, 0.25)
     for query, message in [({"sample_rate": "16000.0"}, "integer"),
                            ({"sample_rate": "4000"}, "sample_rate"),
                            ({"encoding": "mp3"}, "encoding"), ({"window_s": "nan"}, "window_s"),
                            ({"window_s": "31"}, "window_s"), ({"hop_s": "0.05"}, "hop_s"),
                            ({"window_s": "1", "hop_s": "2"}, "must not exceed"),
                            ({"granularity": "frame"}, "unknown parameters")]:
-        with pytest.raises(stream.StreamError, match=message) as bad:
-            stream.parse_params(query, settings)
+        with pytest.raises(protocol.StreamError, match=message) as bad:
+            protocol.parse_params(query, settings)
         assert bad.value.close_code == 1008, query
     with pytest.raises(ValueError, match="stream_hop_s"):
         RouterSettings(stream_window_s=1.0, stream_hop_s=2.0)
 
 
 def test_window_schedule_rounds_to_samples_and_accounts_for_skips():
-    schedule = stream.WindowSchedule(22_050, window_s=1.0, hop_s=0.25)
+    schedule = protocol.WindowSchedule(22_050, window_s=1.0, hop_s=0.25)
     # hop_s * rate = 5512.5 samples: ends are rounded half up, each from k * hop, not summed.
     assert [schedule.end_sample(k) for k in range(1, 6)] == [5513, 11025, 16538, 22050, 27563]
     assert schedule.windows_in(5512) == 0 and schedule.windows_in(27563) == 5
@@ -115,13 +115,13 @@ def test_window_schedule_rounds_to_samples_and_accounts_for_skips():
 
 
 def test_session_limit_follows_the_proxy_timeout_and_its_header():
-    assert stream.session_limit_s(55, None, {}) == 55
-    assert stream.session_limit_s(55, 60, {}) == 55
-    assert stream.session_limit_s(55, 30, {}) == 29  # one second before the proxy drops it
+    assert protocol.session_limit_s(55, None, {}) == 55
+    assert protocol.session_limit_s(55, 60, {}) == 55
+    assert protocol.session_limit_s(55, 30, {}) == 29  # one second before the proxy drops it
     header = "x-request-timeout-seconds"
-    assert stream.session_limit_s(55, 60, {header: "10"}) == 9
-    assert stream.session_limit_s(55, 30, {header: "0"}) == 55  # the client disabled it
-    assert stream.session_limit_s(55, 30, {header: "soon"}) == 29  # ignored, as Ray does
+    assert protocol.session_limit_s(55, 60, {header: "10"}) == 9
+    assert protocol.session_limit_s(55, 30, {header: "0"}) == 55  # the client disabled it
+    assert protocol.session_limit_s(55, 30, {header: "soon"}) == 29  # ignored, as Ray does
 
 
 def test_api_errors_map_to_close_codes():
@@ -129,13 +129,13 @@ def test_api_errors_map_to_close_codes():
                                      (422, "invalid_audio", 1008), (503, "overloaded", 1013),
                                      (503, "model_unavailable", 1013),
                                      (504, "model_timeout", 1013), (500, "bug", 1011)]:
-        error = stream.StreamError.from_api(ApiError(status, code, "x"))
+        error = protocol.StreamError.from_api(ApiError(status, code, "x"))
         assert (error.close_code, error.code) == (close_code, code)
         assert error.event() == {"type": "error", "error": {"code": code, "message": "x"}}
 
 
 def test_sample_buffer_grows_and_slices():
-    buffer = stream.SampleBuffer()
+    buffer = protocol.SampleBuffer()
     chunks = [np.arange(n, dtype=np.float32) for n in (10_000, 30_000, 7)]
     for chunk in chunks:
         buffer.append(chunk)
@@ -196,7 +196,7 @@ def lockstep(ws: ClientConnection, raw: np.ndarray, rate: int, hop_s: float) -> 
     """Send the audio up to each window's end, waiting for that window's event before the
     next (as fast as the service answers, so none is skipped); then the rest and `end`.
     The window events, then the result."""
-    schedule = stream.WindowSchedule(rate, 1.0, hop_s)
+    schedule = protocol.WindowSchedule(rate, 1.0, hop_s)
     events, sent = [], 0
     for k in range(1, schedule.windows_in(len(raw)) + 1):
         end = schedule.end_sample(k)
