@@ -56,6 +56,16 @@ async function toWav(blob) {
   }
 }
 
+// The microphone's stream, or null (and the reason shown) when it is not available.
+async function openMicrophone() {
+  try {
+    return await navigator.mediaDevices.getUserMedia({ audio: true });
+  } catch (err) {
+    showError(`The microphone is not available: ${err.message}`);
+    return null;
+  }
+}
+
 let recorder = null;
 async function toggleRecording() {
   const button = $("record");
@@ -63,13 +73,8 @@ async function toggleRecording() {
     recorder.stop();
     return;
   }
-  let stream;
-  try {
-    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
-  } catch (err) {
-    showError(`The microphone is not available: ${err.message}`);
-    return;
-  }
+  const stream = await openMicrophone();
+  if (!stream) return;
   const chunks = [];
   recorder = new MediaRecorder(stream);
   recorder.ondataavailable = (event) => chunks.push(event.data);

@@ -1,6 +1,6 @@
 // The page's live mode: the microphone -> 16-bit PCM -> WS /v1/stream; each window event is
 // added to a scrolling timeline, and the stream's result is shown as a prediction is.
-// Uses app.js's helpers ($, drawTimeline, render, showError, hideError).
+// Uses app.js's helpers ($, openMicrophone, drawTimeline, render, showError, hideError).
 "use strict";
 
 const LIVE_SPAN_S = 20;     // the live timeline shows the last 20 s
@@ -33,13 +33,8 @@ function liveStatus(text) { $("live-status").textContent = text; }
 
 async function startLive() {
   hideError();
-  let media;
-  try {
-    media = await navigator.mediaDevices.getUserMedia({ audio: true });
-  } catch (err) {
-    showError(`The microphone is not available: ${err.message}`);
-    return;
-  }
+  const media = await openMicrophone();
+  if (!media) return;
   const context = new AudioContext();
   const capture = URL.createObjectURL(new Blob([CAPTURE], { type: "text/javascript" }));
   await context.audioWorklet.addModule(capture);
