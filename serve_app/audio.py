@@ -89,7 +89,12 @@ def _decode(data: bytes, max_duration_s: float, min_duration_s: float) -> Decode
                        f"the audio lasts {duration * 1000:.0f} ms; at least "
                        f"{min_duration_s * 1000:.0f} ms are needed")
     mono = samples.mean(axis=1, dtype=np.float32) if channels > 1 else samples[:, 0]
+    return DecodedAudio(to_target_rate(mono, rate), duration, rate, channels, fmt)
+
+
+def to_target_rate(mono: np.ndarray, rate: int) -> np.ndarray:
+    """float32 mono at `rate` -> contiguous float32 at TARGET_SR. The stream resamples its
+    windows with this too, so that a window scores as a file of the same samples would."""
     if rate != TARGET_SR:
         mono = soxr.resample(mono, rate, TARGET_SR, quality="HQ").astype(np.float32, copy=False)
-    return DecodedAudio(np.ascontiguousarray(mono, dtype=np.float32), duration, rate,
-                        channels, fmt)
+    return np.ascontiguousarray(mono, dtype=np.float32)

@@ -1,4 +1,5 @@
 """`emotion2vec-serve predict`: send audio files to a running service and collect the results.
+(`emotion2vec-serve stream FILE` streams one file over WS /v1/stream: see `stream --help`.)
 
 Directories are searched (recursively) for audio files; requests go out concurrently; a
 variant that answers 503 (loading, overloaded) is asked again after an exponential backoff
@@ -179,6 +180,69 @@ def summary(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
+STREAM_DOC = """Stream one audio file to WS /v1/stream and print the emotion windows as they
+arrive, then the result for the whole file. The file is decoded here (soundfile; channels
+averaged) and sent as float32 PCM at its own sample rate, at real-time pace; --fast sends each
+window's audio as soon as the previous window's event has come back (no window is skipped).
+Exit status 1 if the service answered with an error."""
+
+
+def format_event(event: dict) -> str | None:
+    """One line for a person: a window, the result, or an error; None for the rest."""
+    if event["type"] == "window":
+        line = (f"{event['start_s']:7.2f}-{event['end_s']:7.2f} s  {event['emotion']:<10} "
+                f"{event['confidence']:.3f}")
+        if "lag_ms" in event:
+            line += f"  lag {event['lag_ms']:.0f} ms"
+        return line + (f"  ({event['skipped']} skipped)" if event.get("skipped") else "")
+    if event["type"] == "ready":
+        return (f"streaming to {event['model_version']}: {event['sample_rate']} Hz, "
+                f"{event['window_s']:g} s windows every {event['hop_s']:g} s")
+    if event["type"] == "result":
+        return (f"result: {event['emotion']} {event['confidence']:.3f} over "
+                f"{event['audio']['duration_s']:g} s ({event['model_version']}; "
+                f"{event['windows']} windows, {event['skipped']} skipped)")
+    if event["type"] == "error":
+        return f"error: {event['error']['code']}: {event['error']['message']}"
+    return None
+
+
+def stream_main(args: argparse.Namespace) -> int:
+    import numpy as np
+    import soundfile
+
+    from serve_app.stream_client import stream_audio
+
+    try:
+        samples, rate = soundfile.read(args.file, dtype="float32", always_2d=True)
+    except (RuntimeError, ValueError) as exc:  # libsndfile's errors are RuntimeErrors
+        print(f"error: cannot decode {args.file}: {exc}", file=sys.stderr)
+        return 1
+    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+
+    def show(event: dict) -> None:
+        line = json.dumps(event) if args.jsonl else format_event(event)
+        if line is not None:
+            print(line, flush=True)
+
+    params = {"model_version": args.model_version, "window_s": args.window_s,
+              "hop_s": args.hop_s}
+    try:
+        run = asyncio.run(stream_audio(
+            args.url, mono, int(rate), params=params, on_event=show,
+            pace="lockstep" if args.fast else "realtime", chunk_s=args.chunk_s,
+            timeout_s=args.timeout))
+    except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if run.result is None:
+        if run.error is None:
+            print(f"error: the stream closed with code {run.close_code} and no result",
+                  file=sys.stderr)
+        return 1
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emotion2vec-serve",
                                      description="Client of an emotion2vec-serve service.")
@@ -202,12 +266,35 @@ def _parser() -> argparse.ArgumentParser:
                          help="first retry delay in seconds, doubled each time")
     predict.add_argument("--max-backoff", type=float, default=30.0, help="longest retry delay")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    live = commands.add_parser("stream", help="stream one audio file and print the emotion "
+                               "windows as they arrive", description=STREAM_DOC)
+    live.add_argument("file", metavar="FILE")
+    live.add_argument("--url", default="http://127.0.0.1:8000", help="the service")
+    live.add_argument("--model-version", default=None,
+                      help="a variant or an alias; default: the service's default")
+    live.add_argument("--window-s", type=float, default=None,
+                      help="window length; default: the service's")
+    live.add_argument("--hop-s", type=float, default=None,
+                      help="one window each hop; default: the service's")
+    live.add_argument("--fast", action="store_true",
+                      help="do not wait for real time: send as fast as windows come back")
+    live.add_argument("--chunk-s", type=float, default=0.1,
+                      help="audio per message at real-time pace")
+    live.add_argument("--jsonl", action="store_true", help="print the events as JSON lines")
+    live.add_argument("--timeout", type=float, default=60.0,
+                      help="seconds to wait for the service at each step")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "stream":
+        if not Path(args.file).is_file():
+            parser.error(f"no such file: {args.file}")
+        if args.chunk_s <= 0 or args.timeout <= 0:
+            parser.error("--chunk-s and --timeout must be positive")
+        return stream_main(args)
     if args.concurrency < 1 or args.tries < 1 or args.timeout <= 0:
         parser.error("--concurrency and --tries must be at least 1, --timeout positive")
     if args.out != "-" and Path(args.out).suffix.lower() not in (".jsonl", ".csv"):

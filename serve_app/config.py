@@ -19,6 +19,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ROUTER_NAME = "Router"
+# WS /v1/stream: the range a stream's window_s and hop_s may take (per stream or as defaults).
+STREAM_WINDOW_S = (0.5, 30.0)
+STREAM_HOP_S = (0.1, 10.0)
+# The Serve proxy (uvicorn) refuses WebSocket messages over 16 MiB itself.
+PROXY_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 class _Strict(BaseModel):
@@ -99,6 +104,26 @@ class RouterSettings(_Strict):
     min_duration_s: float = Field(default=0.1, ge=0.025)
     model_timeout_s: float = Field(default=60.0, gt=0, description="wait on a variant")
     output_dir: str | None = Field(default=None, description="save each result here")
+    # WS /v1/stream (serve_app/stream.py). A session is also bounded by the proxy's
+    # http_options.request_timeout_s, counted from the handshake: keep stream_max_session_s
+    # under it, so that a stream ends with an error event rather than a dropped connection.
+    stream_window_s: float = Field(default=2.0, ge=STREAM_WINDOW_S[0], le=STREAM_WINDOW_S[1])
+    stream_hop_s: float = Field(default=0.5, ge=STREAM_HOP_S[0], le=STREAM_HOP_S[1])
+    stream_max_s: float = Field(default=45.0, gt=0, description="longest stream in seconds "
+                                "of audio (at most max_duration_s: the result is a predict)")
+    stream_max_session_s: float = Field(default=55.0, gt=0,
+                                        description="longest stream, wall clock")
+    stream_idle_timeout_s: float = Field(default=10.0, gt=0,
+                                         description="close a stream silent this long")
+    stream_max_message_bytes: int = Field(default=1024 * 1024, ge=1024,
+                                          le=PROXY_MAX_MESSAGE_BYTES)
+    max_streams: int = Field(default=16, ge=1, description="open streams per router replica")
+
+    @model_validator(mode="after")
+    def _stream_hop(self) -> "RouterSettings":
+        if self.stream_hop_s > self.stream_window_s:
+            raise ValueError("stream_hop_s must not exceed stream_window_s")
+        return self
 
     def resolve(self, requested: str | None, variants: list[str]) -> str | None:
         """The variant for a requested model_version (alias or name), or None if unknown."""

@@ -66,3 +66,28 @@ class ModelMetrics:
     def forward(self, latency_ms: float, batch_size: int) -> None:
         self.inference.observe(latency_ms, tags=self.tags)
         self.batch_size.observe(batch_size, tags=self.tags)
+
+
+class StreamMetrics:
+    """Recorded by the router for WS /v1/stream."""
+
+    def __init__(self) -> None:
+        self.active = metrics.Gauge(
+            "emotion2vec_streams_active", description="Open streams in this router replica",
+            tag_keys=("variant",))
+        self.audio_seconds = metrics.Counter(
+            "emotion2vec_stream_audio_seconds_total", description="Seconds of audio received "
+            "on streams", tag_keys=("variant",))
+        self.lag = metrics.Histogram(
+            "emotion2vec_stream_event_lag_ms", description="From a window's last sample "
+            "arriving in the router to its event leaving", boundaries=_LATENCY_MS,
+            tag_keys=("variant",))
+
+    def set_active(self, variant: str, count: int) -> None:
+        self.active.set(count, tags={"variant": variant})
+
+    def streamed(self, variant: str, seconds: float) -> None:
+        self.audio_seconds.inc(seconds, tags={"variant": variant})
+
+    def event_lag(self, variant: str, lag_ms: float) -> None:
+        self.lag.observe(lag_ms, tags={"variant": variant})

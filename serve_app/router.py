@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
@@ -22,14 +22,16 @@ from ray.serve.handle import DeploymentHandle
 from serve_app import audio, results, upload
 from serve_app.config import RouterSettings
 from serve_app.errors import ApiError
-from serve_app.metrics import RouterMetrics
+from serve_app.metrics import RouterMetrics, StreamMetrics
+from serve_app.stream import Streams, refuse
+from serve_app.stream_protocol import StreamError, parse_params
 from serve_app.variants import Variants
 
 access_log = logging.getLogger("ray.serve.emotion2vec.access")
 
 # The web page (serve_app/web, installed as package data): served as files, no build step.
 WEB_DIR = Path(__file__).resolve().parent / "web"
-WEB_ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+WEB_ASSETS = {"app.js": "text/javascript", "live.js": "text/javascript", "style.css": "text/css"}
 _NO_CACHE = {"Cache-Control": "no-cache"}  # a redeploy with a new page shows at once
 
 api = FastAPI(
@@ -61,6 +63,7 @@ class Router:
         self.variants = Variants(variants)
         self.settings = RouterSettings(default_version=next(iter(variants)))
         self.metrics = RouterMetrics()
+        self.streams = Streams(self.variants, StreamMetrics())
 
     def reconfigure(self, user_config: dict) -> None:
         settings = RouterSettings.model_validate(user_config)
@@ -147,6 +150,21 @@ class Router:
             await asyncio.to_thread(results.save_result, settings.output_dir, request_id, result,
                                     out["embedding"] if extract_embedding else None)
         return JSONResponse(result)
+
+    @api.websocket("/v1/stream")
+    async def live(self, websocket: WebSocket) -> None:
+        """Live emotion: PCM in, window events out (serve_app/stream.py)."""
+        started, settings = time.monotonic(), self.settings
+        await websocket.accept()  # first: errors are events on the socket, then a close code
+        try:
+            params = parse_params(websocket.query_params, settings)
+            variant = self._resolve(params.model_version)
+        except ApiError as exc:
+            return await refuse(websocket, StreamError.from_api(exc))
+        except StreamError as exc:
+            return await refuse(websocket, exc)
+        await self.streams.run(websocket, variant, params, settings,
+                               upload.request_id(websocket), started)
 
     @api.get("/v1/models", summary="Variants, their state and the version mapping")
     async def models(self) -> dict:

@@ -1,63 +1,100 @@
-"""Dynamic batching in the deployed service: concurrent requests of mixed lengths run as
-padded batches, and each answer equals FunASR's single-clip result."""
+"""Dynamic batching in the deployed service: concurrent requests of mixed lengths, and the
+windows of concurrent streams, run as padded batches, and each answer equals the single-clip
+result."""
 
 from __future__ import annotations
 
 import threading
 
 import numpy as np
+import pytest
 import soundfile
 
 from serve_app import audio
 from tests.test_lifecycle import Client, make_app, tiny
+from tests.test_stream import assert_scores_equal, lockstep, open_stream, predicted
+
+BATCHING = {"max_batch_size": 8, "batch_wait_timeout_s": 0.2}
 
 
-def test_concurrent_requests_are_batched_and_match_funasr(cluster, tmp_path_factory,
-                                                         funasr_models):
+@pytest.fixture(scope="module")
+def batched(cluster, tmp_path_factory):
+    """base and large with batching on: base for predict requests, large for streams."""
     root = tmp_path_factory.mktemp("batched")
-    app = make_app(root, name="batched", prefix="/batched", variants=("base",),
-                   base={**tiny(root, 8), "max_batch_size": 8, "batch_wait_timeout_s": 0.2})
+    app = make_app(root, name="batched", prefix="/batched", variants=("base", "large"),
+                   base={**tiny(root, 8), **BATCHING}, large={**tiny(root, 9), **BATCHING})
     cluster.put(app)
-    try:
-        assert cluster.wait_for("batched", ("RUNNING", "DEPLOY_FAILED")).status == "RUNNING"
-        client = Client(cluster.url, "/batched")
-        clips = []
-        for index, seconds in enumerate([0.4, 1.0, 1.37, 2.0, 2.9, 3.3, 4.1, 5.0]):
-            t = np.arange(int(seconds * 16_000)) / 16_000
-            samples = (0.2 * np.sin(2 * np.pi * (150 + 40 * index) * t)).astype(np.float32)
-            path = root / f"clip{index}.wav"
-            soundfile.write(path, samples, 16_000, subtype="FLOAT")
-            clips.append(path)
-        answers: dict[int, dict] = {}
+    assert cluster.wait_for("batched", ("RUNNING", "DEPLOY_FAILED")).status == "RUNNING"
+    yield root, Client(cluster.url, "/batched")
+    cluster.remove("batched")
 
-        def send(index: int) -> None:
-            response = client.predict(clips[index], extract_embedding="true",
-                                      granularity="frame")
-            answers[index] = response.json() if response.status_code == 200 else {
-                "error": response.text}
 
-        senders = [threading.Thread(target=send, args=(i,)) for i in range(len(clips))]
-        for sender in senders:
-            sender.start()
-        for sender in senders:
-            sender.join(timeout=120)
-        info = client.variant("base")
-        assert info["largest_batch"] > 1, info
-        model = funasr_models(root / "tiny-seed8")
-        for index, path in enumerate(clips):
-            body = answers[index]
-            assert "error" not in body, body
-            decoded = audio.decode(path.read_bytes(), max_duration_s=60, min_duration_s=0.1)
-            expected = model.generate(decoded.waveform, granularity="frame",
-                                      extract_embedding=True)[0]
-            np.testing.assert_allclose(list(body["scores"].values()), expected["scores"],
-                                       atol=1e-4, rtol=0)
-            np.testing.assert_allclose(body["embedding"], expected["feats"], atol=1e-4, rtol=0)
+def test_concurrent_requests_are_batched_and_match_funasr(cluster, batched, funasr_models):
+    root, client = batched
+    clips = []
+    for index, seconds in enumerate([0.4, 1.0, 1.37, 2.0, 2.9, 3.3, 4.1, 5.0]):
+        t = np.arange(int(seconds * 16_000)) / 16_000
+        samples = (0.2 * np.sin(2 * np.pi * (150 + 40 * index) * t)).astype(np.float32)
+        path = root / f"clip{index}.wav"
+        soundfile.write(path, samples, 16_000, subtype="FLOAT")
+        clips.append(path)
+    answers: dict[int, dict] = {}
 
-        # Batch settings change live: no reload.
-        cluster.put(make_app(root, name="batched", prefix="/batched", variants=("base",),
-                             base={**tiny(root, 8), "max_batch_size": 1}))
-        changed = client.wait("base", lambda i: i["max_batch_size"] == 1, timeout_s=60)
-        assert changed["load_count"] == info["load_count"]
-    finally:
-        cluster.remove("batched")
+    def send(index: int) -> None:
+        response = client.predict(clips[index], extract_embedding="true",
+                                  granularity="frame", model_version="base")
+        answers[index] = response.json() if response.status_code == 200 else {
+            "error": response.text}
+
+    senders = [threading.Thread(target=send, args=(i,)) for i in range(len(clips))]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(timeout=120)
+    info = client.variant("base")
+    assert info["largest_batch"] > 1, info
+    model = funasr_models(root / "tiny-seed8")
+    for index, path in enumerate(clips):
+        body = answers[index]
+        assert "error" not in body, body
+        decoded = audio.decode(path.read_bytes(), max_duration_s=60, min_duration_s=0.1)
+        expected = model.generate(decoded.waveform, granularity="frame",
+                                  extract_embedding=True)[0]
+        np.testing.assert_allclose(list(body["scores"].values()), expected["scores"],
+                                   atol=1e-4, rtol=0)
+        np.testing.assert_allclose(body["embedding"], expected["feats"], atol=1e-4, rtol=0)
+
+    # Batch settings change live: no reload.
+    cluster.put(make_app(root, name="batched", prefix="/batched", variants=("base", "large"),
+                         base={**tiny(root, 8), "max_batch_size": 1},
+                         large={**tiny(root, 9), **BATCHING}))
+    changed = client.wait("base", lambda i: i["max_batch_size"] == 1, timeout_s=60)
+    assert changed["load_count"] == info["load_count"]
+
+
+def test_windows_of_concurrent_streams_share_padded_batches(cluster, batched):
+    """Four streams in lock-step at once: their windows meet in the variant's batches, and
+    each window still equals predict on its own samples."""
+    _, client = batched
+    assert client.variant("large")["largest_batch"] == 0  # nothing has run on large yet
+    raws = [np.round(0.3 * np.sin(2 * np.pi * (170 + 30 * i) * np.arange(24_000) / 16_000)
+                     * 32767).astype(np.int16) for i in range(4)]
+    events: dict[int, list[dict]] = {}
+
+    def run(index: int) -> None:
+        with open_stream(cluster.url + "/batched", model_version="large", window_s=1.0,
+                         hop_s=0.5) as (ws, _):
+            events[index] = lockstep(ws, raws[index], 16_000, 0.5)
+
+    streams = [threading.Thread(target=run, args=(i,)) for i in range(len(raws))]
+    for thread in streams:
+        thread.start()
+    for thread in streams:
+        thread.join(timeout=120)
+    assert client.variant("large")["largest_batch"] > 1
+    for index, raw in enumerate(raws):
+        *windows, result = events[index]
+        assert [w["end_s"] for w in windows] == [0.5, 1.0, 1.5] and result["type"] == "result"
+        for window in windows:
+            start, end = round(window["start_s"] * 16_000), round(window["end_s"] * 16_000)
+            assert_scores_equal(window, predicted(client.http, raw[start:end], 16_000, "large"))

@@ -128,6 +128,62 @@ def test_usage_errors(tmp_path):
     assert run_cli(str(tmp_path), "--out", "results.txt").returncode == 2
 
 
+# -- stream ------------------------------------------------------------------------------------
+def run_stream(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serve_app.cli", "stream", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_stream_fast_prints_windows_and_the_result_of_predict(service, client, clips):
+    """A 44.1 kHz stereo FLAC, decoded by the CLI and streamed as float32: the windows and the
+    result equal predict on the same samples (the result: on the file itself)."""
+    import numpy as np
+    import soundfile
+
+    from tests.test_stream import assert_scores_equal, predicted
+
+    path = clips["stereo_44k_flac"]
+    done = run_stream(str(path), "--url", service.url, "--model-version", "base", "--fast",
+                      "--jsonl", "--window-s", "1", "--hop-s", "0.5")
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [e["type"] for e in events] == ["ready", "window", "window", "window", "result"]
+    stereo, rate = soundfile.read(path, dtype="float32")
+    mono = stereo.mean(axis=1, dtype=np.float32)
+    for window in events[1:-1]:
+        assert window["skipped"] == 0 and window["lag_ms"] >= 0
+        samples = mono[round(window["start_s"] * rate):round(window["end_s"] * rate)]
+        assert_scores_equal(window, predicted(client, samples, rate, "base"))
+    assert [w["end_s"] for w in events[1:-1]] == [0.5, 1.0, 1.5]
+    result = events[-1]
+    response = client.post("/v1/predict", files={"file": (path.name, path.read_bytes())},
+                           data={"model_version": "base"})
+    assert_scores_equal(result, response.json())
+    assert result["audio"]["sample_rate"] == 44_100
+
+
+def test_stream_at_real_time_pace_prints_lines(service, clips):
+    done = run_stream(str(clips["tone_8k_24bit_wav"]), "--url", service.url)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "streaming to large: 8000 Hz, 2 s windows every 0.5 s"
+    assert [line.split(" s ")[0].split() for line in lines[1:3]] == [["0.00-", "0.50"],
+                                                                    ["0.00-", "1.00"]]
+    assert all(" lag " in line and line.split()[3] in EMOTIONS for line in lines[1:3])
+    assert lines[3].startswith("result: ") and "over 1 s (large; 2 windows, 0 skipped)" in lines[3]
+
+
+def test_stream_errors_exit_non_zero(service, clips, tmp_path):
+    done = run_stream(str(clips["tone_16k_mono_wav"]), "--url", service.url,
+                      "--model-version", "huge", "--fast")
+    assert done.returncode == 1
+    assert done.stdout.startswith("error: unknown_model_version: unknown model_version 'huge'")
+    assert run_stream(str(tmp_path / "missing.wav")).returncode == 2
+    (tmp_path / "notes.wav").write_text("not audio")
+    done = run_stream(str(tmp_path / "notes.wav"), "--url", service.url)
+    assert done.returncode == 1 and "cannot decode" in done.stderr
+
+
 # -- retries -----------------------------------------------------------------------------------
 def test_backoff_delay():
     assert [backoff_delay(a, None, 0.5, 30) for a in range(4)] == [0.5, 1.0, 2.0, 4.0]

@@ -96,3 +96,27 @@ def test_grafana_dashboard_charts_only_metrics_the_service_exports():
     source = (REPO / "serve_app" / "metrics.py").read_text()
     recorded = set(re.findall(r'"(emotion2vec_[a-z_]+)"', source))
     assert queried == recorded, (queried ^ recorded)
+
+
+@pytest.mark.parametrize("path", ["deploy.yaml", "configs/cpu.yaml", "configs/single-gpu.yaml",
+                                  "configs/tiny.yaml"])
+def test_every_shipped_config_ends_streams_before_the_proxy_would(path):
+    """Ray Serve's proxy bounds every request, a WebSocket session included, by
+    http_options.request_timeout_s from its start, and then drops the connection without a
+    close frame. A stream must end (with an error event) first; and the open streams, each
+    one of the router's ongoing requests, must leave room for plain HTTP requests."""
+    import yaml
+
+    from serve_app.config import RouterSettings
+    from serve_app.stream_protocol import PROXY_MARGIN_S, session_limit_s
+
+    config = yaml.safe_load((REPO / path).read_text())
+    timeout = config["http_options"]["request_timeout_s"]
+    router = next(d for d in load_app(REPO / path)["deployments"] if d["name"] == "Router")
+    settings = RouterSettings.model_validate(router["user_config"])
+    assert settings.stream_max_session_s <= timeout - PROXY_MARGIN_S
+    assert session_limit_s(settings.stream_max_session_s, timeout, {}) == \
+        settings.stream_max_session_s
+    # A real-time stream of the longest audio allowed fits in its session.
+    assert min(settings.stream_max_s, settings.max_duration_s) < settings.stream_max_session_s
+    assert settings.max_streams < router["max_ongoing_requests"]

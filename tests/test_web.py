@@ -35,6 +35,9 @@ def test_page_and_assets_are_served(client):
     script = client.get("/web/app.js")
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
     assert "function encodeWav" in script.text
+    live = client.get("/web/live.js")
+    assert live.status_code == 200 and "/v1/stream" in live.text
+    assert '<script src="/web/live.js">' in page.text
     assert client.get("/web/style.css").headers["content-type"].startswith("text/css")
     for bad in ("/web/index.htm", "/web/..%2Frouter.py", "/web/router.py"):
         response = client.get(bad)
@@ -167,6 +170,34 @@ def test_microphone_recording_is_sent_as_wav(page):
     assert body["audio"]["sample_rate"] == 16_000 and body["audio"]["channels"] == 1
     assert 1.0 <= body["audio"]["duration_s"] <= 3.0
     assert page.text_content("#emotion") in EMOTIONS
+
+
+def test_live_mode_streams_the_microphone_and_draws_the_windows(page):
+    """The fake microphone (a beep) streamed at the browser's own sample rate: window events
+    arrive while it records, the timeline scrolls in, and Stop shows the stream's result."""
+    page.select_option("#model-version", "base")
+    page.click("#live")
+    page.wait_for_selector("#live.recording")
+    page.wait_for_function("document.querySelectorAll('#live-timeline circle.point').length >= 3")
+    assert page.text_content("#live-emotion").split(" ")[0] in EMOTIONS
+    assert page.text_content("#live-status").endswith("0 skipped")
+    page.click("#live")
+    page.wait_for_selector("#result:not([hidden])")
+    page.wait_for_selector("#live:not(.recording)")
+    body = json.loads(page.text_content("#raw"))
+    assert body["type"] == "result" and body["model_version"] == "base"
+    rate = page.evaluate("() => { const c = new AudioContext(); const r = c.sampleRate; "
+                         "c.close(); return r; }")
+    assert body["audio"] == {"duration_s": body["audio"]["duration_s"], "sample_rate": rate,
+                             "channels": 1, "format": "pcm_s16le"}
+    assert body["audio"]["duration_s"] >= 1.5 and body["windows"] >= 3
+    assert page.locator("#live-timeline circle.point").count() == body["windows"]
+    assert page.locator("#live-legend span").count() == len(EMOTIONS)
+    assert page.text_content("#emotion") == body["emotion"]
+    assert page.is_hidden("#error")
+    assert page.text_content("#live-status").endswith("closed")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-live.png"), full_page=True)
 
 
 def test_errors_are_shown(page, tmp_path):

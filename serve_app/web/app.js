@@ -1,4 +1,5 @@
 // The page's logic: pick or record audio, call POST /v1/predict, draw the answer as SVG.
+// The live mode (the microphone streamed to WS /v1/stream) is in live.js.
 // Plain browser JavaScript, no build step and nothing fetched from elsewhere.
 "use strict";
 
@@ -55,6 +56,16 @@ async function toWav(blob) {
   }
 }
 
+// The microphone's stream, or null (and the reason shown) when it is not available.
+async function openMicrophone() {
+  try {
+    return await navigator.mediaDevices.getUserMedia({ audio: true });
+  } catch (err) {
+    showError(`The microphone is not available: ${err.message}`);
+    return null;
+  }
+}
+
 let recorder = null;
 async function toggleRecording() {
   const button = $("record");
@@ -62,13 +73,8 @@ async function toggleRecording() {
     recorder.stop();
     return;
   }
-  let stream;
-  try {
-    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
-  } catch (err) {
-    showError(`The microphone is not available: ${err.message}`);
-    return;
-  }
+  const stream = await openMicrophone();
+  if (!stream) return;
   const chunks = [];
   recorder = new MediaRecorder(stream);
   recorder.ondataavailable = (event) => chunks.push(event.data);
@@ -168,11 +174,14 @@ function drawBars(svg, scores, best) {
   });
 }
 
-function drawTimeline(svg, windows) {
+// span: draw only the last `span` seconds (the live view scrolls); 0: everything.
+function drawTimeline(svg, allWindows, legend, span = 0) {
   const width = 600, height = 240, left = 36, right = 24, top = 10, strip = 14, bottom = 36;
   const plotBottom = height - bottom - strip - 6;
-  const end = Math.max(...windows.map((w) => w.end_s), 0.02);
-  const x = (t) => left + (t / end) * (width - left - right);
+  const end = Math.max(...allWindows.map((w) => w.end_s), span, 0.02);
+  const begin = span ? end - span : 0;
+  const windows = allWindows.filter((w) => w.end_s > begin);
+  const x = (t) => left + (Math.max(t, begin) - begin) / (end - begin) * (width - left - right);
   const y = (v) => top + (1 - v) * (plotBottom - top);
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.replaceChildren();
@@ -181,9 +190,9 @@ function drawTimeline(svg, windows) {
   for (const v of [0, 0.5, 1]) {
     svg.append(el("text", { x: left - 4, y: y(v) + 4, "text-anchor": "end" }, v.toFixed(1)));
   }
-  const ticks = Math.min(10, Math.ceil(end));
+  const ticks = Math.min(10, Math.ceil(end - begin));
   for (let i = 0; i <= ticks; i++) {
-    const t = (end * i) / ticks;
+    const t = begin + ((end - begin) * i) / ticks;
     svg.append(el("text", { x: x(t), y: height - 6, "text-anchor": "middle" }, `${t.toFixed(1)} s`));
   }
   const centre = (w) => (w.start_s + w.end_s) / 2;
@@ -206,7 +215,7 @@ function drawTimeline(svg, windows) {
     band.append(el("title", {}, `${w.start_s}–${w.end_s} s: ${w.emotion} ${w.confidence.toFixed(2)}`));
     svg.append(band);
   });
-  $("legend").replaceChildren(...Object.keys(windows[0].scores).map((name) => {
+  legend.replaceChildren(...Object.keys(windows[0].scores).map((name) => {
     const item = document.createElement("span");
     item.style.setProperty("--c", COLORS[name] || "#888");
     item.textContent = name;
@@ -239,7 +248,7 @@ function render(body) {
   drawBars($("bars"), body.scores, body.emotion);
   const hasTimeline = Array.isArray(body.timeline) && body.timeline.length > 0;
   $("timeline-box").hidden = !hasTimeline;
-  if (hasTimeline) drawTimeline($("timeline"), body.timeline);
+  if (hasTimeline) drawTimeline($("timeline"), body.timeline, $("legend"));
   drawModel(body);
   // The page shows embeddings shortened (they can be megabytes); the download has all of it.
   const shown = { ...body };

@@ -1,0 +1,304 @@
+"""Live emotion over a WebSocket (`WS /v1/stream`): mono PCM in, an emotion window each time
+the stream passes a multiple of hop_s, and the whole stream's result after `{"type": "end"}`.
+`Streams.run` is the session loop the router hands an accepted socket to; the protocol's pure
+parts (parameters, PCM, the window schedule, limits) are in serve_app/stream_protocol.py.
+
+Parity with POST /v1/predict: a window's samples are converted as the decoder converts a file
+of those samples, resampled on their own with the decoder's resampler, and sent through the
+same Variants.predict; so a window scores exactly as predict on a file of its samples, and the
+result as predict on the whole stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from serve_app import results
+from serve_app.audio import to_target_rate
+from serve_app.config import RouterSettings
+from serve_app.errors import ApiError
+from serve_app.stream_protocol import (INTERNAL, NORMAL, POLICY, TOO_BIG, TRY_LATER,
+                                       SampleBuffer, StreamError, StreamParams, Window,
+                                       WindowSchedule, pcm_to_float32, session_limit_s)
+
+if TYPE_CHECKING:
+    from starlette.websockets import WebSocket
+
+    from serve_app.metrics import StreamMetrics
+    from serve_app.variants import Variants
+
+access_log = logging.getLogger("ray.serve.emotion2vec.access")
+
+
+class _Disconnected(Exception):
+    """The client went away: nothing more can be sent."""
+
+
+@dataclass
+class _Limits:
+    max_samples: int
+    max_message_bytes: int
+    idle_timeout_s: float
+    session_s: float
+
+
+class Streams:
+    """The open streams of one router replica: the cap on them, their metrics, and the loop
+    that serves each."""
+
+    def __init__(self, variants: "Variants", metrics: "StreamMetrics"):
+        self.variants = variants
+        self.metrics = metrics
+        self.active: dict[str, int] = {}
+        self._proxy_timeout: float | None = None
+        self._proxy_timeout_known = False
+
+    @property
+    def open_count(self) -> int:
+        return sum(self.active.values())
+
+    async def proxy_timeout_s(self) -> float | None:
+        """The Serve proxy's request_timeout_s (fixed while Serve runs), read once."""
+        if not self._proxy_timeout_known:
+            try:
+                from ray.serve.context import _get_global_client
+
+                config = await asyncio.to_thread(lambda: _get_global_client().http_config)
+                self._proxy_timeout = config.request_timeout_s
+            except Exception as exc:  # no controller reachable: rely on stream_max_session_s
+                access_log.warning("could not read the proxy's request timeout: %r", exc)
+            self._proxy_timeout_known = True
+        return self._proxy_timeout
+
+    async def run(self, websocket: "WebSocket", variant: str, params: StreamParams,
+                  settings: RouterSettings, request_id: str, started: float) -> None:
+        """Serve one accepted socket to its end; never raises but CancelledError."""
+        limits = _Limits(
+            max_samples=int(min(settings.stream_max_s, settings.max_duration_s)
+                            * params.sample_rate),
+            max_message_bytes=settings.stream_max_message_bytes,
+            idle_timeout_s=settings.stream_idle_timeout_s,
+            session_s=session_limit_s(settings.stream_max_session_s,
+                                      await self.proxy_timeout_s(), websocket.headers))
+        if self.open_count >= settings.max_streams:
+            await refuse(websocket, StreamError(
+                TRY_LATER, "too_many_streams",
+                f"this router replica has {settings.max_streams} streams open; retry later"))
+            return
+        session = _Session(websocket, self, variant, params, settings, request_id, limits,
+                           started)
+        self.active[variant] = self.active.get(variant, 0) + 1
+        self.metrics.set_active(variant, self.active[variant])
+        try:
+            await session.run()
+        finally:
+            self.active[variant] -= 1
+            self.metrics.set_active(variant, self.active[variant])
+            session.flush_seconds()
+
+
+async def refuse(websocket: "WebSocket", error: StreamError) -> None:
+    """Send the error event and close with its code; a gone client is no error."""
+    try:
+        await websocket.send_text(json.dumps(error.event()))
+        await websocket.close(code=error.close_code, reason=error.code[:120])
+    except Exception:
+        pass
+
+
+class _Session:
+    def __init__(self, websocket: "WebSocket", streams: Streams, variant: str,
+                 params: StreamParams, settings: RouterSettings, request_id: str,
+                 limits: _Limits, started: float):
+        self.ws, self.streams, self.variant = websocket, streams, variant
+        self.params, self.settings, self.limits = params, settings, limits
+        self.request_id, self.started = request_id, started
+        self.deadline = started + limits.session_s
+        self.buffer = SampleBuffer()
+        self.schedule = WindowSchedule(params.sample_rate, params.window_s, params.hop_s)
+        self.windows = self.skipped = 0
+        self._unreported_s = 0.0
+
+    # -- the loop ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        trace = {"request_id": self.request_id, "variant": self.variant, "kind": "stream",
+                 "sample_rate": self.params.sample_rate, "encoding": self.params.encoding}
+        close_code = NORMAL
+        try:
+            await self._send(self._ready())
+            await self._stream()
+            result = await self._within_session(self._result())
+            await self._send(result)
+            try:
+                await self.ws.close(code=NORMAL)
+            except Exception:  # the client closed first: nothing is lost
+                pass
+        except StreamError as exc:
+            close_code, trace["code"] = exc.close_code, exc.code
+            await refuse(self.ws, exc)
+        except _Disconnected as exc:
+            close_code, trace["code"] = exc.args[0] if exc.args else None, "client_disconnected"
+        except Exception as exc:  # a bug: say so, never leave the client hanging
+            access_log.exception("stream %s failed", self.request_id)
+            close_code, trace["code"] = INTERNAL, "internal_error"
+            await refuse(self.ws, StreamError(INTERNAL, "internal_error",
+                                              f"the stream failed: {type(exc).__name__}"))
+        finally:
+            trace.update(close_code=close_code,
+                         audio_s=round(len(self.buffer) / self.params.sample_rate, 3),
+                         windows=self.windows, skipped=self.skipped,
+                         total_ms=round((time.monotonic() - self.started) * 1000, 1))
+            access_log.info(json.dumps(trace))
+
+    async def _stream(self) -> None:
+        """Receive audio and emit windows until `end` and the last due window; at most one
+        window inference runs at a time (the backpressure: later windows wait or skip)."""
+        receive: asyncio.Future | None = asyncio.ensure_future(self.ws.receive())
+        inference: asyncio.Future | None = None
+        last_message = time.monotonic()
+        try:
+            while True:
+                if inference is None:
+                    window = self.schedule.take()
+                    if window is not None:
+                        inference = asyncio.ensure_future(self._window_event(window))
+                if receive is None and inference is None:
+                    return
+                deadline = self.deadline if receive is None else \
+                    min(self.deadline, last_message + self.limits.idle_timeout_s)
+                done, _ = await asyncio.wait(
+                    [task for task in (receive, inference) if task is not None],
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    raise self._timeout_error()
+                if inference in done:
+                    outcome, inference = inference.result(), None
+                    if outcome is not None:
+                        event, due_at = outcome
+                        await self._send(event)
+                        self.streams.metrics.event_lag(self.variant,
+                                                       (time.monotonic() - due_at) * 1000)
+                if receive in done:
+                    last_message = time.monotonic()
+                    ended = self._receive(receive.result(), last_message)
+                    receive = None if ended else asyncio.ensure_future(self.ws.receive())
+        finally:
+            for task in (receive, inference):
+                if task is not None and not task.done():
+                    task.cancel()
+
+    def _timeout_error(self) -> StreamError:
+        if time.monotonic() >= self.deadline - 1e-3:
+            return StreamError(POLICY, "session_timeout",
+                               f"the stream lasted over {self.limits.session_s:g} s")
+        return StreamError(POLICY, "idle_timeout", "no message for "
+                           f"{self.limits.idle_timeout_s:g} s; send audio, or end the stream")
+
+    async def _within_session(self, work):
+        try:
+            return await asyncio.wait_for(work, max(0.0, self.deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise self._timeout_error() from None
+
+    # -- messages in ------------------------------------------------------------------------
+    def _receive(self, message: dict, now: float) -> bool:
+        """Take one message; True when it is the end of the audio."""
+        if message["type"] == "websocket.disconnect":
+            raise _Disconnected(message.get("code"))
+        data, text = message.get("bytes"), message.get("text")
+        size = len(data) if data is not None else len((text or "").encode())
+        if size > self.limits.max_message_bytes:
+            raise StreamError(TOO_BIG, "message_too_large", f"a message of {size} bytes; the "
+                              f"limit is {self.limits.max_message_bytes}")
+        if data is None:
+            try:
+                ended = json.loads(text or "").get("type") == "end"
+            except (ValueError, AttributeError):
+                ended = False
+            if not ended:
+                raise StreamError(POLICY, "invalid_message", 'text messages must be '
+                                  '{"type": "end"}; send audio as binary messages')
+            return True
+        samples = pcm_to_float32(data, self.params.encoding)
+        if len(self.buffer) + len(samples) > self.limits.max_samples:
+            limit_s = self.limits.max_samples / self.params.sample_rate
+            raise StreamError(POLICY, "stream_too_long",
+                              f"the stream is longer than the limit of {limit_s:g} s")
+        self.buffer.append(samples)
+        self.schedule.advance(len(self.buffer), now)
+        self._unreported_s += len(samples) / self.params.sample_rate
+        if self._unreported_s >= 1.0:
+            self.flush_seconds()
+        return False
+
+    def flush_seconds(self) -> None:
+        if self._unreported_s > 0:
+            self.streams.metrics.streamed(self.variant, self._unreported_s)
+            self._unreported_s = 0.0
+
+    # -- events out -------------------------------------------------------------------------
+    def _ready(self) -> dict:
+        params, limits = self.params, self.limits
+        return {"type": "ready", "request_id": self.request_id, "model_version": self.variant,
+                "sample_rate": params.sample_rate, "encoding": params.encoding,
+                "window_s": params.window_s, "hop_s": params.hop_s,
+                "limits": {"max_stream_s": limits.max_samples / params.sample_rate,
+                           "max_session_s": round(limits.session_s, 3),
+                           "idle_timeout_s": limits.idle_timeout_s,
+                           "max_message_bytes": limits.max_message_bytes}}
+
+    async def _predict(self, samples: np.ndarray) -> dict:
+        waveform = await asyncio.to_thread(to_target_rate, samples, self.params.sample_rate)
+        try:
+            return await self.streams.variants.predict(
+                self.variant, waveform, "utterance", False, self.settings.model_timeout_s)
+        except ApiError as exc:
+            raise StreamError.from_api(exc) from None
+
+    async def _window_event(self, window: Window) -> tuple[dict, float] | None:
+        """The window's event and when its last sample arrived; None if it was skipped."""
+        try:
+            out = await self._predict(self.buffer.slice(window.start, window.end))
+        except StreamError as exc:
+            if exc.code != "overloaded":
+                raise
+            self.schedule.drop(window)  # the variant is at capacity: a later window will run
+            return None
+        self.windows += 1
+        self.skipped += window.skipped
+        event = {"type": "window", **results.timeline_window(
+                     out["labels"], {"start_s": window.start_s, "end_s": window.end_s,
+                                     "scores": out["scores"]}),
+                 "skipped": window.skipped}
+        return event, window.due_at
+
+    async def _result(self) -> dict:
+        rate = self.params.sample_rate
+        duration = len(self.buffer) / rate
+        if not len(self.buffer):
+            raise StreamError(POLICY, "empty_audio", "the stream ended without audio")
+        if duration < self.settings.min_duration_s:
+            raise StreamError(POLICY, "audio_too_short",
+                              f"the stream lasted {duration * 1000:.0f} ms; at least "
+                              f"{self.settings.min_duration_s * 1000:.0f} ms are needed")
+        out = await self._predict(self.buffer.slice(0, len(self.buffer)))
+        body = results.prediction(
+            out, request_id=self.request_id, variant=self.variant, granularity="utterance",
+            audio=results.audio_fields(duration, rate, 1, self.params.encoding),
+            extract_embedding=False)
+        return {"type": "result", **body, "windows": self.windows,
+                "skipped": self.skipped + self.schedule.carried}
+
+    async def _send(self, event: dict) -> None:
+        try:
+            await self.ws.send_text(json.dumps(event))
+        except Exception as exc:  # the socket is gone (closed by the client, or reset)
+            raise _Disconnected(None) from exc
