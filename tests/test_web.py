@@ -185,13 +185,15 @@ def test_errors_are_shown(page, tmp_path):
 def test_the_page_asks_for_a_key_and_sends_it(browser, keyed, clips):
     """The app with keys on, under its route prefix: the API answers 401, the page asks for a
     key, refuses a wrong one, and with the right one lists the models and recognises."""
-    assert '<base href="/keys/">' in httpx.get(keyed.url, timeout=30).text
+    page_html = httpx.get(keyed.url, timeout=30, follow_redirects=True)  # /keys -> /keys/
+    assert str(page_html.url) == keyed.url + "/"
+    assert '<base href="/keys/">' in page_html.text
     context = browser.new_context()
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(keyed.url)  # no trailing slash: the base still points into the app
+    page.goto(keyed.url)
     page.wait_for_selector("#key-form:not([hidden])")
     assert "needs an API key" in page.text_content("#key-message")
     page.fill("#api-key", "e2v_not-the-key")
