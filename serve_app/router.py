@@ -92,6 +92,11 @@ class Router:
         self.metrics.access(admission.label, "admitted")
         return admission
 
+    def _charge_audio(self, admission: Admission, seconds: float) -> None:
+        """Decoded audio counts against the key's audio quota."""
+        self.access.charge_audio(admission.key_id, seconds)
+        self.metrics.key_audio(admission.label, seconds)
+
     def _resolve(self, requested: str | None) -> str:
         variant = self.settings.resolve(requested, self.variants.names)
         if variant is None:
@@ -155,8 +160,7 @@ class Router:
                                           min_duration_s=settings.min_duration_s)
         decode_ms = (time.perf_counter() - decode_started) * 1000
         trace.update(audio_s=round(decoded.duration_s, 3), decode_ms=round(decode_ms, 1))
-        self.access.charge_audio(admission.key_id, decoded.duration_s)
-        self.metrics.key_audio(admission.label, decoded.duration_s)
+        self._charge_audio(admission, decoded.duration_s)
 
         model_started = time.perf_counter()
         out = await self.variants.predict(variant, decoded.waveform, granularity,
