@@ -245,7 +245,8 @@ def _parser() -> argparse.ArgumentParser:
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     new = keys_commands.add_parser("new", help="make a key: prints it once, and its config line")
     new.add_argument("key_id", metavar="KEY_ID", help="the name logs and metrics show")
-    new.add_argument("--rpm", type=int, default=None, help="requests per minute (default: no limit)")
+    new.add_argument("--rpm", type=int, default=None,
+                     help="requests per minute (default: no limit)")
     new.add_argument("--audio-spm", type=float, default=None,
                      help="seconds of audio per minute (default: no limit)")
     return parser
