@@ -2,9 +2,13 @@
 (`emotion2vec-serve stream FILE` streams one file over WS /v1/stream: see `stream --help`.)
 
 Directories are searched (recursively) for audio files; requests go out concurrently; a
-variant that answers 503 (loading, overloaded) is asked again after an exponential backoff
-that honours its Retry-After, a bounded number of times. One JSON line (or CSV row) per file,
-in the order of the inputs, then a summary on stderr; the exit status is 1 if any file failed.
+variant that answers 503 (loading, overloaded), or 429 (the API key's quota is spent), is asked
+again after an exponential backoff that honours its Retry-After, a bounded number of times.
+One JSON line (or CSV row) per file, in the order of the inputs, then a summary on stderr; the
+exit status is 1 if any file failed. The API key: --api-key, or the environment variable
+EMOTION2VEC_API_KEY.
+
+`emotion2vec-serve keys new KEY_ID`: make an API key for the service's config.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import argparse
 import asyncio
 import csv
 import email.utils
+import hashlib
 import json
+import os
+import secrets
 import sys
 import time
 from collections import Counter
@@ -25,7 +32,9 @@ import httpx
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".caf",
                   ".w64", ".rf64"}
-RETRY_STATUSES = {503}
+RETRY_STATUSES = {429, 503}
+API_KEY_ENV = "EMOTION2VEC_API_KEY"
+KEY_PREFIX = "e2v_"  # makes a leaked key easy to recognise (secret scanners)
 FIELDS = ["path", "status", "http_status", "emotion", "confidence", "model_version", "error",
           "request_id"]
 
@@ -136,8 +145,10 @@ async def predict_all(files: list[Path], args: argparse.Namespace,
     limit = asyncio.Semaphore(args.concurrency)
     timeout = httpx.Timeout(args.timeout, connect=min(10.0, args.timeout))
     limits = httpx.Limits(max_connections=args.concurrency)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     with tqdm(total=len(files), unit="file", file=sys.stderr, disable=not progress) as bar:
-        async with httpx.AsyncClient(base_url=args.url, timeout=timeout, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=args.url, timeout=timeout, limits=limits,
+                                     headers=headers) as client:
             async def one(path: Path) -> Outcome:
                 async with limit:
                     outcome = await predict_file(client, path, params, args.tries,
@@ -231,7 +242,7 @@ def stream_main(args: argparse.Namespace) -> int:
         run = asyncio.run(stream_audio(
             args.url, mono, int(rate), params=params, on_event=show,
             pace="lockstep" if args.fast else "realtime", chunk_s=args.chunk_s,
-            timeout_s=args.timeout))
+            timeout_s=args.timeout, api_key=args.api_key))
     except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -240,6 +251,32 @@ def stream_main(args: argparse.Namespace) -> int:
             print(f"error: the stream closed with code {run.close_code} and no result",
                   file=sys.stderr)
         return 1
+    return 0
+
+
+def new_key(key_id: str, rpm: int | None, audio_spm: float | None) -> tuple[str, str]:
+    """(a new API key, its line for the Router's api_keys or the api_keys_file)."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    spec = {"sha256": hashlib.sha256(key.encode("ascii")).hexdigest(),
+            "requests_per_minute": rpm, "audio_seconds_per_minute": audio_spm}
+    return key, f"{key_id}: {json.dumps(spec)}"
+
+
+def _keys_new(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import yaml
+    from pydantic import TypeAdapter, ValidationError
+
+    from serve_app.config import ApiKeys, without_inputs
+
+    key, line = new_key(args.key_id, args.rpm, args.audio_spm)
+    try:
+        TypeAdapter(ApiKeys).validate_python(yaml.safe_load(line))
+    except ValidationError as exc:
+        parser.error(without_inputs(exc))
+    print(f"API key for {args.key_id} (shown once: give it to its user now; only its sha256 "
+          f"is kept):\n{key}\n\nPut this line under the Router's user_config `api_keys`, or in "
+          f"the file its `api_keys_file` names, then redeploy (or wait a few seconds for the "
+          f"file):\n{line}")
     return 0
 
 
@@ -281,8 +318,20 @@ def _parser() -> argparse.ArgumentParser:
     live.add_argument("--chunk-s", type=float, default=0.1,
                       help="audio per message at real-time pace")
     live.add_argument("--jsonl", action="store_true", help="print the events as JSON lines")
+    live.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                      help=f"the service's API key (default: ${API_KEY_ENV})")
     live.add_argument("--timeout", type=float, default=60.0,
                       help="seconds to wait for the service at each step")
+    predict.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                         help=f"the service's API key (default: ${API_KEY_ENV})")
+    keys = commands.add_parser("keys", help="API keys for the service's config")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_commands.add_parser("new", help="make a key: prints it once, and its config line")
+    new.add_argument("key_id", metavar="KEY_ID", help="the name logs and metrics show")
+    new.add_argument("--rpm", type=int, default=None,
+                     help="requests per minute (default: no limit)")
+    new.add_argument("--audio-spm", type=float, default=None,
+                     help="seconds of audio per minute (default: no limit)")
     return parser
 
 
@@ -295,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.chunk_s <= 0 or args.timeout <= 0:
             parser.error("--chunk-s and --timeout must be positive")
         return stream_main(args)
+    if args.command == "keys":
+        return _keys_new(args, parser)
     if args.concurrency < 1 or args.tries < 1 or args.timeout <= 0:
         parser.error("--concurrency and --tries must be at least 1, --timeout positive")
     if args.out != "-" and Path(args.out).suffix.lower() not in (".jsonl", ".csv"):

@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
 
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -24,6 +25,16 @@ STREAM_WINDOW_S = (0.5, 30.0)
 STREAM_HOP_S = (0.1, 10.0)
 # The Serve proxy (uvicorn) refuses WebSocket messages over 16 MiB itself.
 PROXY_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# API key ids name keys in logs and metric labels: short, plain, and not the reserved labels.
+KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RESERVED_KEY_LABELS = ("anonymous", "invalid")
+
+
+def without_inputs(exc: ValidationError) -> str:
+    """A validation error's text without the values given: a key pasted where its sha256
+    belongs must not reach a log."""
+    return "; ".join(f"{'.'.join(map(str, error['loc'])) or 'value'}: {error['msg']}"
+                     for error in exc.errors(include_input=False))
 
 
 class _Strict(BaseModel):
@@ -93,6 +104,30 @@ class ModelSettings(_Strict):
         return Path(self.source).expanduser().resolve()
 
 
+def _key_id(value: str) -> str:
+    if not KEY_ID.match(value) or value in RESERVED_KEY_LABELS:
+        raise ValueError(f"API key id {value!r}: use letters, digits, '.', '_' and '-' (at most "
+                         f"64), not {' or '.join(RESERVED_KEY_LABELS)}")
+    return value
+
+
+class ApiKeySpec(_Strict):
+    """One API key: the sha256 of the key (never the key itself) and its quotas (None: none)."""
+
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="hex sha256 of the key")
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    audio_seconds_per_minute: float | None = Field(default=None, gt=0)
+
+    @field_validator("sha256")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()
+
+
+# KEY_ID -> its spec: the Router's `api_keys`, and the content of its `api_keys_file`.
+ApiKeys = dict[Annotated[str, AfterValidator(_key_id)], ApiKeySpec]
+
+
 class RouterSettings(_Strict):
     """The Router deployment's user_config."""
 
@@ -124,6 +159,13 @@ class RouterSettings(_Strict):
         if self.stream_hop_s > self.stream_window_s:
             raise ValueError("stream_hop_s must not exceed stream_window_s")
         return self
+    # API keys (serve_app/access.py). None configured (and no file): the API is open.
+    api_keys: ApiKeys = Field(default_factory=dict)
+    api_keys_file: str | None = Field(default=None, description="a YAML or JSON file of more "
+                                      "keys, shaped as api_keys; re-read when it changes")
+    # The quotas are per minute; a key may spend this many seconds' worth of them at once
+    # (60: a whole minute's). Shorter windows smooth bursts (and make tests quick).
+    quota_window_s: float = Field(default=60.0, ge=1.0, le=3600.0)
 
     def resolve(self, requested: str | None, variants: list[str]) -> str | None:
         """The variant for a requested model_version (alias or name), or None if unknown."""

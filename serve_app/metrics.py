@@ -22,6 +22,14 @@ class RouterMetrics:
         self.audio_seconds = metrics.Counter(
             "emotion2vec_audio_seconds_total", description="Seconds of audio processed",
             tag_keys=("variant",))
+        # Per API key id (bounded by the config; refused keys count as "invalid", and all
+        # requests as "anonymous" while access control is off).
+        self.key_requests = metrics.Counter(
+            "emotion2vec_key_requests_total", description="API requests by key id and outcome "
+            "(admitted, unauthorized, rate_limited)", tag_keys=("key", "outcome"))
+        self.key_audio_seconds = metrics.Counter(
+            "emotion2vec_key_audio_seconds_total", description="Seconds of audio charged to "
+            "each key id", tag_keys=("key",))
 
     def record(self, variant: str | None, status: int, latency_ms: float,
                audio_s: float | None) -> None:
@@ -30,6 +38,12 @@ class RouterMetrics:
         self.latency.observe(latency_ms, tags={"variant": name})
         if audio_s and status < 300:
             self.audio_seconds.inc(audio_s, tags={"variant": name})
+
+    def access(self, key: str, outcome: str) -> None:
+        self.key_requests.inc(tags={"key": key, "outcome": outcome})
+
+    def key_audio(self, key: str, audio_s: float) -> None:
+        self.key_audio_seconds.inc(audio_s, tags={"key": key})
 
 
 class ModelMetrics:

@@ -5,12 +5,28 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 
 from serve_app.labels import english_name
+
+# An absolute, home or ./ path in a text (not a hub id like iic/emotion2vec_plus_large, nor a URL).
+_LOCAL_PATH = re.compile(r"(?<![\w.:/~-])(?:~|\.{1,2})?/[^\s'\"`,;:()\[\]{}<>]+")
+
+
+def without_paths(value):
+    """`value` (dicts, lists, strings) with every local path cut to its last part: a model
+    directory shows as its name. Clients see which model, never where it lives on the server."""
+    if isinstance(value, str):
+        return _LOCAL_PATH.sub(lambda match: PurePath(match.group()).name or "/", value)
+    if isinstance(value, dict):
+        return {key: without_paths(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_paths(item) for item in value]
+    return value
 
 
 def emotion_fields(labels: list[str], scores: list[float]) -> dict:
@@ -45,7 +61,7 @@ def prediction(out: dict, *, request_id: str, variant: str, granularity: str,
         **emotion_fields(out["labels"], out["scores"]),
         "granularity": granularity,
         "audio": audio,
-        "model": out["model"],
+        "model": without_paths(out["model"]),
     }
     if out.get("timeline") is not None:
         result["timeline"] = [timeline_window(out["labels"], window)

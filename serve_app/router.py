@@ -1,6 +1,7 @@
-"""The ingress: the HTTP API. A thin layer: it reads the request (serve_app.upload), resolves
-the model version, decodes the audio (serve_app.audio), calls the variant
-(serve_app.variants) and shapes the answer (serve_app.results).
+"""The ingress: the HTTP API. A thin layer: it checks the caller's API key and quota
+(serve_app.access), reads the request (serve_app.upload), resolves the model version, decodes
+the audio (serve_app.audio), calls the variant (serve_app.variants) and shapes the answer
+(serve_app.results).
 
 No torch here: the router decodes audio (CPU work kept off GPU replicas), rejects bad input
 before it costs a model slot, and forwards a 16 kHz mono float32 array to the variant's
@@ -8,6 +9,7 @@ deployment through its handle.
 """
 
 import asyncio
+import html
 import json
 import logging
 import time
@@ -16,11 +18,14 @@ from pathlib import Path
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.requests import HTTPConnection
 
 from serve_app import audio, results, upload
-from serve_app.config import RouterSettings
+from serve_app.access import AccessControl, AccessDenied, Admission
+from serve_app.config import RouterSettings, without_inputs
 from serve_app.errors import ApiError
 from serve_app.metrics import RouterMetrics, StreamMetrics
 from serve_app.stream import Streams, refuse
@@ -43,7 +48,8 @@ api = FastAPI(
 
 @api.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return JSONResponse(results.without_paths(exc.body()), status_code=exc.status,
+                        headers=exc.headers)
 
 
 @api.exception_handler(RequestValidationError)
@@ -64,11 +70,35 @@ class Router:
         self.settings = RouterSettings(default_version=next(iter(variants)))
         self.metrics = RouterMetrics()
         self.streams = Streams(self.variants, StreamMetrics())
+        self.access = AccessControl()
 
     def reconfigure(self, user_config: dict) -> None:
-        settings = RouterSettings.model_validate(user_config)
+        try:
+            settings = RouterSettings.model_validate(user_config)
+        except ValidationError as exc:
+            raise ValueError(f"Router user_config: {without_inputs(exc)}") from None
         settings.check_against(self.variants.names)
+        self.access.configure(settings)  # a bad key file refuses the whole config
         self.settings = settings
+
+    def _admit(self, connection: HTTPConnection, trace: dict,
+               query_api_key: str | None = None) -> Admission:
+        """The first step of every /v1 route, before anything is read: the caller's key and
+        quota (401, 429), counted per key id."""
+        try:
+            admission = self.access.admit(connection.headers, query_api_key)
+        except AccessDenied as exc:
+            trace["key"] = exc.key_label
+            self.metrics.access(exc.key_label, exc.code)
+            raise
+        trace["key"] = admission.label
+        self.metrics.access(admission.label, "admitted")
+        return admission
+
+    def _charge_audio(self, admission: Admission, seconds: float) -> None:
+        """Decoded audio counts against the key's audio quota."""
+        self.access.charge_audio(admission.key_id, seconds)
+        self.metrics.key_audio(admission.label, seconds)
 
     def _resolve(self, requested: str | None) -> str:
         variant = self.settings.resolve(requested, self.variants.names)
@@ -80,9 +110,12 @@ class Router:
 
     @api.get("/", response_class=HTMLResponse,
              summary="The web page: try the models in a browser")
-    async def page(self) -> HTMLResponse:
-        html = await asyncio.to_thread((WEB_DIR / "index.html").read_text, encoding="utf-8")
-        return HTMLResponse(html, headers=_NO_CACHE)
+    async def page(self, request: Request) -> HTMLResponse:
+        page = await asyncio.to_thread((WEB_DIR / "index.html").read_text, encoding="utf-8")
+        # The page's URLs are relative to its base: the app's route prefix.
+        base = html.escape(request.scope.get("root_path", "").rstrip("/") + "/")
+        return HTMLResponse(page.replace('<base href="/">', f'<base href="{base}">'),
+                            headers=_NO_CACHE)
 
     @api.get("/web/{name}", include_in_schema=False)
     async def web_asset(self, name: str) -> Response:
@@ -96,10 +129,12 @@ class Router:
     async def predict(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
         request_id = upload.request_id(request)
-        trace: dict = {"request_id": request_id, "variant": None}
+        trace: dict = {"request_id": request_id, "key": None, "variant": None}
         status = 500
         try:
-            response = await self._predict(request, request_id, started, trace)
+            admission = self._admit(request, trace)
+            response = await self._predict(request, request_id, started, trace, admission)
+            response.headers.update(admission.headers)
             status = response.status_code
             return response
         except ApiError as exc:
@@ -113,7 +148,7 @@ class Router:
                                 trace.get("audio_s"))
 
     async def _predict(self, request: Request, request_id: str, started: float,
-                       trace: dict) -> JSONResponse:
+                       trace: dict, admission: Admission) -> JSONResponse:
         settings = self.settings
         data, params = await upload.read_upload(request, settings.max_upload_bytes)
         variant = self._resolve(params.get("model_version"))
@@ -128,6 +163,7 @@ class Router:
                                           min_duration_s=settings.min_duration_s)
         decode_ms = (time.perf_counter() - decode_started) * 1000
         trace.update(audio_s=round(decoded.duration_s, 3), decode_ms=round(decode_ms, 1))
+        self._charge_audio(admission, decoded.duration_s)
 
         model_started = time.perf_counter()
         out = await self.variants.predict(variant, decoded.waveform, granularity,
@@ -154,25 +190,35 @@ class Router:
     @api.websocket("/v1/stream")
     async def live(self, websocket: WebSocket) -> None:
         """Live emotion: PCM in, window events out (serve_app/stream.py)."""
-        started, settings = time.monotonic(), self.settings
+        started, settings, log_fields = time.monotonic(), self.settings, {}
         await websocket.accept()  # first: errors are events on the socket, then a close code
         try:
+            # Browsers cannot set headers on a WebSocket: the key may come as `api_key`.
+            admission = self._admit(websocket, log_fields,
+                                    websocket.query_params.get("api_key"))
             params = parse_params(websocket.query_params, settings)
             variant = self._resolve(params.model_version)
         except ApiError as exc:
             return await refuse(websocket, StreamError.from_api(exc))
         except StreamError as exc:
             return await refuse(websocket, exc)
+
+        def charge(seconds: float) -> None:
+            """Streamed audio counts against the key's audio quota as it arrives."""
+            self._charge_audio(admission, seconds)
+            self.access.check_audio(admission.key_id)
+
         await self.streams.run(websocket, variant, params, settings,
-                               upload.request_id(websocket), started)
+                               upload.request_id(websocket), started, charge, log_fields)
 
     @api.get("/v1/models", summary="Variants, their state and the version mapping")
-    async def models(self) -> dict:
-        return {
+    async def models(self, request: Request) -> JSONResponse:
+        admission = self._admit(request, {})
+        return JSONResponse({
             "default_version": self.settings.default_version,
             "aliases": self.settings.aliases,
-            "variants": await self.variants.info(),
-        }
+            "variants": results.without_paths(await self.variants.info()),
+        }, headers=admission.headers)
 
     @api.get("/health", summary="Liveness of the router, with each variant's readiness")
     async def health(self) -> dict:

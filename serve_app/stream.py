@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -78,8 +78,13 @@ class Streams:
         return self._proxy_timeout
 
     async def run(self, websocket: "WebSocket", variant: str, params: StreamParams,
-                  settings: RouterSettings, request_id: str, started: float) -> None:
-        """Serve one accepted socket to its end; never raises but CancelledError."""
+                  settings: RouterSettings, request_id: str, started: float,
+                  charge: Callable[[float], None] = lambda seconds: None,
+                  log_fields: dict | None = None) -> None:
+        """Serve one accepted socket to its end; never raises but CancelledError.
+        `charge(seconds)` is called for the audio as it arrives and may raise an ApiError
+        (a key over its audio quota) that ends the stream; `log_fields` go into the stream's
+        access-log line."""
         limits = _Limits(
             max_samples=int(min(settings.stream_max_s, settings.max_duration_s)
                             * params.sample_rate),
@@ -93,7 +98,7 @@ class Streams:
                 f"this router replica has {settings.max_streams} streams open; retry later"))
             return
         session = _Session(websocket, self, variant, params, settings, request_id, limits,
-                           started)
+                           started, charge, log_fields or {})
         self.active[variant] = self.active.get(variant, 0) + 1
         self.metrics.set_active(variant, self.active[variant])
         try:
@@ -116,8 +121,10 @@ async def refuse(websocket: "WebSocket", error: StreamError) -> None:
 class _Session:
     def __init__(self, websocket: "WebSocket", streams: Streams, variant: str,
                  params: StreamParams, settings: RouterSettings, request_id: str,
-                 limits: _Limits, started: float):
+                 limits: _Limits, started: float, charge: Callable[[float], None],
+                 log_fields: dict):
         self.ws, self.streams, self.variant = websocket, streams, variant
+        self.charge, self.log_fields = charge, log_fields
         self.params, self.settings, self.limits = params, settings, limits
         self.request_id, self.started = request_id, started
         self.deadline = started + limits.session_s
@@ -128,7 +135,8 @@ class _Session:
 
     # -- the loop ---------------------------------------------------------------------------
     async def run(self) -> None:
-        trace = {"request_id": self.request_id, "variant": self.variant, "kind": "stream",
+        trace = {"request_id": self.request_id, **self.log_fields,
+                 "variant": self.variant, "kind": "stream",
                  "sample_rate": self.params.sample_rate, "encoding": self.params.encoding}
         close_code = NORMAL
         try:
@@ -232,6 +240,10 @@ class _Session:
             limit_s = self.limits.max_samples / self.params.sample_rate
             raise StreamError(POLICY, "stream_too_long",
                               f"the stream is longer than the limit of {limit_s:g} s")
+        try:
+            self.charge(len(samples) / self.params.sample_rate)
+        except ApiError as exc:  # the key's audio quota is spent
+            raise StreamError.from_api(exc) from None
         self.buffer.append(samples)
         self.schedule.advance(len(self.buffer), now)
         self._unreported_s += len(samples) / self.params.sample_rate

@@ -50,20 +50,21 @@ def encode(samples: np.ndarray, encoding: str) -> bytes:
 
 async def stream_audio(url: str, samples: np.ndarray, rate: int, *, params: dict,
                        pace: str = "realtime", chunk_s: float = 0.1, encoding: str = "f32le",
-                       timeout_s: float = 60.0,
+                       timeout_s: float = 60.0, api_key: str | None = None,
                        on_event: Callable[[dict], None] | None = None) -> StreamRun:
     """Stream mono float32 `samples` at `rate` to `url` (the service's base URL), with
     `params` (model_version, window_s, hop_s); returns what came back. `lockstep` sends each
     window's audio once the previous window's event has arrived: as fast as the service
-    answers, and no window is skipped."""
+    answers, and no window is skipped. `api_key` goes in the Authorization header."""
     run = StreamRun()
     data = encode(samples, encoding)
     width = 4 if encoding == "f32le" else 2
     sent: list[tuple[int, float]] = []  # (samples sent so far, when), for the lag
     progress = asyncio.Condition()
     target = stream_url(url, sample_rate=rate, encoding=encoding, **params)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     async with connect(target, open_timeout=timeout_s, close_timeout=10,
-                       max_size=2**24) as ws:
+                       max_size=2**24, additional_headers=headers) as ws:
         run.ready = json.loads(await asyncio.wait_for(ws.recv(), timeout_s))
         if on_event:
             on_event(run.ready)

@@ -20,7 +20,7 @@ from serve_app.errors import ApiError
 ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 SAMPLE_RATES = (8_000, 96_000)
 PARAMS = ("model_version", "sample_rate", "encoding", "window_s", "hop_s",
-          "api_key")  # api_key: accepted, not checked here
+          "api_key")  # api_key: checked by the router (serve_app/access.py)
 # Close codes (RFC 6455): normal, policy (bad parameters or input), message too big,
 # internal error, try again later (overloaded).
 NORMAL, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1000, 1008, 1009, 1011, 1013
@@ -33,21 +33,29 @@ _TIMEOUT_HEADER = "x-request-timeout-seconds"  # Ray Serve's per-request timeout
 class StreamError(Exception):
     """Ends a stream: an error event, then a close with `close_code`."""
 
-    def __init__(self, close_code: int, code: str, message: str):
+    def __init__(self, close_code: int, code: str, message: str,
+                 retry_after_s: float | None = None):
         super().__init__(message)
         self.close_code, self.code, self.message = close_code, code, message
+        self.retry_after_s = retry_after_s
 
     @classmethod
     def from_api(cls, exc: ApiError) -> "StreamError":
-        """A predict-style error: bad input 1008; unavailable, overloaded or slow 1013."""
+        """A predict-style error: bad input or no valid key 1008; over the key's quota,
+        unavailable, overloaded or slow 1013 (with the Retry-After the API would send)."""
+        retry_after = exc.headers.get("Retry-After")
+        retry_after_s = float(retry_after) if retry_after else None
+        if exc.status == 429 or exc.status in (503, 504):
+            return cls(TRY_LATER, exc.code, exc.message, retry_after_s)
         if 400 <= exc.status < 500:
             return cls(POLICY, exc.code, exc.message)
-        if exc.status in (503, 504):
-            return cls(TRY_LATER, exc.code, exc.message)
         return cls(INTERNAL, exc.code, exc.message)
 
     def event(self) -> dict:
-        return {"type": "error", "error": {"code": self.code, "message": self.message}}
+        error = {"code": self.code, "message": self.message}
+        if self.retry_after_s is not None:
+            error["retry_after_s"] = self.retry_after_s
+        return {"type": "error", "error": error}
 
 
 # -- parameters -------------------------------------------------------------------------------

@@ -11,11 +11,13 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from serve_app.cluster import LocalServe, load_app, local_serve
 from tests import clips as clip_maker
@@ -52,6 +54,46 @@ def service(cluster, tmp_path_factory) -> Service:
     checkpoints = {d["name"]: Path(d["user_config"]["source"])
                    for d in app["deployments"] if "source" in d["user_config"]}
     return Service(cluster.url, app, checkpoints, results_dir, cluster)
+
+
+@dataclass
+class KeyedService:
+    url: str
+    app: dict
+    keys: dict[str, str]    # key id -> the key
+    cluster: LocalServe
+
+
+KEYED_APP, KEYED_PREFIX = "keys", "/keys"
+
+
+@pytest.fixture(scope="session")
+def keyed(cluster, service, tmp_path_factory) -> KeyedService:
+    """The tiny config's base variant as a second app with API keys on, beside the open main
+    app: alpha (no limits), beta (requests), gamma and streamer (audio seconds), rotate, and cli
+    and web from a key file. Quotas in a 6 s window, so that tests wait seconds."""
+    from serve_app.cli import new_key
+
+    keys, lines = {}, {}
+    for key_id, rpm, audio_spm in [("alpha", None, None), ("beta", 20, None),
+                                   ("gamma", None, 30), ("rotate", None, None),
+                                   ("cli", None, None), ("web", None, None),
+                                   ("streamer", None, 30)]:
+        keys[key_id], line = new_key(key_id, rpm, audio_spm)
+        lines.update(yaml.safe_load(line))
+    key_file = tmp_path_factory.mktemp("keys") / "api-keys.json"
+    key_file.write_text(json.dumps({k: lines.pop(k) for k in ("cli", "web")}))
+    app = load_app(TINY_CONFIG, service.checkpoints["base"].parent)
+    app.update(name=KEYED_APP, route_prefix=KEYED_PREFIX)
+    app["args"]["variants"] = {"base": {"num_cpus": 0.05}}
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Router", "base")]
+    router = next(d for d in app["deployments"] if d["name"] == "Router")
+    router["user_config"] = {"default_version": "base", "api_keys": lines,
+                             "api_keys_file": str(key_file), "quota_window_s": 6}
+    cluster.put(app)
+    status = cluster.wait_for(KEYED_APP, ("RUNNING", "DEPLOY_FAILED", "UNHEALTHY"))
+    assert status.status == "RUNNING", status
+    return KeyedService(cluster.url + KEYED_PREFIX, app, keys, cluster)
 
 
 @pytest.fixture(scope="session")

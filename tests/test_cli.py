@@ -4,7 +4,9 @@ its retry logic against a small HTTP server of the test's own on 127.0.0.1."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,16 +15,20 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import yaml
 
-from serve_app.cli import backoff_delay, expand, retry_after_s
+from serve_app.access import AccessControl
+from serve_app.cli import API_KEY_ENV, backoff_delay, expand, main, retry_after_s
+from serve_app.config import RouterSettings
 
 EMOTIONS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised",
             "unknown"]
 
 
-def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 180,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "serve_app.cli", "predict", *args],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture
@@ -182,6 +188,42 @@ def test_stream_errors_exit_non_zero(service, clips, tmp_path):
     (tmp_path / "notes.wav").write_text("not audio")
     done = run_stream(str(tmp_path / "notes.wav"), "--url", service.url)
     assert done.returncode == 1 and "cannot decode" in done.stderr
+# -- API keys ------------------------------------------------------------------------------------
+def test_api_key_from_the_option_or_the_environment(keyed, clips):
+    clip = str(clips["tone_16k_mono_wav"])
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    from_env = run_cli(clip, "--url", keyed.url, "--no-progress",
+                       env={**env, API_KEY_ENV: keyed.keys["cli"]})
+    assert from_env.returncode == 0, from_env.stderr
+    # The option wins over the environment.
+    from_option = run_cli(clip, "--url", keyed.url, "--no-progress", "--api-key",
+                          keyed.keys["cli"], env={**env, API_KEY_ENV: "e2v_stale"})
+    assert from_option.returncode == 0, from_option.stderr
+    for done in (from_env, from_option):
+        (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+        assert row["status"] == "ok" and row["model_version"] == "base"
+    without = run_cli(clip, "--url", keyed.url, "--no-progress", env=env)
+    assert without.returncode == 1
+    (row,) = [json.loads(line) for line in without.stdout.splitlines()]
+    assert row["http_status"] == 401 and row["attempts"] == 1  # not retried
+    assert row["error"].startswith("401 unauthorized")
+
+
+def test_keys_new_prints_a_key_and_its_config_line(capsys):
+    assert main(["keys", "new", "ops", "--rpm", "60", "--audio-spm", "600"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    key, config_line = lines[1], lines[-1]
+    spec = yaml.safe_load(config_line)
+    assert spec == {"ops": {"sha256": hashlib.sha256(key.encode()).hexdigest(),
+                            "requests_per_minute": 60, "audio_seconds_per_minute": 600.0}}
+    gate = AccessControl()
+    gate.configure(RouterSettings(api_keys=spec))
+    assert gate.authenticate({"Authorization": f"Bearer {key}"}) == "ops"
+    assert key.startswith("e2v_") and len(key) > 40 and key not in config_line
+    assert main(["keys", "new", "ops"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] != key  # a new key every time
+    with pytest.raises(SystemExit):
+        main(["keys", "new", "bad id"])
 
 
 # -- retries -----------------------------------------------------------------------------------
@@ -196,7 +238,8 @@ def test_backoff_delay():
 
 
 class FlakyServer:
-    """Answers 503 (Retry-After: 1) `failures` times, then 200 with a result."""
+    """Answers 429 once, then 503 (each with Retry-After: 1), `failures` times in all, then
+    200 with a result."""
 
     def __init__(self, failures: int):
         self.failures = failures
@@ -207,7 +250,9 @@ class FlakyServer:
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("content-length", 0)))
                 server.times.append(time.monotonic())
-                if len(server.times) <= server.failures:
+                if len(server.times) == 1 and server.failures:
+                    body, status = {"error": {"code": "rate_limited", "message": "quota"}}, 429
+                elif len(server.times) <= server.failures:
                     body, status = {"error": {"code": "overloaded", "message": "busy"}}, 503
                 else:
                     body, status = {"emotion": "happy", "confidence": 0.9, "model_version": "x",
@@ -216,7 +261,7 @@ class FlakyServer:
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
-                if status == 503:
+                if status != 200:
                     self.send_header("retry-after", "1")
                 self.end_headers()
                 self.wfile.write(data)
@@ -238,7 +283,7 @@ class FlakyServer:
         self.thread.join(timeout=5)
 
 
-def test_503_is_retried_after_retry_after(clips):
+def test_429_and_503_are_retried_after_retry_after(clips):
     with FlakyServer(failures=2) as server:
         done = run_cli(str(clips["tone_16k_mono_wav"]), "--url", server.url, "--tries", "4",
                        "--backoff", "0.1", "--no-progress", timeout=60)

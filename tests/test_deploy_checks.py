@@ -78,6 +78,9 @@ def test_every_shipped_config_is_valid():
         assert set(deployments) == {"Router", *args.variants}, path
         router = RouterSettings.model_validate(deployments["Router"]["user_config"])
         router.check_against(list(args.variants))
+        # The production configs need API keys; the local ones are open.
+        assert bool(router.api_keys or router.api_keys_file) == (
+            path in ("deploy.yaml", "configs/single-gpu.yaml")), path
         for name in args.variants:
             ModelSettings.model_validate(deployments[name]["user_config"])
 

@@ -60,7 +60,7 @@ def test_response_schema(client, clips):
     assert body["granularity"] == "utterance"
     assert body["audio"] == {"duration_s": 1.5, "sample_rate": 44_100, "channels": 2,
                              "format": "FLAC"}
-    assert body["model"] == {"variant": "base", "source": body["model"]["source"],
+    assert body["model"] == {"variant": "base", "source": "tiny-seed1",  # its name, no path
                              "weights": "random", "dtype": "float32", "device": "cpu"}
     assert "embedding" not in body
     timings = body["timings_ms"]
@@ -214,8 +214,14 @@ def audio_module_write(path, samples, rate):
     soundfile.write(path, samples, rate, subtype="PCM_16", format="WAV")
 
 
-def test_models_endpoint(client):
-    body = client.get("/v1/models").json()
+def test_models_endpoint(client, service):
+    response = client.get("/v1/models")
+    body = response.json()
+    # Local sources show as their directory's name: no server path in the answer.
+    assert str(service.checkpoints["base"].parent) not in response.text
+    assert {name: (info["source"], info["identity"]["source"])
+            for name, info in body["variants"].items()} == {
+        name: (service.checkpoints[name].name,) * 2 for name in body["variants"]}
     assert body["default_version"] == "large"
     assert body["aliases"] == {"latest": "large", "fast": "turbo"}
     assert set(body["variants"]) == {"base", "large", "turbo"}

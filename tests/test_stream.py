@@ -132,6 +132,11 @@ def test_api_errors_map_to_close_codes():
         error = protocol.StreamError.from_api(ApiError(status, code, "x"))
         assert (error.close_code, error.code) == (close_code, code)
         assert error.event() == {"type": "error", "error": {"code": code, "message": "x"}}
+    # Over a key's quota: try later, and when (the Retry-After the API would send).
+    error = protocol.StreamError.from_api(ApiError(429, "rate_limited", "x",
+                                                   headers={"Retry-After": "3"}))
+    assert error.close_code == 1013
+    assert error.event()["error"] == {"code": "rate_limited", "message": "x", "retry_after_s": 3}
 
 
 def test_sample_buffer_grows_and_slices():

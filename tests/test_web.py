@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import httpx
 import pytest
 
 from tests.conftest import REPO
@@ -31,7 +32,9 @@ TIMEOUT_MS = 60_000
 def test_page_and_assets_are_served(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert '<script src="/web/app.js">' in page.text and "/web/style.css" in page.text
+    # URLs relative to a <base> set to the app's route prefix ("/" here).
+    assert '<base href="/">' in page.text
+    assert '<script src="web/app.js">' in page.text and '"web/style.css"' in page.text
     script = client.get("/web/app.js")
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
     assert "function encodeWav" in script.text
@@ -208,3 +211,39 @@ def test_errors_are_shown(page, tmp_path):
     page.wait_for_selector("#error:not([hidden])")
     assert "415 unsupported_audio" in page.text_content("#error")
     assert page.is_hidden("#result")
+
+
+def test_the_page_asks_for_a_key_and_sends_it(browser, keyed, clips):
+    """The app with keys on, under its route prefix: the API answers 401, the page asks for a
+    key, refuses a wrong one, and with the right one lists the models and recognises."""
+    page_html = httpx.get(keyed.url, timeout=30, follow_redirects=True)  # /keys -> /keys/
+    assert str(page_html.url) == keyed.url + "/"
+    assert '<base href="/keys/">' in page_html.text
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(keyed.url)
+    page.wait_for_selector("#key-form:not([hidden])")
+    assert "needs an API key" in page.text_content("#key-message")
+    page.fill("#api-key", "e2v_not-the-key")
+    page.click("#key-save")
+    page.wait_for_function("document.getElementById('key-message').textContent"
+                           ".includes('refused')")
+    assert page.is_visible("#key-form")
+    page.fill("#api-key", keyed.keys["web"])
+    page.click("#key-save")
+    listed = "document.querySelector('#model-version option[value=base]') !== null"
+    page.wait_for_function(listed)
+    assert page.is_hidden("#key-form") and page.is_hidden("#error")
+    assert page.evaluate("sessionStorage.getItem('emotion2vec-api-key')") == keyed.keys["web"]
+    page.set_input_files("#file", str(clips["tone_16k_mono_wav"]))
+    page.click("#submit")
+    body = shown_result(page)
+    assert body["model_version"] == "base" and body["model"]["source"] == "tiny-seed1"
+    page.reload()  # the key stays for the tab: no question this time
+    page.wait_for_function(listed)
+    assert page.is_hidden("#key-form")
+    context.close()
+    assert errors == [], errors

@@ -1,6 +1,7 @@
 // The page's logic: pick or record audio, call POST /v1/predict, draw the answer as SVG.
 // The live mode (the microphone streamed to WS /v1/stream) is in live.js.
-// Plain browser JavaScript, no build step and nothing fetched from elsewhere.
+// Plain browser JavaScript, no build step and nothing fetched from elsewhere. URLs are
+// relative to the page's <base>, which the server sets to the app's route prefix.
 "use strict";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -10,6 +11,51 @@ const COLORS = {
 };
 const $ = (id) => document.getElementById(id);
 let audio = null;  // {blob, name}: what the next request sends
+
+// -- the API key (asked for when the API answers 401; kept for this tab only) -------------
+const KEY_STORE = "emotion2vec-api-key";
+let keyInMemory = null;  // where session storage is off
+
+function storedKey() {
+  try { return sessionStorage.getItem(KEY_STORE) ?? keyInMemory; } catch { return keyInMemory; }
+}
+
+function storeKey(key) {
+  keyInMemory = key;
+  try {
+    if (key) sessionStorage.setItem(KEY_STORE, key); else sessionStorage.removeItem(KEY_STORE);
+  } catch { /* storage off: the key stays in memory */ }
+}
+
+// fetch() with the key, if there is one; a 401 asks for a (new) key.
+async function api(path, options = {}) {
+  const key = storedKey();
+  const headers = key ? { Authorization: `Bearer ${key}` } : {};
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) {
+    storeKey(null);
+    askForKey(key ? "The API key was refused. Enter a valid key." :
+      "This service needs an API key.");
+  }
+  return response;
+}
+
+function askForKey(message) {
+  $("key-message").textContent = message;
+  $("key-form").hidden = false;
+  $("api-key").focus();
+}
+
+function saveKey(event) {
+  event.preventDefault();
+  const key = $("api-key").value.trim();
+  if (!key) return;
+  storeKey(key);
+  $("api-key").value = "";
+  $("key-form").hidden = true;
+  hideError();
+  loadModels();
+}
 
 // -- audio in ---------------------------------------------------------------------------
 function setAudio(blob, name) {
@@ -98,8 +144,9 @@ async function toggleRecording() {
 async function loadModels() {
   const select = $("model-version");
   try {
-    const response = await fetch("/v1/models");
+    const response = await api("v1/models");
     const models = await response.json();
+    if (!response.ok) throw new Error(`${response.status} ${models.error?.code || ""}`);
     select.replaceChildren();
     for (const [name, info] of Object.entries(models.variants)) {
       const option = new Option(`${name}${name === models.default_version ? " (default)" : ""}` +
@@ -129,7 +176,7 @@ async function submit(event) {
   $("status").textContent = "Recognising…";
   hideError();
   try {
-    const response = await fetch("/v1/predict", { method: "POST", body: form });
+    const response = await api("v1/predict", { method: "POST", body: form });
     const body = await response.json();
     if (!response.ok) {
       const error = body.error || {};
@@ -281,6 +328,7 @@ function init() {
   $("record").addEventListener("click", toggleRecording);
   if (!window.MediaRecorder || !navigator.mediaDevices) $("record").disabled = true;
   $("form").addEventListener("submit", submit);
+  $("key-form").addEventListener("submit", saveKey);
   loadModels();
 }
 

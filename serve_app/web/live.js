@@ -42,8 +42,12 @@ async function startLive() {
   const params = new URLSearchParams({ sample_rate: String(context.sampleRate),
     encoding: "pcm_s16le" });
   if ($("model-version").value) params.set("model_version", $("model-version").value);
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const socket = new WebSocket(`${scheme}//${location.host}/v1/stream?${params}`);
+  // Browsers cannot set headers on a WebSocket: the key goes as a query parameter.
+  const key = storedKey();
+  if (key) params.set("api_key", key);
+  const url = new URL(`v1/stream?${params}`, document.baseURI);  // under the route prefix
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  const socket = new WebSocket(url);
   live = { socket, context, media, blocks: [], queued: 0, windows: [], skipped: 0, failed: false };
   socket.onopen = () => {
     const node = new AudioWorkletNode(context, "pcm-capture");
@@ -99,6 +103,10 @@ function onLiveEvent(event) {
   } else if (event.type === "error") {
     live.failed = true;
     showError(`${event.error.code}: ${event.error.message}`);
+    if (event.error.code === "unauthorized") {
+      storeKey(null);
+      askForKey("This service needs an API key.");
+    }
   }
 }
 
