@@ -83,10 +83,9 @@ def _read_config(path: Path) -> dict:
         config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(config, dict) or config.get("model") != "Emotion2vec":
-        raise ModelLoadError(f"{path} names model "
-                             f"{config.get('model') if isinstance(config, dict) else None!r}, "
-                             "not Emotion2vec")
+    model = config.get("model") if isinstance(config, dict) else None
+    if model != "Emotion2vec":
+        raise ModelLoadError(f"{path} names model {model!r}, not Emotion2vec")
     return config
 
 
@@ -135,10 +134,7 @@ class EmotionEngine:
                                settings.download_timeout_s)
         path = settings.local_path
         spec = settings.generate
-        if spec is not None:
-            if not checkpoints.is_complete(path):
-                logger.warning("no checkpoint at %s: generating a %s checkpoint with RANDOM "
-                               "weights (seed %d)", path, spec.arch, spec.seed)
+        if spec is not None:  # written when missing or outdated (it logs what it writes)
             try:
                 checkpoints.write_checkpoint(path, spec.arch, spec.seed,
                                              optimizer_state=spec.optimizer_state)
