@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 import logging
+import re
 import shutil
 
 import pytest
@@ -100,9 +101,9 @@ def test_select_names_the_file_and_the_first_offending_keys(tmp_path):
     pairs = weights.scope_pairs(["d2v_model.", "none"])
     expected = Toy().state_dict()
     wrong = dict(good, **{"d2v_model.proj.weight": torch.zeros(4, 2)})
-    with pytest.raises(ModelLoadError, match=rf"{path}.*0 missing and 1 mis-shaped.*"
-                                             r"d2v_model\.proj\.weight: \[4, 2\] in the file, "
-                                             r"\[1, 2\] in the model"):
+    with pytest.raises(ModelLoadError, match=re.escape(str(path)) + r".*0 missing and 1 "
+                       r"mis-shaped.*d2v_model\.proj\.weight: \[4, 2\] in the file, "
+                       r"\[1, 2\] in the model"):
         weights.select(expected, wrong, pairs, path)
     not_tensor = dict(good, **{"d2v_model.proj.bias": [0.0]})
     with pytest.raises(ModelLoadError, match=r"1 missing .*missing proj\.bias"):
@@ -117,20 +118,22 @@ def test_select_names_the_file_and_the_first_offending_keys(tmp_path):
     half = tmp_path / "half.pt"
     torch.save({"model": good}, half)
     half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])
-    with pytest.raises(ModelLoadError, match=rf"cannot read {half}"):
+    with pytest.raises(ModelLoadError, match=rf"cannot read {re.escape(str(half))}"):
         weights.read_weights(half)
 
 
 def _differences(ours, theirs, path="") -> list[str]:
-    if isinstance(ours, dict) and isinstance(theirs, dict):
-        return [d for key in sorted(ours.keys() | theirs.keys(), key=str)
-                for d in (_differences(ours.get(key, "<absent>"), theirs.get(key, "<absent>"),
-                                       f"{path}.{key}") if key in ours and key in theirs
-                          else [f"{path}.{key}: only in "
-                                f"{'ours' if key in ours else 'the published file'}"])]
-    if type(ours) is not type(theirs) or ours != theirs:
-        return [f"{path}: {ours!r} != {theirs!r}"]
-    return []
+    """Every key path where two parsed YAML documents differ (keys, values or types)."""
+    if not (isinstance(ours, dict) and isinstance(theirs, dict)):
+        same = type(ours) is type(theirs) and ours == theirs
+        return [] if same else [f"{path}: {ours!r} != {theirs!r}"]
+    found = []
+    for key in sorted(ours.keys() | theirs.keys(), key=str):
+        if key in ours and key in theirs:
+            found += _differences(ours[key], theirs[key], f"{path}.{key}")
+        else:
+            found.append(f"{path}.{key}: only in {'ours' if key in ours else 'the published'}")
+    return found
 
 
 def test_generated_large_is_the_published_directory(tmp_path):
