@@ -79,11 +79,11 @@ def download(repo_id: str, hub: str, revision: str | None, timeout_s: float) -> 
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)
         child.communicate()
-        raise _not_available(repo_id, hub, f"no complete download within {timeout_s:g} s")
+        raise _not_available(repo_id, hub, f"it was not downloaded within {timeout_s:g} s")
     lines = out.strip().splitlines()
     if child.returncode != 0 or not lines:
         reason = (err.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
-        raise _not_available(repo_id, hub, f"the download failed: {reason[-400:]}")
+        raise _not_available(repo_id, hub, f"the download failed: {reason[:400].rstrip('.')}")
     directory = Path(lines[-1])
     if not directory.is_dir() or not _complete(directory):
         raise _not_available(repo_id, hub, f"the download gave {directory}, which lacks "

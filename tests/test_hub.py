@@ -103,7 +103,7 @@ def unanswering_endpoint():
 
 
 @pytest.mark.parametrize("hub,endpoint_variable,expected", [
-    ("ms", "MODELSCOPE_ENDPOINT", r"no complete download within 3 s"),
+    ("ms", "MODELSCOPE_ENDPOINT", r"it was not downloaded within 3 s"),
     ("hf", "HF_ENDPOINT", r"the download failed"),
 ])
 def test_a_model_not_cached_fails_in_bounded_time_saying_what_to_do(
