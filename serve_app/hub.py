@@ -11,6 +11,7 @@ to do.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -77,7 +78,8 @@ def download(repo_id: str, hub: str, revision: str | None, timeout_s: float) -> 
     try:
         out, err = child.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # it may have just ended
+            os.killpg(child.pid, signal.SIGKILL)
         child.communicate()
         raise _not_available(repo_id, hub, f"it was not downloaded within {timeout_s:g} s")
     lines = out.strip().splitlines()
