@@ -164,7 +164,8 @@ def main() -> None:
                 for d in app["deployments"] if d["name"] != "Router"}
     for settings in variants.values():
         checkpoints.write_checkpoint(settings.local_path, settings.generate.arch,
-                                     settings.generate.seed)
+                                     settings.generate.seed,
+                                     optimizer_state=settings.generate.optimizer_state)
     clip = speech_clip(args.clip_seconds)
     wav = wav_bytes(clip)
     rows: dict[str, dict] = {name: {} for name in variants}

@@ -46,6 +46,8 @@ class GenerateSpec(_Strict):
 
     arch: Literal["tiny", "base", "large"]
     seed: int = 0
+    # Adam's moments beside the weights, as in the published files (model.pt ~3x the weights)
+    optimizer_state: bool = False
 
 
 class ModelSettings(_Strict):
@@ -56,8 +58,12 @@ class ModelSettings(_Strict):
     hub: Literal["ms", "hf"] = "ms"
     revision: str | None = None
     generate: GenerateSpec | None = None
-    # mmap: build FunASR's Emotion2vec on the meta device and map model.pt into it (~1x its
-    # size at peak); funasr: AutoModel's own path (~3x). Hub ids always load through AutoModel.
+    # A hub id is looked up in the hub client's cache first; a download, only when it is not
+    # there, is stopped after this long (then the error says how to pre-fill the cache).
+    download_timeout_s: float = Field(default=900.0, ge=1.0, le=7200.0)
+    # mmap: FunASR's Emotion2vec built on the meta device, model.pt's weights mapped into it
+    # (~1x the weights at peak, optimizer state never read); funasr: AutoModel's own path
+    # (reads the whole file). Both check every tensor strictly; hub ids load like directories.
     loader: Literal["mmap", "funasr"] = "mmap"
     # reduced: bfloat16 autocast on CPU, float16 autocast on CUDA (what "turbo" means).
     precision: Literal["fp32", "reduced"] = "fp32"

@@ -1,11 +1,17 @@
-"""The emotion2vec model itself, with no Ray in it: load through FunASR, warm up, predict.
+"""The emotion2vec model itself, with no Ray in it: load, warm up, predict.
 
-Loading goes through FunASR's `AutoModel`, so a checkpoint is built and filled exactly as
-FunASR builds it. Prediction runs the same steps as `Emotion2vec.inference` (layer-norm of
-the waveform, `extract_features`, mean over frames, the linear head, softmax) on an array
-that the router already decoded, with two differences that keep results honest:
-the head and softmax always run in float32 (a bf16 softmax sums to 1 +- 2e-3), and reduced
-precision ("turbo") is autocast around the encoder only.
+Loading: a local directory, or a hub id resolved to its cached snapshot (serve_app/hub.py),
+then one of two loaders, both with the same key mapping and strict check (serve_app/weights.py):
+- `mmap` (default): FunASR's Emotion2vec class built on the meta device (no memory) without
+  its pre-training decoder, then given model.pt's tensors memory-mapped (assign=True): about
+  1x the weights at peak, whatever else the file holds (optimizer state is never read);
+- `funasr`: FunASR's own `AutoModel` (it reads the whole file and copies the weights), then the
+  same check of what it loaded, since FunASR only warns about missing tensors.
+Prediction runs the same steps as `Emotion2vec.inference` (layer-norm of the waveform,
+`extract_features`, mean over frames, the linear head, softmax) on an array that the router
+already decoded, with two differences that keep results honest: the head and softmax always run
+in float32 (a bf16 softmax sums to 1 +- 2e-3), and reduced precision ("turbo") is autocast
+around the encoder only.
 
 `predict_batch` runs several clips of any lengths through one padded forward pass
 (serve_app.padded) and gives each clip what `predict` would give it alone, up to float
@@ -23,17 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
-from serve_app import checkpoints, padded
+from serve_app import checkpoints, hub, padded, weights
 from serve_app.config import ModelSettings
 from serve_app.timeline import emotion_timeline
+from serve_app.weights import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
 MIN_SAMPLES = 400  # the conv stem fails below 25 ms at 16 kHz
 
 
-class ModelLoadError(RuntimeError):
-    """The configured model could not be loaded; the message says what to fix."""
 
 
 @dataclass
@@ -47,7 +52,8 @@ class Prediction:
 
 @dataclass
 class ModelInfo:
-    source: str
+    source: str              # as configured: a directory, or a hub id
+    directory: str           # where the files were read (a hub id's cached snapshot)
     weights: str             # "random" or "pretrained"
     device: str
     dtype: str               # what the encoder computes in
@@ -64,61 +70,40 @@ def _sha256(path: Path) -> str | None:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _verify_weights(model, weights_file: Path) -> None:
-    """Refuse a checkpoint whose tensors do not match the architecture: FunASR only warns
-    about missing keys, and would serve those parameters with random values."""
-    import torch
+def _read_config(path: Path) -> dict:
+    """config.yaml as FunASR reads it (OmegaConf)."""
+    from omegaconf import OmegaConf
 
     try:
-        state = torch.load(weights_file, map_location="cpu", mmap=True, weights_only=True)
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read {weights_file}: {exc}") from exc
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    found = {k.removeprefix("module."): tuple(v.shape) for k, v in state.items()
-             if hasattr(v, "shape")}
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(expected.keys() - found.keys())
-    wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
-    if missing or wrong:
-        examples = [f"{k} missing" for k in missing[:3]] + [
-            f"{k}: {found[k]} in the file, {expected[k]} in the model" for k in wrong[:3]]
-        raise ModelLoadError(
-            f"{weights_file} does not match the architecture of its config.yaml: "
-            f"{len(missing)} missing and {len(wrong)} mis-shaped tensors ({'; '.join(examples)})")
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    model = config.get("model") if isinstance(config, dict) else None
+    if model != "Emotion2vec":
+        raise ModelLoadError(f"{path} names model {model!r}, not Emotion2vec")
+    return config
 
 
-def _load_mmap(directory: Path):
-    """FunASR's Emotion2vec class built on the meta device (no memory), then given the
-    tensors of model.pt memory-mapped (assign=True): about 1x model.pt at peak instead of
-    AutoModel's 3x (random init, the loaded dict and its deep copy). Same class, same
-    weights, same outputs."""
+def _load_mmap(files: weights.ModelFiles):
+    """FunASR's Emotion2vec on the meta device, filled with model.pt's tensors, mapped."""
     import torch
-    import yaml
     from funasr.models.emotion2vec.model import Emotion2vec
 
-    config = yaml.safe_load((directory / "config.yaml").read_text(encoding="utf-8"))
-    if config.get("model") != "Emotion2vec":
-        raise ModelLoadError(f"{directory}: config.yaml names model {config.get('model')!r}, "
-                             "not Emotion2vec")
-    labels = [line.strip() for line in
-              (directory / "tokens.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+    config = _read_config(files.config)
+    labels = weights.read_labels(files.tokens)
     try:
         with torch.device("meta"):
             model = Emotion2vec(**config, vocab_size=len(labels))
-        state = torch.load(directory / "model.pt", map_location="cpu", mmap=True,
-                           weights_only=True)
-        for key in ("state_dict", "model_state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
     except Exception as exc:
-        raise ModelLoadError(f"could not load {directory}: {exc}") from exc
+        raise ModelLoadError(f"cannot build the model {files.config} describes: {exc}") from exc
+    weights.drop_pretraining_decoder(model)
+    tensors = weights.select(model.state_dict(), weights.read_weights(files.weights),
+                             weights.scope_pairs(config.get("scope_map"), files.config),
+                             files.weights)
+    model.load_state_dict(tensors, strict=True, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
-        raise ModelLoadError(f"{directory}: model.pt leaves {left[:3]} unset")
+        raise ModelLoadError(f"{files.weights} leaves {left[:3]} unset")
     return model, labels
 
 
@@ -135,52 +120,62 @@ class EmotionEngine:
         self._batchable = False
 
     # -- loading -------------------------------------------------------------------------
-    def _resolve_source(self) -> tuple[str, dict | None]:
+    def _resolve_source(self) -> Path:
+        """The local directory to load: a hub id's cached (or downloaded) snapshot, a
+        generated checkpoint written if missing or outdated, or the configured directory."""
         settings = self.settings
         if not settings.is_local:
-            return settings.source, None
+            return hub.resolve(settings.source, settings.hub, settings.revision,
+                               settings.download_timeout_s)
         path = settings.local_path
-        if settings.generate is not None and not checkpoints.is_complete(path):
-            logger.warning("no checkpoint at %s: generating a %s checkpoint with RANDOM weights "
-                           "(seed %d)", path, settings.generate.arch, settings.generate.seed)
-            checkpoints.write_checkpoint(path, settings.generate.arch, settings.generate.seed)
+        spec = settings.generate
+        if spec is not None:  # written when missing or outdated (it logs what it writes)
+            try:
+                checkpoints.write_checkpoint(path, spec.arch, spec.seed,
+                                             optimizer_state=spec.optimizer_state)
+            except ValueError as exc:
+                raise ModelLoadError(str(exc)) from exc
         if not path.is_dir():
             raise ModelLoadError(
                 f"model directory {path} does not exist. Point `source` at a directory with "
                 "config.yaml, model.pt and tokens.txt, at a hub id (iic/emotion2vec_plus_large), "
                 "or add `generate: {arch: base}` to create random weights offline")
-        if not checkpoints.is_complete(path):
-            missing = [n for n in ("config.yaml", "model.pt", "tokens.txt")
-                       if not (path / n).is_file()]
+        missing = weights.model_files(path).missing()
+        if missing:
             raise ModelLoadError(f"model directory {path} lacks {', '.join(missing)}")
-        return str(path), checkpoints.random_weights_info(path)
+        return path
 
     def load(self) -> ModelInfo:
         import torch
 
         started = time.perf_counter()
-        source, random_info = self._resolve_source()
+        directory = self._resolve_source()
+        files = weights.model_files(directory)
+        random_info = checkpoints.random_weights_info(directory)
         torch.set_num_threads(self.threads)
-        if self.settings.is_local and self.settings.loader == "mmap":
-            model, self.labels = _load_mmap(Path(source))
+        if self.settings.loader == "mmap":
+            model, self.labels = _load_mmap(files)
             model.to(self.device)
-            weights_file = Path(source) / "model.pt"
+            weights_file = files.weights
         else:
-            model, self.labels, weights_file = self._load_funasr(source)
+            model, self.labels, weights_file = self._load_funasr(directory)
         model.eval()
         if len(self.labels) != model.proj.out_features:
-            raise ModelLoadError(f"{source}: {len(self.labels)} labels in tokens.txt but the head "
-                                 f"has {model.proj.out_features} outputs")
+            raise ModelLoadError(f"{directory}: {len(self.labels)} labels in "
+                                 f"{files.tokens.name} but the head has "
+                                 f"{model.proj.out_features} outputs")
         self.model = model
         self._normalize = bool(model.cfg.get("normalize", False))
         try:
             padded.check_supported(model)
             self._batchable = True
         except padded.UnsupportedModel as exc:
-            logger.warning("%s: %s; predict_batch runs clip by clip", source, exc)
+            logger.warning("%s: %s; predict_batch runs clip by clip", directory, exc)
             self._batchable = False
+        source = str(directory) if self.settings.is_local else self.settings.source
         self.info = ModelInfo(
             source=source,
+            directory=str(directory),
             weights="random" if random_info else "pretrained",
             device=self.device,
             dtype=self._encoder_dtype(),
@@ -194,29 +189,30 @@ class EmotionEngine:
                            source, random_info.get("arch"), random_info.get("seed"))
         return self.info
 
-    def _load_funasr(self, source: str):
-        """FunASR's own path: AutoModel builds, fills (3x model.pt at peak) and moves."""
+    def _load_funasr(self, directory: Path):
+        """FunASR's own path (it reads all of model.pt, optimizer state included, and copies
+        the weights), then the check FunASR leaves out: every tensor was in the file."""
         from funasr import AutoModel
 
-        kwargs = dict(model=source, device=self.device, ncpu=self.threads,
-                      disable_update=True, disable_pbar=True, disable_log=True,
-                      ignore_init_mismatch=False)
-        if not self.settings.is_local:
-            kwargs["hub"] = self.settings.hub
-            if self.settings.revision:
-                kwargs["model_revision"] = self.settings.revision
         root_level = logging.getLogger().level
         try:
-            auto = AutoModel(**kwargs)
+            auto = AutoModel(model=str(directory), device=self.device, ncpu=self.threads,
+                             disable_update=True, disable_pbar=True, disable_log=True)
         except Exception as exc:  # FunASR raises many kinds; the message is what matters
-            raise ModelLoadError(f"FunASR could not load {source}: {exc}") from exc
+            raise ModelLoadError(f"FunASR could not load {directory}: {exc}") from exc
         finally:
             logging.getLogger().setLevel(root_level)  # funasr sets the root logger to INFO
         model = auto.model
         if model is None or getattr(model, "proj", None) is None:
-            raise ModelLoadError(f"{source} is not an emotion2vec model with a classifier head")
-        weights_file = Path(auto.kwargs.get("init_param") or Path(source) / "model.pt")
-        _verify_weights(model, weights_file)
+            raise ModelLoadError(f"{directory} is not an emotion2vec model with a classifier head")
+        init_param = auto.kwargs.get("init_param")
+        if not init_param or not Path(init_param).is_file():
+            raise ModelLoadError(f"FunASR found no weights file in {directory}")
+        weights_file = Path(init_param)
+        weights.drop_pretraining_decoder(model)  # random values FunASR built; frees them
+        weights.select(model.state_dict(), weights.read_weights(weights_file),
+                       weights.scope_pairs(auto.kwargs.get("scope_map"), directory),
+                       weights_file)
         tokenizer = auto.kwargs.get("tokenizer")
         labels = list(tokenizer.token_list) if tokenizer is not None else []
         return model, labels, weights_file

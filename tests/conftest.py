@@ -25,6 +25,8 @@ from tests import clips as clip_maker
 REPO = Path(__file__).resolve().parents[1]
 APP_NAME = "emotion2vec"
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+# The published emotion2vec_plus_large's config.yaml, tokens.txt and configuration.json
+PUBLISHED = REPO / "tests" / "data" / "emotion2vec_plus_large"
 
 
 @pytest.fixture(scope="session")
