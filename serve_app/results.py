@@ -17,11 +17,20 @@ from serve_app.labels import english_name
 _LOCAL_PATH = re.compile(r"(?<![\w.:/~-])(?:~|\.{1,2})?/[^\s'\"`,;:()\[\]{}<>]+")
 
 
+def _last_part(path: str) -> str:
+    """A directory by its name; a file (it has a suffix) by its directory's name and its own,
+    so that `.../large-ft/model.pt` still says which model's file it is."""
+    pure = PurePath(path)
+    if pure.suffix and pure.parent.name:
+        return f"{pure.parent.name}/{pure.name}"
+    return pure.name or "/"
+
+
 def without_paths(value):
     """`value` (dicts, lists, strings) with every local path cut to its last part: a model
     directory shows as its name. Clients see which model, never where it lives on the server."""
     if isinstance(value, str):
-        return _LOCAL_PATH.sub(lambda match: PurePath(match.group()).name or "/", value)
+        return _LOCAL_PATH.sub(lambda match: _last_part(match.group()), value)
     if isinstance(value, dict):
         return {key: without_paths(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

@@ -195,17 +195,20 @@ def test_key_ids_are_checked():
 
 
 def test_paths_are_cut_to_their_last_part():
+    # A directory by its name; a file by its directory's name and its own.
     info = {"source": "/srv/models/tiny-seed1", "hub": "iic/emotion2vec_plus_large",
             "last_swap": {"requested": {"source": "~/.cache/e2v/base-seed0"},
                           "error": "model directory /srv/x/missing does not exist; see "
                                    "https://modelscope.cn/models/iic/x and/or 1/2"},
-            "trace": ['File "/opt/app/serve_app/model.py", line 5'], "n": 3}
+            "trace": ['File "/opt/app/serve_app/model.py", line 5'],
+            "weights": "cannot read /srv/models/large-ft/model.pt: truncated", "n": 3}
     assert without_paths(info) == {
         "source": "tiny-seed1", "hub": "iic/emotion2vec_plus_large",
         "last_swap": {"requested": {"source": "base-seed0"},
                       "error": "model directory missing does not exist; see "
                                "https://modelscope.cn/models/iic/x and/or 1/2"},
-        "trace": ['File "model.py", line 5'], "n": 3}
+        "trace": ['File "serve_app/model.py", line 5'],
+        "weights": "cannot read large-ft/model.pt: truncated", "n": 3}
 
 
 # -- through the service --------------------------------------------------------------------------
