@@ -98,6 +98,13 @@ class RouterSettings(_Strict):
     # The conv stem needs 400 samples (25 ms) at 16 kHz; below 0.1 s there is no emotion.
     min_duration_s: float = Field(default=0.1, ge=0.025)
     model_timeout_s: float = Field(default=60.0, gt=0, description="wait on a variant")
+    # Decoding limits, checked per decoded block whatever the header says.
+    max_decoded_bytes: int = Field(default=256 * 2**20, ge=2**20,
+                                   description="decoded float32 samples, all channels")
+    max_decode_s: float = Field(default=10.0, gt=0, le=300, description="wall time per decode")
+    # FFmpeg decodes run in this many worker processes (a hang or crash is contained there);
+    # 0 runs them in the router's threads.
+    decode_workers: int = Field(default=2, ge=0, le=64)
     output_dir: str | None = Field(default=None, description="save each result here")
 
     def resolve(self, requested: str | None, variants: list[str]) -> str | None:

@@ -27,11 +27,12 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from serve_app import audio
 from serve_app.config import RouterSettings
+from serve_app.decode_pool import Decoder
 from serve_app.engine import english_name
 from serve_app.errors import ApiError
 from serve_app.metrics import RouterMetrics
+from serve_app.waveform import Limits
 
 logger = logging.getLogger("ray.serve")
 access_log = logging.getLogger("ray.serve.emotion2vec.access")
@@ -65,7 +66,8 @@ PREDICT_OPENAPI = {
         "multipart/form-data": {"schema": {
             "type": "object", "required": ["file"],
             "properties": {"file": {"type": "string", "format": "binary",
-                                    "description": "the audio: wav, flac, ogg/vorbis, mp3, ..."},
+                                    "description": "the audio: wav, flac, ogg, mp3, m4a, "
+                                    "mp4/mov/3gp, webm/mkv, aac, wma, amr"},
                            **_PARAM_SCHEMAS}}},
         "application/octet-stream": {"schema": {
             "type": "string", "format": "binary",
@@ -196,11 +198,15 @@ class Router:
         self.variants = variants
         self.settings = RouterSettings(default_version=next(iter(variants)))
         self.metrics = RouterMetrics()
+        self.decoder = Decoder(self.settings.decode_workers)
 
-    def reconfigure(self, user_config: dict) -> None:
+    async def reconfigure(self, user_config: dict) -> None:
         settings = RouterSettings.model_validate(user_config)
         settings.check_against(list(self.variants))
         self.settings = settings
+        if settings.decode_workers != self.decoder.workers:
+            old, self.decoder = self.decoder, Decoder(settings.decode_workers)
+            await old.close()
 
     def _resolve(self, requested: str | None) -> str:
         variant = self.settings.resolve(requested, list(self.variants))
@@ -258,9 +264,9 @@ class Router:
         extract_embedding = _parse_bool("extract_embedding", params.get("extract_embedding"))
 
         decode_started = time.perf_counter()
-        decoded = await asyncio.to_thread(audio.decode, data,
-                                          max_duration_s=settings.max_duration_s,
-                                          min_duration_s=settings.min_duration_s)
+        decoded = await self.decoder.decode(data, Limits(
+            settings.max_duration_s, settings.min_duration_s, settings.max_decoded_bytes,
+            settings.max_decode_s))
         decode_ms = (time.perf_counter() - decode_started) * 1000
         trace.update(audio_s=round(decoded.duration_s, 3), decode_ms=round(decode_ms, 1))
 
