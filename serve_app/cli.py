@@ -22,8 +22,10 @@ from typing import Any, TextIO
 
 import httpx
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".caf",
-                  ".w64", ".rf64"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au",
+                  ".caf", ".w64", ".rf64",  # libsndfile's
+                  ".m4a", ".mp4", ".mov", ".3gp", ".3g2", ".webm", ".mkv", ".mka", ".aac",
+                  ".wma", ".amr"}  # FFmpeg's
 RETRY_STATUSES = {503}
 FIELDS = ["path", "status", "http_status", "emotion", "confidence", "model_version", "error",
           "request_id"]
