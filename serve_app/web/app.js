@@ -21,8 +21,8 @@ function setAudio(blob, name) {
   $("submit").disabled = false;
 }
 
-// The recording goes up as the browser wrote it (webm/opus in Chromium and Firefox, mp4/aac
-// in Safari; the server decodes these), at 64 kb/s: a quarter of a 16 kHz WAV.
+// The recording goes up as the browser wrote it (webm/opus in Chromium, ogg/opus in Firefox,
+// mp4/aac in Safari; the server decodes these), at 64 kb/s: a quarter of a 16 kHz WAV.
 const RECORDING_SUFFIXES = { "audio/webm": "webm", "audio/ogg": "ogg", "audio/mp4": "m4a" };
 function recordingName(mimeType) {
   return `recording.${RECORDING_SUFFIXES[mimeType.split(";")[0]] || "webm"}`;
