@@ -16,6 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve_app.waveform import MAX_DECODE_S, MAX_DECODED_BYTES
+
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ROUTER_NAME = "Router"
@@ -99,9 +101,10 @@ class RouterSettings(_Strict):
     min_duration_s: float = Field(default=0.1, ge=0.025)
     model_timeout_s: float = Field(default=60.0, gt=0, description="wait on a variant")
     # Decoding limits, checked per decoded block whatever the header says.
-    max_decoded_bytes: int = Field(default=256 * 2**20, ge=2**20,
+    max_decoded_bytes: int = Field(default=MAX_DECODED_BYTES, ge=2**20,
                                    description="decoded float32 samples, all channels")
-    max_decode_s: float = Field(default=10.0, gt=0, le=300, description="wall time per decode")
+    max_decode_s: float = Field(default=MAX_DECODE_S, gt=0, le=300,
+                                description="wall time per decode")
     # FFmpeg decodes run in this many worker processes (a hang or crash is contained there);
     # 0 runs them in the router's threads.
     decode_workers: int = Field(default=2, ge=0, le=64)

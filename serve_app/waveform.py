@@ -15,6 +15,8 @@ from serve_app.errors import ApiError
 TARGET_SR = 16_000
 MAX_CHANNELS = 32
 MIN_RATE, MAX_RATE = 1_000, 384_000
+MAX_DECODED_BYTES = 256 * 2**20  # decoded float32 samples, all channels
+MAX_DECODE_S = 10.0              # wall time of one decode
 
 
 @dataclass(frozen=True)
@@ -23,8 +25,8 @@ class Limits:
 
     max_duration_s: float
     min_duration_s: float = 0.1
-    max_decoded_bytes: int = 256 * 2**20  # decoded float32 samples, all channels
-    max_decode_s: float = 10.0            # wall time of one decode
+    max_decoded_bytes: int = MAX_DECODED_BYTES
+    max_decode_s: float = MAX_DECODE_S
 
     def as_dict(self) -> dict:
         return asdict(self)

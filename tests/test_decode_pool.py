@@ -35,6 +35,17 @@ def _gone(pid: int) -> bool:
     return False
 
 
+async def _stuck(pool: DecodePool, data: bytes,
+                 limits: Limits = LIMITS) -> tuple[int, asyncio.Task]:
+    """A decode in flight on a stopped worker: as one stuck inside an FFmpeg call."""
+    await pool.decode(data, LIMITS)
+    (pid,) = pool.pids()
+    os.kill(pid, signal.SIGSTOP)
+    decoding = asyncio.create_task(pool.decode(data, limits))
+    await asyncio.sleep(0.1)
+    return pid, decoding
+
+
 def _run(coroutine_function):
     """Run a test body with its own pool of one worker, closed after."""
     async def body():
@@ -96,11 +107,7 @@ def test_a_hanging_worker_is_killed_and_replaced(m4a):
 
 def test_a_crashing_worker_answers_415_and_is_replaced(m4a):
     async def body(pool: DecodePool):
-        await pool.decode(m4a, LIMITS)
-        (victim,) = pool.pids()
-        os.kill(victim, signal.SIGSTOP)
-        decoding = asyncio.create_task(pool.decode(m4a, LIMITS))
-        await asyncio.sleep(0.1)
+        victim, decoding = await _stuck(pool, m4a)
         os.kill(victim, signal.SIGSEGV)  # delivered when it resumes: a decoder crash
         os.kill(victim, signal.SIGCONT)
         with pytest.raises(ApiError) as refused:
@@ -115,11 +122,7 @@ def test_waiting_for_a_worker_is_bounded(m4a, monkeypatch):
     monkeypatch.setattr(decode_pool, "MAX_WAITING", 1)
 
     async def body(pool: DecodePool):
-        await pool.decode(m4a, LIMITS)
-        (busy,) = pool.pids()
-        os.kill(busy, signal.SIGSTOP)
-        hogging = asyncio.create_task(pool.decode(m4a, Limits(30, max_decode_s=1.0)))
-        await asyncio.sleep(0.1)
+        _, hogging = await _stuck(pool, m4a, Limits(30, max_decode_s=1.0))
         waiting = asyncio.create_task(pool.decode(m4a, Limits(30, max_decode_s=0.3)))
         await asyncio.sleep(0.05)
         with pytest.raises(ApiError) as no_room:  # the one waiting place is taken
@@ -137,11 +140,7 @@ def test_waiting_for_a_worker_is_bounded(m4a, monkeypatch):
 
 def test_an_abandoned_decode_does_not_keep_its_worker(m4a):
     async def body(pool: DecodePool):
-        await pool.decode(m4a, LIMITS)
-        (worker,) = pool.pids()
-        os.kill(worker, signal.SIGSTOP)
-        decoding = asyncio.create_task(pool.decode(m4a, LIMITS))
-        await asyncio.sleep(0.1)
+        worker, decoding = await _stuck(pool, m4a)
         decoding.cancel()  # the client went away
         with pytest.raises(asyncio.CancelledError):
             await decoding

@@ -110,12 +110,13 @@ def test_a_file_without_audio_gets_its_own_code(client):
 def test_video_streams_are_never_decoded(recordings):
     """The video track is refused a decoder even while FFmpeg probes the streams, and the
     audio track after it is the one decoded."""
+    previous = av.logging.get_level()
     av.logging.set_level(av.logging.VERBOSE)
     try:
         with av.logging.Capture() as logs:
             decoded = audio_av.decode(recordings["mp4_video_aac"], LIMITS)
     finally:
-        av.logging.set_level(None)
+        av.logging.set_level(previous)
     assert decoded.format == "MP4/AAC" and abs(decoded.duration_s - SECONDS) <= 0.05
     refused = [message for _, name, message in logs if name == "mpeg4"]
     assert refused and all("not on whitelist" in message for message in refused), logs
@@ -286,8 +287,7 @@ def _fuzz(fuzz_pool, seed: bytes, flips, cut) -> None:
     assert pool.failures == before, "a decode worker crashed or hung"
 
 
-_FUZZ = settings(max_examples=120, deadline=10_000, suppress_health_check=[
-    HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+_FUZZ = settings(max_examples=120, deadline=10_000, suppress_health_check=[HealthCheck.too_slow])
 _MUTATIONS = (st.lists(st.tuples(st.integers(0, 40_000), st.integers(0, 255)), max_size=16),
               st.integers(0, 20_000))
 _M4A = media.encode(FORMATS["m4a_aac"][0], 1.0)
