@@ -28,6 +28,8 @@ logger = logging.getLogger("ray.serve")
 WORKER_COMMAND = (sys.executable, "-m", "serve_app.decode_worker")
 START_TIMEOUT_S = 30.0  # a fresh worker imports numpy and FFmpeg's libraries
 MAX_WAITING = 64        # requests waiting for a free worker; more get 503 at once
+# A worker decodes one file at a time: no thread pools in numpy's libraries.
+_ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def hard_timeout_s(limits: Limits) -> float:
@@ -94,7 +96,7 @@ class DecodePool:
 
     async def _start(self) -> asyncio.subprocess.Process:
         root = str(Path(audio.__file__).resolve().parents[1])  # where serve_app is
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        env = {**os.environ, **_ONE_THREAD, "PYTHONPATH": os.pathsep.join(
             filter(None, [root, os.environ.get("PYTHONPATH")]))}
         worker = await asyncio.create_subprocess_exec(
             *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,

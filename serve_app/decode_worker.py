@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 HEADER = struct.Struct("<II")
 _PR_SET_PDEATHSIG = 1
-_ADDRESS_SPACE = 1536 * 2**20  # the interpreter and its libraries map ~250 MB of it
+_HEADROOM = 1 << 30  # address space for FFmpeg's buffers, beyond what the imports mapped
 
 
 def pack(meta: dict, payload: bytes = b"") -> bytes:
@@ -36,18 +36,21 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
 
 def _confine() -> None:
     """Die with the router; never write a file."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (AttributeError, OSError):  # not Linux: the closed stdin still ends the loop
-        pass
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # Linux, like the service
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
 
 
-def _cap_memory(max_decoded_bytes: int) -> None:
+def _mapped_bytes() -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmSize:"))
+    return int(line.split()[1]) * 1024
+
+
+def _cap_memory(baseline: int, max_decoded_bytes: int) -> None:
     """Room for the decoded samples, their copies and FFmpeg's buffers: a file that makes it
     allocate more gets MemoryError (413) here instead of exhausting the machine."""
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    wanted = _ADDRESS_SPACE + 4 * max_decoded_bytes
+    wanted = baseline + _HEADROOM + 4 * max_decoded_bytes
     resource.setrlimit(resource.RLIMIT_AS, (wanted if hard == resource.RLIM_INFINITY
                                             else min(wanted, hard), hard))
 
@@ -58,6 +61,7 @@ def main() -> None:
     from serve_app.errors import ApiError
     from serve_app.waveform import Limits
 
+    baseline = _mapped_bytes()
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the protocol
     answers.write(pack({"ready": True}))
@@ -73,7 +77,7 @@ def main() -> None:
             return
         try:
             limits = Limits(**json.loads(meta))
-            _cap_memory(limits.max_decoded_bytes)
+            _cap_memory(baseline, limits.max_decoded_bytes)
             decoded = audio_av.decode(data, limits)
             answer = pack({"ok": True, "duration_s": decoded.duration_s,
                            "sample_rate": decoded.sample_rate, "channels": decoded.channels,

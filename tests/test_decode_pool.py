@@ -6,7 +6,12 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import re
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +79,9 @@ def test_workers_give_the_samples_of_a_thread_and_are_reused():
                                          in_thread.channels, in_thread.format)
             pids.update(pool.pids())
         assert len(pids) == 1  # one worker served them all
+        limits = (Path("/proc") / str(*pids) / "limits").read_text()
+        assert re.search(r"Max file size\s+0\s+0", limits)  # it can write no file
+        assert not re.search(r"Max address space\s+unlimited", limits)
         with pytest.raises(ApiError) as refused:
             await pool.decode(b"not audio at all" * 10, LIMITS)
         assert refused.value.status == 415 and pool.pids() == list(pids)
@@ -150,3 +158,26 @@ def test_an_abandoned_decode_does_not_keep_its_worker(m4a):
         await pool.close()
         assert _gone(fresh)
     _run(body)
+
+
+def test_workers_die_with_the_router(m4a, tmp_path):
+    """A router killed without closing its pool leaves no worker behind."""
+    clip = tmp_path / "clip.m4a"
+    clip.write_bytes(m4a)
+    script = ("import asyncio, os, sys\n"
+              "from serve_app.decode_pool import DecodePool\n"
+              "from serve_app.waveform import Limits\n"
+              "async def main():\n"
+              "    pool = DecodePool(1)\n"
+              f"    await pool.decode(open({str(clip)!r}, 'rb').read(), Limits(30))\n"
+              "    print(*pool.pids(), flush=True)\n"
+              "    os._exit(0)\n"
+              "asyncio.run(main())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    worker = int(done.stdout)
+    deadline = time.monotonic() + 10
+    while not _gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(worker)

@@ -52,12 +52,6 @@ def test_each_format_is_served_with_its_duration(client, recordings, name):
     assert abs(info["duration_s"] - SECONDS) <= 0.05, info
 
 
-def _libsndfile_file(fmt: str, subtype: str | None, rate: int, channels: int) -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, media.tone(1.5, rate, channels).T, rate, format=fmt, subtype=subtype)
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize("fmt,subtype,rate,channels,tolerance", [
     ("WAV", "PCM_16", 16_000, 1, 0.0),
     ("WAV", "PCM_24", 8_000, 2, 0.0),
@@ -69,7 +63,7 @@ def _libsndfile_file(fmt: str, subtype: str | None, rate: int, channels: int) ->
 ])
 def test_files_both_decoders_read_give_the_same_waveform(fmt, subtype, rate, channels,
                                                          tolerance):
-    data = _libsndfile_file(fmt, subtype, rate, channels)
+    data = _wav(media.tone(1.5, rate, channels).T, rate, fmt, subtype)
     by_sndfile = audio.decode_sndfile(data, LIMITS)
     by_ffmpeg = audio_av.decode(data, LIMITS)
     assert (by_ffmpeg.sample_rate, by_ffmpeg.channels) == (rate, channels)
@@ -85,6 +79,36 @@ def test_files_both_decoders_read_give_the_same_waveform(fmt, subtype, rate, cha
     assert difference <= tolerance
     if tolerance == 0.0:
         assert np.array_equal(by_sndfile.waveform, by_ffmpeg.waveform)
+
+
+def _wav(samples: np.ndarray, rate: int = 16_000, fmt: str = "WAV",
+         subtype: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+def _forged_rate(rate: int) -> bytes:
+    data = bytearray(_wav(np.zeros(8000, np.float32)))
+    data[24:28] = rate.to_bytes(4, "little")  # the fmt chunk's sample rate
+    return bytes(data)
+
+
+@pytest.mark.parametrize("body,status,code", [
+    (b"", 422, "empty_audio"),
+    (_wav(np.zeros(1, np.float32)), 422, "audio_too_short"),
+    (_wav(np.full(16_000, np.nan, np.float32), subtype="FLOAT"), 422, "invalid_samples"),
+    (_wav(np.zeros(1600 * 40, np.float32).reshape(1600, 40)), 422, "too_many_channels"),
+    (_forged_rate(500), 422, "unsupported_sample_rate"),
+    (_forged_rate(4_000_000_000), 415, "unsupported_audio"),
+    (_wav(np.zeros(16_000 * 121, np.float32)), 413, "audio_too_long"),
+    (_wav(np.zeros(8_000 * 600, np.float32), 8_000, "FLAC"), 413, "audio_too_long"),
+])
+def test_both_decoders_refuse_alike(body, status, code):
+    for decoder in (audio.decode_sndfile, audio_av.decode):
+        with pytest.raises(ApiError) as refused:
+            decoder(body, LIMITS)
+        assert (refused.value.status, refused.value.code) == (status, code), decoder
 
 
 def _video_only_mp4() -> bytes:
