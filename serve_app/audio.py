@@ -37,7 +37,7 @@ class NotLibsndfileAudio(ApiError):
 def decode(data: bytes, *, max_duration_s: float, min_duration_s: float, **limits) -> DecodedAudio:
     """Decode, check and convert in this thread; every failure is an ApiError with a 4xx
     status. The router runs the FFmpeg path in worker processes instead
-    (`serve_app/decode_workers.py`)."""
+    (`serve_app/decode_pool.py`)."""
     bounds = Limits(max_duration_s, min_duration_s, **limits)
     try:
         return decode_sndfile(data, bounds)

@@ -84,8 +84,8 @@ def _decode(data: bytes, limits: Limits, started: float) -> DecodedAudio:
                 other.discard = Discard.all  # their packets are dropped by the demuxer
         codec = stream.codec_context
         if codec is None or codec.name not in DECODERS:
-            raise ApiError(415, "unsupported_audio",
-                           f"the audio codec {stream.codec.name!r} is not supported")
+            name = "unknown" if codec is None else codec.name
+            raise ApiError(415, "unsupported_audio", f"the audio codec {name!r} is not supported")
         if codec.sample_rate and codec.channels:
             check_format(codec.sample_rate, codec.channels)
         declared = _declared_seconds(container, stream)

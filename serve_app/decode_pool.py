@@ -40,8 +40,8 @@ def hard_timeout_s(limits: Limits) -> float:
 class DecodePool:
     """`size` worker processes, started on demand, each running one decode at a time."""
 
-    def __init__(self, size: int, command: tuple[str, ...] = WORKER_COMMAND):
-        self.size, self.command = size, command
+    def __init__(self, size: int):
+        self.size = size
         self._slots = asyncio.Semaphore(size)
         self._idle: list[asyncio.subprocess.Process] = []
         self._waiting = 0
@@ -99,19 +99,20 @@ class DecodePool:
         env = {**os.environ, **_ONE_THREAD, "PYTHONPATH": os.pathsep.join(
             filter(None, [root, os.environ.get("PYTHONPATH")]))}
         worker = await asyncio.create_subprocess_exec(
-            *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            *WORKER_COMMAND, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env=env)
+        ready = False
         try:
             meta, _ = await asyncio.wait_for(_read(worker), timeout=START_TIMEOUT_S)
-            if not meta.get("ready"):
-                raise EOFError(f"unexpected first message {meta}")
-        except BaseException as exc:
-            await _kill(worker)
-            if isinstance(exc, Exception):
-                logger.error("decode worker did not start: %r", exc)
-                raise ApiError(503, "decoder_unavailable", "the decoder could not start; "
-                               "retry later", headers={"Retry-After": "5"}) from None
-            raise
+            ready = meta.get("ready") is True
+        except Exception as exc:
+            logger.error("decode worker did not start: %r", exc)
+        finally:
+            if not ready:
+                await _kill(worker)
+        if not ready:
+            raise ApiError(503, "decoder_unavailable", "the decoder could not start; retry "
+                           "later", headers={"Retry-After": "5"})
         return worker
 
     @staticmethod

@@ -146,6 +146,16 @@ def test_video_streams_are_never_decoded(recordings):
     assert refused and all("not on whitelist" in message for message in refused), logs
 
 
+def test_audio_codecs_outside_the_allow_list_are_refused():
+    data = media.encode(Spec("mov", "adpcm_ima_qt", 16_000), 1.0)
+    with av.open(io.BytesIO(data)) as unguarded:  # FFmpeg on its own decodes it
+        assert unguarded.streams.audio[0].codec_context.name == "adpcm_ima_qt"
+    with pytest.raises(ApiError) as refused:
+        audio_av.decode(data, LIMITS)
+    assert refused.value.status == 415 and "'adpcm_ima_qt' is not supported" in \
+        refused.value.message
+
+
 def _corrupt(data: bytes) -> bytes:
     damaged = bytearray(data)
     middle = len(damaged) // 3
