@@ -30,8 +30,10 @@ from typing import Any, TextIO
 
 import httpx
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".caf",
-                  ".w64", ".rf64"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au",
+                  ".caf", ".w64", ".rf64",  # libsndfile's
+                  ".m4a", ".mp4", ".mov", ".3gp", ".3g2", ".webm", ".mkv", ".mka", ".aac",
+                  ".wma", ".amr"}  # FFmpeg's
 RETRY_STATUSES = {429, 503}
 API_KEY_ENV = "EMOTION2VEC_API_KEY"
 KEY_PREFIX = "e2v_"  # makes a leaked key easy to recognise (secret scanners)
@@ -226,10 +228,18 @@ def stream_main(args: argparse.Namespace) -> int:
 
     try:
         samples, rate = soundfile.read(args.file, dtype="float32", always_2d=True)
-    except (RuntimeError, ValueError) as exc:  # libsndfile's errors are RuntimeErrors
-        print(f"error: cannot decode {args.file}: {exc}", file=sys.stderr)
-        return 1
-    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+        mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    except (RuntimeError, ValueError):  # not libsndfile's: FFmpeg, as the service decodes it
+        from serve_app import audio
+        from serve_app.errors import ApiError
+
+        try:
+            decoded = audio.decode(Path(args.file).read_bytes(), max_duration_s=3600,
+                                   min_duration_s=0.0)
+        except ApiError as exc:
+            print(f"error: cannot decode {args.file}: {exc.message}", file=sys.stderr)
+            return 1
+        mono, rate = decoded.waveform, audio.TARGET_SR
 
     def show(event: dict) -> None:
         line = json.dumps(event) if args.jsonl else format_event(event)

@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
                       field_validator, model_validator)
 
+from serve_app.waveform import MAX_DECODE_S, MAX_DECODED_BYTES
+
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ROUTER_NAME = "Router"
@@ -144,6 +146,14 @@ class RouterSettings(_Strict):
     # The conv stem needs 400 samples (25 ms) at 16 kHz; below 0.1 s there is no emotion.
     min_duration_s: float = Field(default=0.1, ge=0.025)
     model_timeout_s: float = Field(default=60.0, gt=0, description="wait on a variant")
+    # Decoding limits, checked per decoded block whatever the header says.
+    max_decoded_bytes: int = Field(default=MAX_DECODED_BYTES, ge=2**20,
+                                   description="decoded float32 samples, all channels")
+    max_decode_s: float = Field(default=MAX_DECODE_S, gt=0, le=300,
+                                description="wall time per decode")
+    # FFmpeg decodes run in this many worker processes (a hang or crash is contained there);
+    # 0 runs them in the router's threads.
+    decode_workers: int = Field(default=2, ge=0, le=64)
     output_dir: str | None = Field(default=None, description="save each result here")
     # WS /v1/stream (serve_app/stream.py). A session is also bounded by the proxy's
     # http_options.request_timeout_s, counted from the handshake: keep stream_max_session_s

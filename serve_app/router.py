@@ -23,14 +23,16 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import HTTPConnection
 
-from serve_app import audio, results, upload
+from serve_app import results, upload
 from serve_app.access import AccessControl, AccessDenied, Admission
 from serve_app.config import RouterSettings, without_inputs
+from serve_app.decode_pool import Decoder
 from serve_app.errors import ApiError
 from serve_app.metrics import RouterMetrics, StreamMetrics
 from serve_app.stream import Streams, refuse
 from serve_app.stream_protocol import StreamError, parse_params
 from serve_app.variants import Variants
+from serve_app.waveform import Limits
 
 access_log = logging.getLogger("ray.serve.emotion2vec.access")
 
@@ -71,8 +73,9 @@ class Router:
         self.metrics = RouterMetrics()
         self.streams = Streams(self.variants, StreamMetrics())
         self.access = AccessControl()
+        self.decoder = Decoder(self.settings.decode_workers)
 
-    def reconfigure(self, user_config: dict) -> None:
+    async def reconfigure(self, user_config: dict) -> None:
         try:
             settings = RouterSettings.model_validate(user_config)
         except ValidationError as exc:
@@ -80,6 +83,9 @@ class Router:
         settings.check_against(self.variants.names)
         self.access.configure(settings)  # a bad key file refuses the whole config
         self.settings = settings
+        if settings.decode_workers != self.decoder.workers:
+            old, self.decoder = self.decoder, Decoder(settings.decode_workers)
+            await old.close()
 
     def _admit(self, connection: HTTPConnection, trace: dict,
                query_api_key: str | None = None) -> Admission:
@@ -158,9 +164,9 @@ class Router:
                                               params.get("extract_embedding"))
 
         decode_started = time.perf_counter()
-        decoded = await asyncio.to_thread(audio.decode, data,
-                                          max_duration_s=settings.max_duration_s,
-                                          min_duration_s=settings.min_duration_s)
+        decoded = await self.decoder.decode(data, Limits(
+            settings.max_duration_s, settings.min_duration_s, settings.max_decoded_bytes,
+            settings.max_decode_s))
         decode_ms = (time.perf_counter() - decode_started) * 1000
         trace.update(audio_s=round(decoded.duration_s, 3), decode_ms=round(decode_ms, 1))
         self._charge_audio(admission, decoded.duration_s)

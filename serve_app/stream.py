@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from serve_app import results
-from serve_app.audio import to_target_rate
+from serve_app.waveform import to_target_rate
 from serve_app.config import RouterSettings
 from serve_app.errors import ApiError
 from serve_app.stream_protocol import (INTERNAL, NORMAL, POLICY, TOO_BIG, TRY_LATER,

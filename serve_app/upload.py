@@ -37,7 +37,8 @@ PREDICT_OPENAPI = {
         "multipart/form-data": {"schema": {
             "type": "object", "required": ["file"],
             "properties": {"file": {"type": "string", "format": "binary",
-                                    "description": "the audio: wav, flac, ogg/vorbis, mp3, ..."},
+                                    "description": "the audio: wav, flac, ogg, mp3, m4a, "
+                                    "mp4/mov/3gp, webm/mkv, aac, wma, amr"},
                            **_PARAM_SCHEMAS}}},
         "application/octet-stream": {"schema": {
             "type": "string", "format": "binary",

@@ -52,6 +52,25 @@ def test_expand_finds_audio_in_directories(audio_dir, clips):
         expand([str(audio_dir / "missing.wav")])
 
 
+def test_recordings_of_every_kind_in_a_directory(service, tmp_path):
+    from tests.media import FORMATS, encode
+
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    kinds = {"memo.m4a": "m4a_aac", "call.MP4": "mp4_video_aac", "clip.mov": "mov_aac",
+             "old.3gp": "3gp_amr", "browser.webm": "webm_opus", "talk.mkv": "mkv_vorbis",
+             "raw.aac": "adts_aac", "voicemail.wma": "wma", "phone.amr": "amr"}
+    for filename, kind in kinds.items():
+        (folder / filename).write_bytes(encode(FORMATS[kind][0], 0.5))
+    (folder / "notes.txt").write_text("not audio")
+    assert sorted(path.name for path in expand([str(folder)])) == sorted(kinds)
+    done = run_cli(str(folder), "--url", service.url, "--model-version", "base",
+                   "--no-progress")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(rows) == len(kinds) and all(row["status"] == "ok" for row in rows), rows
+
+
 def test_jsonl_for_files_and_a_directory(service, clips, audio_dir, tmp_path):
     out = tmp_path / "results.jsonl"
     done = run_cli(str(clips["tone_48k_mp3"]), str(audio_dir), "--url", service.url,

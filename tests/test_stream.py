@@ -24,6 +24,7 @@ from websockets.sync.client import ClientConnection, connect
 from serve_app import audio, stream_protocol as protocol
 from serve_app.config import RouterSettings
 from serve_app.errors import ApiError
+from serve_app.waveform import to_target_rate
 from tests.clips import tone
 from tests.conftest import APP_NAME
 
@@ -65,7 +66,7 @@ def test_pcm_becomes_what_libsndfile_reads_from_a_file_of_it():
 def test_windows_are_resampled_like_the_decoder_does():
     samples = tone(1.0, 22_050)
     decoded = audio.decode(wav_bytes(samples, 22_050), max_duration_s=10, min_duration_s=0.1)
-    assert np.array_equal(audio.to_target_rate(samples, 22_050), decoded.waveform)
+    assert np.array_equal(to_target_rate(samples, 22_050), decoded.waveform)
 
 
 def test_parameters_defaults_and_bounds():
