@@ -23,6 +23,8 @@ from serve_app import audio, results, upload
 from serve_app.config import RouterSettings
 from serve_app.errors import ApiError
 from serve_app.metrics import RouterMetrics
+from serve_app.routing import Route, RoutingTable
+from serve_app.shadow import Shadow
 from serve_app.variants import Variants
 
 access_log = logging.getLogger("ray.serve.emotion2vec.access")
@@ -61,19 +63,26 @@ class Router:
         self.variants = Variants(variants)
         self.settings = RouterSettings(default_version=next(iter(variants)))
         self.metrics = RouterMetrics()
+        self.routes = RoutingTable(self.settings.default_version, {}, self.variants.names)
+        self.shadow = Shadow(self.variants, self.metrics.shadow)
 
     def reconfigure(self, user_config: dict) -> None:
         settings = RouterSettings.model_validate(user_config)
         settings.check_against(self.variants.names)
         self.settings = settings
+        self.routes = RoutingTable(settings.default_version, settings.aliases,
+                                   self.variants.names)
+        self.shadow.configure(settings)
 
-    def _resolve(self, requested: str | None) -> str:
-        variant = self.settings.resolve(requested, self.variants.names)
-        if variant is None:
-            valid = sorted([*self.variants.names, *self.settings.aliases])
+    def _resolve(self, requested: str | None, session_key: str | None = None) -> Route:
+        """The route for a requested model_version (None: the default); a session key makes
+        a weighted alias's choice sticky."""
+        route = self.routes.resolve(requested, session_key)
+        if route is None:
+            valid = self.routes.names
             raise ApiError(400, "unknown_model_version",
                            f"unknown model_version {requested!r}; valid: {valid}", valid=valid)
-        return variant
+        return route
 
     @api.get("/", response_class=HTMLResponse,
              summary="The web page: try the models in a browser")
@@ -107,14 +116,15 @@ class Router:
             trace.update(status=status, total_ms=round((time.perf_counter() - started) * 1000, 1))
             access_log.info(json.dumps(trace))
             self.metrics.record(trace["variant"], status, trace["total_ms"],
-                                trace.get("audio_s"))
+                                trace.get("audio_s"), trace.get("route"))
 
     async def _predict(self, request: Request, request_id: str, started: float,
                        trace: dict) -> JSONResponse:
         settings = self.settings
         data, params = await upload.read_upload(request, settings.max_upload_bytes)
-        variant = self._resolve(params.get("model_version"))
-        trace["variant"] = variant
+        route = self._resolve(params.get("model_version"), request.headers.get("x-session-key"))
+        variant = route.variant
+        trace.update(variant=variant, route=route.name)
         granularity = upload.parse_granularity(params.get("granularity"))
         extract_embedding = upload.parse_bool("extract_embedding",
                                               params.get("extract_embedding"))
@@ -133,7 +143,8 @@ class Router:
         trace["model_ms"] = round(model_ms, 1)
 
         result = results.prediction(
-            out, request_id=request_id, variant=variant, granularity=granularity,
+            out, request_id=request_id, variant=variant, routed_by=route.routed_by,
+            granularity=granularity,
             audio=results.audio_fields(decoded.duration_s, decoded.sample_rate,
                                        decoded.channels, decoded.format),
             extract_embedding=extract_embedding)
@@ -146,6 +157,7 @@ class Router:
         if settings.output_dir:
             await asyncio.to_thread(results.save_result, settings.output_dir, request_id, result,
                                     out["embedding"] if extract_embedding else None)
+        self.shadow.submit(variant, decoded.waveform, out)  # in the background, bounded
         return JSONResponse(result)
 
     @api.get("/v1/models", summary="Variants, their state and the version mapping")
@@ -155,6 +167,11 @@ class Router:
             "aliases": self.settings.aliases,
             "variants": await self.variants.info(),
         }
+
+    @api.get("/v1/rollouts", summary="Each alias's split and the shadow comparisons since "
+             "the last change of routes or shadows (this router replica)")
+    async def rollouts(self) -> dict:
+        return {"routes": self.routes.fractions(), "shadow": self.shadow.snapshot()}
 
     @api.get("/health", summary="Liveness of the router, with each variant's readiness")
     async def health(self) -> dict:
