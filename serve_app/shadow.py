@@ -2,7 +2,7 @@
 variant in the background, and the two answers are compared.
 
 The shadow never touches the primary's response: it starts after the primary answered, runs
-as a task of its own with its own timeout, its failures are counted and logged, and at most
+as a task of its own with its own timeout, its failures are counted (and logged), and at most
 `shadow_max_pending` shadow calls are in flight per router replica (more are dropped, and
 counted). Requests that were refused never get here.
 
@@ -142,7 +142,9 @@ class Shadow:
         except Exception as exc:  # the shadow's failure is counted, never raised
             stats.errors += 1
             self.record(primary, target, "error", None)
-            logger.warning("shadow %s -> %s failed: %r", primary, target, exc)
+            if stats.errors & (stats.errors - 1) == 0:  # the 1st, 2nd, 4th, ...: no log flood
+                logger.warning("shadow %s -> %s failed (%d so far): %r", primary, target,
+                               stats.errors, exc)
             return
         finally:
             self.pending -= 1
