@@ -143,8 +143,11 @@ def test_canary_ramp_by_redeploys_under_load_fails_no_request(cluster, rollouts,
             if phases:
                 phases[-1][2] = time.monotonic()
             set_router(cluster, rollouts, router(share))
-            phases.append([share, time.monotonic(), None])
-            time.sleep(2.0)
+            seen_at = time.monotonic()
+            phases.append([share, seen_at, None])
+            deadline = seen_at + 60  # at least 12 requests answered under each split
+            while sum(start > seen_at for start, *_ in log) < 15 and time.monotonic() < deadline:
+                time.sleep(0.2)
         phases[-1][2] = time.monotonic()
     finally:
         stop.set()
@@ -154,7 +157,7 @@ def test_canary_ramp_by_redeploys_under_load_fails_no_request(cluster, rollouts,
     assert not failures, failures[:3]
     for share, seen_at, changed_at in phases:
         inside = [entry for entry in log if seen_at < entry[0] and entry[1] < changed_at]
-        assert len(inside) >= 5, (share, len(inside))
+        assert len(inside) >= 12, (share, len(inside))
         table = RoutingTable("canary", router(share)["aliases"], VARIANTS)
         for _, _, key, _, variant in inside:
             if key is not None:
