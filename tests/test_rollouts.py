@@ -109,12 +109,15 @@ def test_weighted_split_sticky_sessions_and_routed_by(cluster, rollouts, short_c
     for version, variant in (("stable", "large"), ("large_ft", "large_ft"), (None, "large")):
         body = post(rollouts.http, short_clip, version, "session-0").json()
         assert (body["model_version"], body["routed_by"]) == (variant, None)
+    parameters = rollouts.http.get("/openapi.json").json()["paths"]["/v1/predict"]["post"][
+        "parameters"]
+    assert ("X-Session-Key", "header") in {(p["name"], p["in"]) for p in parameters}
 
 
 def test_canary_ramp_by_redeploys_under_load_fails_no_request(cluster, rollouts, short_clip):
     """default_version is the weighted alias; large_ft goes 0 -> 10 -> 50 -> 100 %."""
     keys = [f"user-{i}" for i in range(40)]
-    log: list[tuple[float, float, str | None, int, str | None]] = []
+    log: list[tuple[float, float, str | None, int | str, str | None]] = []
     stop = threading.Event()
 
     def send(worker: int) -> None:
@@ -124,9 +127,13 @@ def test_canary_ramp_by_redeploys_under_load_fails_no_request(cluster, rollouts,
             while not stop.is_set() and time.monotonic() < deadline and count < 3000:
                 key = keys[(worker + 3 * count) % len(keys)] if count % 2 else None
                 started = time.monotonic()
-                response = post(http, short_clip, key=key)
-                log.append((started, time.monotonic(), key, response.status_code,
-                            response.json().get("model_version")))
+                try:
+                    response = post(http, short_clip, key=key)
+                    outcome, variant = response.status_code, response.json().get(
+                        "model_version")
+                except (httpx.HTTPError, ValueError) as exc:  # recorded as a failure
+                    outcome, variant = type(exc).__name__, None
+                log.append((started, time.monotonic(), key, outcome, variant))
                 count += 1
 
     def router(share: int) -> dict:
