@@ -10,6 +10,7 @@ Where each setting lives decides what a redeploy costs:
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -18,6 +19,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
                       field_validator, model_validator)
 
 from serve_app.waveform import MAX_DECODE_S, MAX_DECODED_BYTES
+
+from serve_app.routing import RoutingTable
 
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -140,7 +143,15 @@ class RouterSettings(_Strict):
     """The Router deployment's user_config."""
 
     default_version: str = "large"
-    aliases: dict[str, str] = Field(default_factory=dict)
+    # alias -> a variant, or a weighted set {variant: weight} that splits the requests by
+    # weight, sticky per X-Session-Key (serve_app/routing.py). Weights are normalised.
+    aliases: dict[str, str | dict[str, float]] = Field(default_factory=dict)
+    # primary variant -> shadow variant: every request the primary answered is also sent to
+    # the shadow in the background and the answers compared (serve_app/shadow.py).
+    shadow: dict[str, str] = Field(default_factory=dict)
+    shadow_timeout_s: float = Field(default=30.0, gt=0, description="wait on a shadow variant")
+    shadow_max_pending: int = Field(default=8, ge=1, le=1024,
+                                    description="shadow calls in flight; beyond: dropped")
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     max_duration_s: float = Field(default=120.0, gt=0)
     # The conv stem needs 400 samples (25 ms) at 16 kHz; below 0.1 s there is no emotion.
@@ -183,21 +194,43 @@ class RouterSettings(_Strict):
     # (60: a whole minute's). Shorter windows smooth bursts (and make tests quick).
     quota_window_s: float = Field(default=60.0, ge=1.0, le=3600.0)
 
+    @field_validator("aliases")
+    @classmethod
+    def _weights(cls, aliases: dict) -> dict:
+        for alias, target in aliases.items():
+            if isinstance(target, str):
+                continue
+            if not target:
+                raise ValueError(f"aliases.{alias}: name at least one variant with a weight")
+            for variant, weight in target.items():
+                if not math.isfinite(weight) or weight < 0:
+                    raise ValueError(f"aliases.{alias}.{variant}: weight {weight} must be a "
+                                     "finite number >= 0")
+            if not any(weight > 0 for weight in target.values()):
+                raise ValueError(f"aliases.{alias}: give at least one variant a weight above 0")
+        return aliases
+
     def resolve(self, requested: str | None, variants: list[str]) -> str | None:
         """The variant for a requested model_version (alias or name), or None if unknown."""
-        name = requested or self.default_version
-        name = self.aliases.get(name, name)
-        return name if name in variants else None
+        route = RoutingTable(self.default_version, self.aliases, variants).resolve(requested)
+        return route.variant if route else None
 
     def check_against(self, variants: list[str]) -> None:
-        if self.default_version not in variants and self.aliases.get(self.default_version) \
-                not in variants:
-            raise ValueError(f"default_version {self.default_version!r} is not one of {variants}")
+        if self.default_version not in variants and self.default_version not in self.aliases:
+            raise ValueError(f"default_version {self.default_version!r} is not one of {variants}"
+                             f" nor an alias")
         for alias, target in self.aliases.items():
-            if target not in variants:
-                raise ValueError(f"alias {alias!r} points to {target!r}, not one of {variants}")
+            for name in [target] if isinstance(target, str) else target:
+                if name not in variants:
+                    raise ValueError(f"alias {alias!r} points to {name!r}, not one of {variants}")
             if alias in variants:
                 raise ValueError(f"alias {alias!r} hides the variant of the same name")
+        for primary, target in self.shadow.items():
+            for field, name in (("", primary), (f".{primary}", target)):
+                if name not in variants:
+                    raise ValueError(f"shadow{field}: {name!r} is not one of {variants}")
+            if primary == target:
+                raise ValueError(f"shadow.{primary}: a variant cannot shadow itself")
 
 
 BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")

@@ -7,15 +7,17 @@ from __future__ import annotations
 from ray.serve import metrics
 
 _LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
+_SCORE_DIFF = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 
 
 class RouterMetrics:
-    """Recorded by the router, once per HTTP request."""
+    """Recorded by the router: once per HTTP request, and once per shadow call."""
 
     def __init__(self) -> None:
         self.requests = metrics.Counter(
-            "emotion2vec_requests_total", description="Prediction requests by variant and "
-            "outcome (status class: 2xx, 4xx, 5xx)", tag_keys=("variant", "outcome"))
+            "emotion2vec_requests_total", description="Prediction requests by route (the "
+            "alias or variant asked for), variant and outcome (status class: 2xx, 4xx, 5xx)",
+            tag_keys=("route", "variant", "outcome"))
         self.latency = metrics.Histogram(
             "emotion2vec_request_latency_ms", description="End-to-end latency in the router",
             boundaries=_LATENCY_MS, tag_keys=("variant",))
@@ -30,11 +32,20 @@ class RouterMetrics:
         self.key_audio_seconds = metrics.Counter(
             "emotion2vec_key_audio_seconds_total", description="Seconds of audio charged to "
             "each key id", tag_keys=("key",))
+        self.shadow_requests = metrics.Counter(
+            "emotion2vec_shadow_requests_total", description="Shadow calls by primary, target "
+            "and outcome (agree, disagree: top-1 compared; error; dropped: too many pending)",
+            tag_keys=("primary", "target", "outcome"))
+        self.shadow_diff = metrics.Histogram(
+            "emotion2vec_shadow_score_diff", description="Largest absolute score difference "
+            "between primary and shadow, per comparison", boundaries=_SCORE_DIFF,
+            tag_keys=("primary", "target"))
 
     def record(self, variant: str | None, status: int, latency_ms: float,
-               audio_s: float | None) -> None:
+               audio_s: float | None, route: str | None = None) -> None:
         name = variant or "none"
-        self.requests.inc(tags={"variant": name, "outcome": f"{status // 100}xx"})
+        self.requests.inc(tags={"route": route or "none", "variant": name,
+                                "outcome": f"{status // 100}xx"})
         self.latency.observe(latency_ms, tags={"variant": name})
         if audio_s and status < 300:
             self.audio_seconds.inc(audio_s, tags={"variant": name})
@@ -44,6 +55,11 @@ class RouterMetrics:
 
     def key_audio(self, key: str, audio_s: float) -> None:
         self.key_audio_seconds.inc(audio_s, tags={"key": key})
+    def shadow(self, primary: str, target: str, outcome: str, max_abs_diff: float | None) -> None:
+        tags = {"primary": primary, "target": target}
+        self.shadow_requests.inc(tags={**tags, "outcome": outcome})
+        if max_abs_diff is not None:
+            self.shadow_diff.observe(max_abs_diff, tags=tags)
 
 
 class ModelMetrics:

@@ -62,11 +62,13 @@ def audio_fields(duration_s: float, sample_rate: int, channels: int, fmt: str) -
 
 
 def prediction(out: dict, *, request_id: str, variant: str, granularity: str,
-               audio: dict, extract_embedding: bool) -> dict:
-    """The response body of a prediction (timings are added by the caller)."""
+               audio: dict, extract_embedding: bool, routed_by: str | None = None) -> dict:
+    """The response body of a prediction (timings are added by the caller). routed_by: the
+    weighted alias that chose the variant (None for a variant or plain alias)."""
     result = {
         "request_id": request_id,
         "model_version": variant,
+        "routed_by": routed_by,
         **emotion_fields(out["labels"], out["scores"]),
         "granularity": granularity,
         "audio": audio,

@@ -29,8 +29,11 @@ from serve_app.config import RouterSettings, without_inputs
 from serve_app.decode_pool import Decoder
 from serve_app.errors import ApiError
 from serve_app.metrics import RouterMetrics, StreamMetrics
-from serve_app.stream import Streams, refuse
+from serve_app.stream import StreamHooks, Streams, refuse
 from serve_app.stream_protocol import StreamError, parse_params
+from serve_app.metrics import RouterMetrics
+from serve_app.routing import Route, RoutingTable
+from serve_app.shadow import Shadow
 from serve_app.variants import Variants
 from serve_app.waveform import Limits
 
@@ -74,6 +77,8 @@ class Router:
         self.streams = Streams(self.variants, StreamMetrics())
         self.access = AccessControl()
         self.decoder = Decoder(self.settings.decode_workers)
+        self.routes = RoutingTable(self.settings.default_version, {}, self.variants.names)
+        self.shadow = Shadow(self.variants, self.metrics.shadow)
 
     async def reconfigure(self, user_config: dict) -> None:
         try:
@@ -83,6 +88,9 @@ class Router:
         settings.check_against(self.variants.names)
         self.access.configure(settings)  # a bad key file refuses the whole config
         self.settings = settings
+        self.routes = RoutingTable(settings.default_version, settings.aliases,
+                                   self.variants.names)
+        self.shadow.configure(settings)
         if settings.decode_workers != self.decoder.workers:
             old, self.decoder = self.decoder, Decoder(settings.decode_workers)
             await old.close()
@@ -106,13 +114,15 @@ class Router:
         self.access.charge_audio(admission.key_id, seconds)
         self.metrics.key_audio(admission.label, seconds)
 
-    def _resolve(self, requested: str | None) -> str:
-        variant = self.settings.resolve(requested, self.variants.names)
-        if variant is None:
-            valid = sorted([*self.variants.names, *self.settings.aliases])
+    def _resolve(self, requested: str | None, session_key: str | None = None) -> Route:
+        """The route for a requested model_version (None: the default); a session key makes
+        a weighted alias's choice sticky."""
+        route = self.routes.resolve(requested, session_key)
+        if route is None:
+            valid = self.routes.names
             raise ApiError(400, "unknown_model_version",
                            f"unknown model_version {requested!r}; valid: {valid}", valid=valid)
-        return variant
+        return route
 
     @api.get("/", response_class=HTMLResponse,
              summary="The web page: try the models in a browser")
@@ -151,14 +161,15 @@ class Router:
             trace.update(status=status, total_ms=round((time.perf_counter() - started) * 1000, 1))
             access_log.info(json.dumps(trace))
             self.metrics.record(trace["variant"], status, trace["total_ms"],
-                                trace.get("audio_s"))
+                                trace.get("audio_s"), trace.get("route"))
 
     async def _predict(self, request: Request, request_id: str, started: float,
                        trace: dict, admission: Admission) -> JSONResponse:
         settings = self.settings
         data, params = await upload.read_upload(request, settings.max_upload_bytes)
-        variant = self._resolve(params.get("model_version"))
-        trace["variant"] = variant
+        route = self._resolve(params.get("model_version"), request.headers.get("x-session-key"))
+        variant = route.variant
+        trace.update(variant=variant, route=route.name)
         granularity = upload.parse_granularity(params.get("granularity"))
         extract_embedding = upload.parse_bool("extract_embedding",
                                               params.get("extract_embedding"))
@@ -178,7 +189,8 @@ class Router:
         trace["model_ms"] = round(model_ms, 1)
 
         result = results.prediction(
-            out, request_id=request_id, variant=variant, granularity=granularity,
+            out, request_id=request_id, variant=variant, routed_by=route.routed_by,
+            granularity=granularity,
             audio=results.audio_fields(decoded.duration_s, decoded.sample_rate,
                                        decoded.channels, decoded.format),
             extract_embedding=extract_embedding)
@@ -191,6 +203,7 @@ class Router:
         if settings.output_dir:
             await asyncio.to_thread(results.save_result, settings.output_dir, request_id, result,
                                     out["embedding"] if extract_embedding else None)
+        self.shadow.submit(variant, decoded.waveform, out)  # in the background, bounded
         return JSONResponse(result)
 
     @api.websocket("/v1/stream")
@@ -203,7 +216,8 @@ class Router:
             admission = self._admit(websocket, log_fields,
                                     websocket.query_params.get("api_key"))
             params = parse_params(websocket.query_params, settings)
-            variant = self._resolve(params.model_version)
+            route = self._resolve(params.model_version,
+                                  websocket.headers.get("x-session-key") or params.session_key)
         except ApiError as exc:
             return await refuse(websocket, StreamError.from_api(exc))
         except StreamError as exc:
@@ -214,8 +228,12 @@ class Router:
             self._charge_audio(admission, seconds)
             self.access.check_audio(admission.key_id)
 
-        await self.streams.run(websocket, variant, params, settings,
-                               upload.request_id(websocket), started, charge, log_fields)
+        def shadow(waveform, out: dict) -> None:
+            self.shadow.submit(route.variant, waveform, out)  # the whole stream's answer
+
+        log_fields["route"] = route.name
+        await self.streams.run(websocket, route, params, settings, upload.request_id(websocket),
+                               started, StreamHooks(charge, shadow, log_fields))
 
     @api.get("/v1/models", summary="Variants, their state and the version mapping")
     async def models(self, request: Request) -> JSONResponse:
@@ -225,6 +243,13 @@ class Router:
             "aliases": self.settings.aliases,
             "variants": results.without_paths(await self.variants.info()),
         }, headers=admission.headers)
+
+    @api.get("/v1/rollouts", summary="Each alias's split and the shadow comparisons since "
+             "the last change of routes or shadows (this router replica)")
+    async def rollouts(self, request: Request) -> JSONResponse:
+        admission = self._admit(request, {})
+        return JSONResponse({"routes": self.routes.fractions(), "shadow": self.shadow.snapshot()},
+                            headers=admission.headers)
 
     @api.get("/health", summary="Liveness of the router, with each variant's readiness")
     async def health(self) -> dict:

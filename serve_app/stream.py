@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from starlette.websockets import WebSocket
 
     from serve_app.metrics import StreamMetrics
+    from serve_app.routing import Route
     from serve_app.variants import Variants
 
 access_log = logging.getLogger("ray.serve.emotion2vec.access")
@@ -39,6 +40,17 @@ access_log = logging.getLogger("ray.serve.emotion2vec.access")
 
 class _Disconnected(Exception):
     """The client went away: nothing more can be sent."""
+
+
+@dataclass
+class StreamHooks:
+    """What the router adds to a stream: `charge(seconds)` for the audio as it arrives (may
+    raise an ApiError, a key over its audio quota, which ends the stream), `on_result(waveform,
+    out)` once the whole stream was answered (the shadow), and fields for its access-log line."""
+
+    charge: Callable[[float], None] = lambda seconds: None
+    on_result: Callable[[np.ndarray, dict], None] = lambda waveform, out: None
+    log_fields: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -77,14 +89,11 @@ class Streams:
             self._proxy_timeout_known = True
         return self._proxy_timeout
 
-    async def run(self, websocket: "WebSocket", variant: str, params: StreamParams,
+    async def run(self, websocket: "WebSocket", route: "Route", params: StreamParams,
                   settings: RouterSettings, request_id: str, started: float,
-                  charge: Callable[[float], None] = lambda seconds: None,
-                  log_fields: dict | None = None) -> None:
-        """Serve one accepted socket to its end; never raises but CancelledError.
-        `charge(seconds)` is called for the audio as it arrives and may raise an ApiError
-        (a key over its audio quota) that ends the stream; `log_fields` go into the stream's
-        access-log line."""
+                  hooks: StreamHooks) -> None:
+        """Serve one accepted socket to its end; never raises but CancelledError."""
+        variant = route.variant
         limits = _Limits(
             max_samples=int(min(settings.stream_max_s, settings.max_duration_s)
                             * params.sample_rate),
@@ -97,8 +106,8 @@ class Streams:
                 TRY_LATER, "too_many_streams",
                 f"this router replica has {settings.max_streams} streams open; retry later"))
             return
-        session = _Session(websocket, self, variant, params, settings, request_id, limits,
-                           started, charge, log_fields or {})
+        session = _Session(websocket, self, route, params, settings, request_id, limits,
+                           started, hooks)
         self.active[variant] = self.active.get(variant, 0) + 1
         self.metrics.set_active(variant, self.active[variant])
         try:
@@ -119,12 +128,11 @@ async def refuse(websocket: "WebSocket", error: StreamError) -> None:
 
 
 class _Session:
-    def __init__(self, websocket: "WebSocket", streams: Streams, variant: str,
+    def __init__(self, websocket: "WebSocket", streams: Streams, route: "Route",
                  params: StreamParams, settings: RouterSettings, request_id: str,
-                 limits: _Limits, started: float, charge: Callable[[float], None],
-                 log_fields: dict):
-        self.ws, self.streams, self.variant = websocket, streams, variant
-        self.charge, self.log_fields = charge, log_fields
+                 limits: _Limits, started: float, hooks: StreamHooks):
+        self.ws, self.streams, self.hooks = websocket, streams, hooks
+        self.variant, self.routed_by = route.variant, route.routed_by
         self.params, self.settings, self.limits = params, settings, limits
         self.request_id, self.started = request_id, started
         self.deadline = started + limits.session_s
@@ -135,7 +143,7 @@ class _Session:
 
     # -- the loop ---------------------------------------------------------------------------
     async def run(self) -> None:
-        trace = {"request_id": self.request_id, **self.log_fields,
+        trace = {"request_id": self.request_id, **self.hooks.log_fields,
                  "variant": self.variant, "kind": "stream",
                  "sample_rate": self.params.sample_rate, "encoding": self.params.encoding}
         close_code = NORMAL
@@ -241,7 +249,7 @@ class _Session:
             raise StreamError(POLICY, "stream_too_long",
                               f"the stream is longer than the limit of {limit_s:g} s")
         try:
-            self.charge(len(samples) / self.params.sample_rate)
+            self.hooks.charge(len(samples) / self.params.sample_rate)
         except ApiError as exc:  # the key's audio quota is spent
             raise StreamError.from_api(exc) from None
         self.buffer.append(samples)
@@ -260,17 +268,18 @@ class _Session:
     def _ready(self) -> dict:
         params, limits = self.params, self.limits
         return {"type": "ready", "request_id": self.request_id, "model_version": self.variant,
-                "sample_rate": params.sample_rate, "encoding": params.encoding,
+                "routed_by": self.routed_by, "sample_rate": params.sample_rate, "encoding": params.encoding,
                 "window_s": params.window_s, "hop_s": params.hop_s,
                 "limits": {"max_stream_s": limits.max_samples / params.sample_rate,
                            "max_session_s": round(limits.session_s, 3),
                            "idle_timeout_s": limits.idle_timeout_s,
                            "max_message_bytes": limits.max_message_bytes}}
 
-    async def _predict(self, samples: np.ndarray) -> dict:
+    async def _predict(self, samples: np.ndarray) -> tuple[np.ndarray, dict]:
+        """The 16 kHz waveform of these samples, and the variant's answer for it."""
         waveform = await asyncio.to_thread(to_target_rate, samples, self.params.sample_rate)
         try:
-            return await self.streams.variants.predict(
+            return waveform, await self.streams.variants.predict(
                 self.variant, waveform, "utterance", False, self.settings.model_timeout_s)
         except ApiError as exc:
             raise StreamError.from_api(exc) from None
@@ -278,7 +287,7 @@ class _Session:
     async def _window_event(self, window: Window) -> tuple[dict, float] | None:
         """The window's event and when its last sample arrived; None if it was skipped."""
         try:
-            out = await self._predict(self.buffer.slice(window.start, window.end))
+            _, out = await self._predict(self.buffer.slice(window.start, window.end))
         except StreamError as exc:
             if exc.code != "overloaded":
                 raise
@@ -301,9 +310,11 @@ class _Session:
             raise StreamError(POLICY, "audio_too_short",
                               f"the stream lasted {duration * 1000:.0f} ms; at least "
                               f"{self.settings.min_duration_s * 1000:.0f} ms are needed")
-        out = await self._predict(self.buffer.slice(0, len(self.buffer)))
+        waveform, out = await self._predict(self.buffer.slice(0, len(self.buffer)))
+        self.hooks.on_result(waveform, out)
         body = results.prediction(
-            out, request_id=self.request_id, variant=self.variant, granularity="utterance",
+            out, request_id=self.request_id, variant=self.variant, routed_by=self.routed_by,
+            granularity="utterance",
             audio=results.audio_fields(duration, rate, 1, self.params.encoding),
             extract_embedding=False)
         return {"type": "result", **body, "windows": self.windows,

@@ -19,8 +19,10 @@ from serve_app.errors import ApiError
 
 ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 SAMPLE_RATES = (8_000, 96_000)
-PARAMS = ("model_version", "sample_rate", "encoding", "window_s", "hop_s",
-          "api_key")  # api_key: checked by the router (serve_app/access.py)
+# api_key and session_key: for browsers, which cannot set headers on a WebSocket; the router
+# checks the key (serve_app/access.py) and routes by the session key (serve_app/routing.py).
+PARAMS = ("model_version", "sample_rate", "encoding", "window_s", "hop_s", "api_key",
+          "session_key")
 # Close codes (RFC 6455): normal, policy (bad parameters or input), message too big,
 # internal error, try again later (overloaded).
 NORMAL, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1000, 1008, 1009, 1011, 1013
@@ -66,6 +68,7 @@ class StreamParams:
     encoding: str
     window_s: float
     hop_s: float
+    session_key: str | None = None
 
 
 def _number(name: str, value: str, low: float, high: float, integer: bool = False) -> float:
@@ -99,7 +102,8 @@ def parse_params(query: Mapping[str, str], settings: RouterSettings) -> StreamPa
         model_version=query.get("model_version") or None,
         sample_rate=int(_number("sample_rate", query.get("sample_rate", "16000"),
                                 *SAMPLE_RATES, integer=True)),
-        encoding=encoding, window_s=window_s, hop_s=hop_s)
+        encoding=encoding, window_s=window_s, hop_s=hop_s,
+        session_key=query.get("session_key") or None)
 
 
 def session_limit_s(max_session_s: float, proxy_timeout_s: float | None,

@@ -32,7 +32,10 @@ _PARAM_SCHEMAS = {
 PREDICT_OPENAPI = {
     "parameters": [{"name": name, "in": "query", "required": False, "schema": schema,
                     "description": "with a raw body only: " + schema["description"]}
-                   for name, schema in _PARAM_SCHEMAS.items()],
+                   for name, schema in _PARAM_SCHEMAS.items()] + [
+        {"name": "X-Session-Key", "in": "header", "required": False,
+         "schema": {"type": "string"}, "description": "a user or conversation id: a weighted "
+         "alias gives the same key the same variant (see GET /v1/rollouts)"}],
     "requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {
             "type": "object", "required": ["file"],

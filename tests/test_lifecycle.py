@@ -45,7 +45,8 @@ def tiny(root: Path, seed: int) -> dict:
 
 class Client:
     def __init__(self, url: str, prefix: str):
-        self.http = httpx.Client(base_url=url + prefix, timeout=120)
+        self.url = url + prefix
+        self.http = httpx.Client(base_url=self.url, timeout=120)
 
     def predict(self, clip: Path, **fields) -> httpx.Response:
         return self.http.post("/v1/predict", files={"file": (clip.name, clip.read_bytes())},

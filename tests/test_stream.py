@@ -257,7 +257,7 @@ def test_ready_event_and_version_resolution(service):
     with open_stream(service.url, headers) as (ws, ready):
         assert ready == {
             "type": "ready", "request_id": "live-0001", "model_version": "large",
-            "sample_rate": 16_000, "encoding": "pcm_s16le", "window_s": 2.0, "hop_s": 0.5,
+            "routed_by": None, "sample_rate": 16_000, "encoding": "pcm_s16le", "window_s": 2.0, "hop_s": 0.5,
             "limits": {"max_stream_s": 30.0, "max_session_s": 55.0, "idle_timeout_s": 10.0,
                        "max_message_bytes": 1_048_576}}  # max_stream_s: tiny's max_duration_s
         ws.send(json.dumps({"type": "end"}))

@@ -124,12 +124,23 @@ async function loadModels() {
       select.add(option);
     }
     for (const [alias, target] of Object.entries(models.aliases || {})) {
-      select.add(new Option(`${alias} → ${target}`, alias));
+      const option = new Option(`${alias}${alias === models.default_version ? " (default)" : ""}` +
+        ` → ${aliasTarget(target)}`, alias);
+      option.selected = alias === models.default_version;
+      select.add(option);
     }
   } catch (err) {
     select.replaceChildren(new Option("(server default)", ""));
     showError(`Could not list the models: ${err.message}`);
   }
+}
+
+// An alias names a variant, or a weighted set {variant: weight} (a canary): shown in percent.
+function aliasTarget(target) {
+  if (typeof target === "string") return target;
+  const total = Object.values(target).reduce((sum, weight) => sum + weight, 0);
+  return Object.entries(target)
+    .map(([variant, weight]) => `${variant} ${Math.round((100 * weight) / total)} %`).join(", ");
 }
 
 // -- the request ----------------------------------------------------------------------------
@@ -242,7 +253,8 @@ function drawTimeline(svg, allWindows, legend, span = 0) {
 function drawModel(body) {
   const model = body.model;
   const rows = [["version asked", $("model-version").value || "(default)"],
-    ["served by", body.model_version], ...Object.entries(model),
+    ["served by", body.model_version + (body.routed_by ? ` (chosen by ${body.routed_by})` : "")],
+    ...Object.entries(model),
     ["audio", `${body.audio.duration_s} s, ${body.audio.sample_rate} Hz, ` +
       `${body.audio.channels} ch, ${body.audio.format}`]];
   $("model-info").replaceChildren(...rows.map(([key, value]) => {
