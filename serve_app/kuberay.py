@@ -16,7 +16,7 @@ import copy
 import math
 import sys
 import tomllib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 
@@ -33,6 +33,7 @@ VARIANT_MEMORY_GI = 16  # large through FunASR's loader peaks at ~3x its 1.95 GB
 HEAD = {"cpu": "2", "memory": "8Gi"}  # GCS, Serve controller, dashboard: no replicas
 SYSTEM_CPUS = 1  # per worker pod, beyond what Ray hands out: raylet, proxy, agent
 GENERATED_BY = "python -m serve_app.kuberay > configs/kuberay/rayservice.yaml"
+KEYS_SECRET = f"{NAME}-api-keys"  # kubectl create secret generic ... --from-file=<file name>
 
 
 def k8s_serve_config(config: dict) -> dict:
@@ -87,7 +88,18 @@ def _head_group(image: str) -> dict:
     }
 
 
-def _worker_group(image: str, args: AppArgs, serve_port: int) -> dict:
+def _keys_file(config: dict) -> PurePosixPath | None:
+    """The Router's api_keys_file, if the config names one."""
+    for app in config["applications"]:
+        for deployment in app.get("deployments", []):
+            if deployment["name"] == "Router" and deployment.get("user_config", {}).get(
+                    "api_keys_file"):
+                return PurePosixPath(deployment["user_config"]["api_keys_file"])
+    return None
+
+
+def _worker_group(image: str, args: AppArgs, serve_port: int,
+                  keys_file: PurePosixPath | None) -> dict:
     gpus = sum(v.num_gpus for v in args.variants.values())
     pods = max(1, math.ceil(gpus - 1e-9))  # one GPU per pod
     per_pod = math.ceil(len(args.variants) / pods)
@@ -97,6 +109,14 @@ def _worker_group(image: str, args: AppArgs, serve_port: int) -> dict:
     cpu = str(ray_cpus + SYSTEM_CPUS)
     memory = f"{VARIANT_MEMORY_GI * per_pod}Gi"
     pod_security, container_security = _security()
+    volumes = [{"name": "model-cache", "persistentVolumeClaim": {"claimName": CACHE_CLAIM}}]
+    mounts = [{"name": "model-cache", "mountPath": CACHE_MOUNT}]
+    if keys_file is not None:
+        # The router (on a worker pod) reads its API keys from a Secret, never from the image.
+        volumes.append({"name": "api-keys", "secret": {
+            "secretName": KEYS_SECRET, "items": [{"key": keys_file.name, "path": keys_file.name}]}})
+        mounts.append({"name": "api-keys", "mountPath": str(keys_file.parent),
+                       "readOnly": True})
     return {
         "groupName": "gpu",
         "replicas": pods, "minReplicas": pods, "maxReplicas": pods,
@@ -105,15 +125,14 @@ def _worker_group(image: str, args: AppArgs, serve_port: int) -> dict:
             "securityContext": pod_security,
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
                              "effect": "NoSchedule"}],
-            "volumes": [{"name": "model-cache",
-                         "persistentVolumeClaim": {"claimName": CACHE_CLAIM}}],
+            "volumes": volumes,
             "containers": [{
                 "name": "ray-worker",
                 "image": image,
                 "securityContext": container_security,
                 "env": [{"name": "MODELSCOPE_CACHE", "value": f"{CACHE_MOUNT}/modelscope"},
                         {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"}],
-                "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_MOUNT}],
+                "volumeMounts": mounts,
                 "resources": {
                     "requests": {"cpu": cpu, "memory": memory, "nvidia.com/gpu": 1},
                     "limits": {"cpu": cpu, "memory": memory, "nvidia.com/gpu": 1},
@@ -156,7 +175,8 @@ def manifest(deploy: dict, image: str | None = None) -> list[dict]:
                 "rayVersion": RAY_VERSION,
                 "authOptions": {"mode": "token"},  # Ray's token auth, as outside Kubernetes
                 "headGroupSpec": _head_group(image),
-                "workerGroupSpecs": [_worker_group(image, args, serve["http_options"]["port"])],
+                "workerGroupSpecs": [_worker_group(image, args, serve["http_options"]["port"],
+                                                   _keys_file(serve))],
             },
         },
     }

@@ -239,12 +239,13 @@ class EmotionModel:
             if self._in_flight or self.engine is None:
                 return  # a request arrived meanwhile: it keeps the model
             engine, self.engine = self.engine, None
-            self.state = "unloaded"
+            self.state = "unloading"  # "unloaded" once the memory is given back
             self.metrics.set_loaded(False)
             rss_before = _rss_bytes()
             engine.unload()
             del engine
             await asyncio.to_thread(_release_memory)
+            self.state = "unloaded"
             logger.info("variant %s: idle for %.0f s, model released (RSS %.0f -> %.0f MB)",
                         self.variant, self.settings.idle_unload_s, rss_before / 2**20,
                         _rss_bytes() / 2**20)

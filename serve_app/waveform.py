@@ -8,7 +8,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import soxr
 
 from serve_app.errors import ApiError
 
@@ -103,5 +102,7 @@ def to_target_rate(mono: np.ndarray, rate: int) -> np.ndarray:
     """float32 mono at `rate` -> contiguous float32 at TARGET_SR. The stream resamples its
     windows with this too, so that a window scores as a file of the same samples would."""
     if rate != TARGET_SR:
+        import soxr  # here: serve_app.config imports this module's limits, and must stay light
+
         mono = soxr.resample(mono, rate, TARGET_SR, quality="HQ").astype(np.float32, copy=False)
     return np.ascontiguousarray(mono, dtype=np.float32)

@@ -128,10 +128,16 @@ def test_readiness_cache_and_exposure():
     assert spec["excludeHeadPodFromServeSvc"] is True
     # The model cache: a claim every GPU pod mounts, where the hub clients download.
     claim = docs["PersistentVolumeClaim"]
-    (volume,) = pod["volumes"]
+    volume, keys_volume = pod["volumes"]
     assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
-    (mount,) = container["volumeMounts"]
+    mount, keys_mount = container["volumeMounts"]
+    # The router's API key file (deploy.yaml's api_keys_file) comes from a Secret.
+    (router,) = [d for d in serve["applications"][0]["deployments"] if d["name"] == "Router"]
+    keys_file = router["user_config"]["api_keys_file"]
+    (item,) = keys_volume["secret"]["items"]
+    assert keys_mount["name"] == keys_volume["name"] and keys_mount["readOnly"] is True
+    assert f"{keys_mount['mountPath']}/{item['path']}" == keys_file
     env = {item["name"]: item["value"] for item in container["env"]}
     assert mount["name"] == volume["name"]
     assert all(env[key].startswith(mount["mountPath"] + "/") for key in ("MODELSCOPE_CACHE",

@@ -259,7 +259,8 @@ def test_shadow_reports_what_calling_both_variants_gives(cluster, rollouts, clip
         ws.send(json.dumps({"type": "end"}))
         while (event := next_event(ws))["type"] != "result":
             assert event["type"] == "window", event
-    wait_shadow(rollouts, "large", lambda s: s["compared"] == len(paths) + 1)
+    # Compared so far: the shadowed clips, and the direct calls to large above.
+    wait_shadow(rollouts, "large", lambda s: s["compared"] == 2 * len(paths) + 1)
 
 
 def test_a_full_shadow_queue_drops_and_counts(cluster, rollouts, short_clip, tmp_path):
