@@ -228,7 +228,8 @@ def render(report: dict) -> str:
     env, variants = report["environment"], report["variants"]
     lines = [f"{env['device_name']} ({env['device']}), torch {env['torch']}, "
              f"CUDA {env['cuda'] or '-'}, FunASR {env['funasr']}, Python {env['python']}, "
-             f"{env['threads']} CPU threads, profile {env['profile']}; RANDOM weights; "
+             f"{env['threads']} CPU threads, profile {env['profile']}"
+             f"{', TF32 matmul' if env['tf32_matmul'] else ''}; RANDOM weights; "
              f"{report['total_s']:.0f} s in all"]
 
     def num(value, fmt: str, width: int) -> str:
@@ -297,6 +298,9 @@ def run(args: argparse.Namespace) -> dict:
     profile = PROFILES["quick" if args.quick else "full"]
     if args.batches:  # batch 1 is the baseline of the speed-up
         profile = dataclasses.replace(profile, batch_sizes=tuple(sorted({1, *args.batches})))
+    # TF32 tensor cores for fp32 matrix products: what fp32 variants would gain, at ~1e-3
+    # relative precision (off by default, as in torch and in the service).
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     funasr_version = import_funasr()
     report = {"environment": environment(args.device, args.threads,
                                          "quick" if args.quick else "full", funasr_version),
@@ -354,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch CPU threads (the CPU fp32 reference)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/e2v-gpu"),
                         help="checkpoints are written here (kept for the next run)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="allow TF32 for fp32 matrix products (the service does not)")
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     args = parser.parse_args(argv)
     report = run(args)

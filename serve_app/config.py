@@ -80,7 +80,8 @@ class ModelSettings(_Strict):
     # memory and cost. Up to it, results equal FunASR's on the whole clip.
     window_s: float = Field(default=30.0, ge=1.0, le=600.0)
     # Dynamic batching (serve.batch): 1 = off. A batch runs as one padded forward pass whose
-    # per-clip results equal single-clip inference; it is also capped by total audio seconds.
+    # per-clip results equal single-clip inference; it is also capped by padded audio seconds
+    # (clips x the longest: serve_app/batching.py), which bounds its memory.
     max_batch_size: int = Field(default=1, ge=1, le=64)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=1.0)
     max_batch_audio_s: float = Field(default=120.0, gt=0)

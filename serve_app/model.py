@@ -29,6 +29,7 @@ from dataclasses import asdict
 import numpy as np
 from ray import serve
 
+from serve_app.batching import padded_chunks
 from serve_app.config import ModelSettings
 from serve_app.engine import MIN_SAMPLES, EmotionEngine
 from serve_app.metrics import ModelMetrics
@@ -293,7 +294,8 @@ class EmotionModel:
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
     async def _batched(self, requests: list[tuple]) -> list:
         """Requests gathered by Serve, run as padded batches of the same engine and options,
-        each batch at most max_batch_audio_s of audio; results in request order."""
+        each at most max_batch_audio_s of padded audio (serve_app/batching.py); results in
+        request order."""
         results: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for index, (engine, _, granularity, extract) in enumerate(requests):
@@ -301,7 +303,10 @@ class EmotionModel:
         loop = asyncio.get_running_loop()
         for indices in groups.values():
             engine, _, granularity, extract = requests[indices[0]]
-            for chunk in self._by_audio_seconds(indices, requests):
+            lengths = [len(requests[i][1]) for i in indices]
+            max_padded = int(self._max_batch_audio_s * 16_000)
+            for positions in padded_chunks(lengths, max_padded):
+                chunk = [indices[p] for p in positions]
                 waves = [requests[i][1] for i in chunk]
                 predictions = await loop.run_in_executor(
                     self._inference, engine.predict_batch, waves, granularity, extract)
@@ -310,17 +315,6 @@ class EmotionModel:
                 for i, prediction in zip(chunk, predictions):
                     results[i] = prediction
         return results
-
-    def _by_audio_seconds(self, indices: list[int], requests: list[tuple]) -> list[list[int]]:
-        chunks, current, seconds = [], [], 0.0
-        for index in indices:
-            length = len(requests[index][1]) / 16_000
-            if current and seconds + length > self._max_batch_audio_s:
-                chunks.append(current)
-                current, seconds = [], 0.0
-            current.append(index)
-            seconds += length
-        return chunks + [current]
 
     async def predict(self, waveform: np.ndarray, granularity: str = "utterance",
                       extract_embedding: bool = False) -> dict:
