@@ -19,15 +19,13 @@ import asyncio
 import io
 import os
 import statistics
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
-import httpx
 import numpy as np
 import soundfile
 
+from benchmarks.load import run_stage
 from serve_app import audio, audio_av
 from serve_app.cluster import load_app, local_serve
 from serve_app.decode_pool import DecodePool
@@ -104,38 +102,6 @@ def decode_table(reps: int) -> None:
         loop.close()
 
 
-def run_stage(url: str, name: str, body: bytes, clients: int, seconds: float) -> dict:
-    outcomes: Counter = Counter()
-    latencies, decodes = [], []
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
-
-    def client() -> None:
-        with httpx.Client(base_url=url, timeout=120) as http:
-            for _ in range(100_000):  # bounded count as well as time
-                if time.monotonic() >= deadline:
-                    return
-                started = time.monotonic()
-                try:
-                    response = http.post("/v1/predict", files={"file": (name, body)},
-                                         data={"model_version": "base"})
-                    status = response.status_code
-                except httpx.HTTPError as exc:
-                    status = type(exc).__name__
-                with lock:
-                    outcomes[status] += 1
-                    if status == 200:
-                        latencies.append(time.monotonic() - started)
-                        decodes.append(response.json()["timings_ms"]["decode"])
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=seconds + 150)
-    return {"outcomes": outcomes, "latencies": latencies, "decodes": decodes}
-
-
 def throughput_table(config: str, clients: int, seconds: float) -> None:
     wav = io.BytesIO()
     soundfile.write(wav, media.tone(SECONDS, 16_000)[0], 16_000, format="WAV")
@@ -158,8 +124,8 @@ def throughput_table(config: str, clients: int, seconds: float) -> None:
         for label, filename, body, workers in stages:
             serve_handle.put(with_workers(workers))
             serve_handle.wait_for(app["name"], ("RUNNING",), timeout_s=900)
-            run_stage(serve_handle.url, filename, body, 2, 2.0)  # warm-up
-            stage = run_stage(serve_handle.url, filename, body, clients, seconds)
+            run_stage(serve_handle.url, "base", body, 2, 2.0, filename)  # warm-up
+            stage = run_stage(serve_handle.url, "base", body, clients, seconds, filename)
             ok = stage["outcomes"][200]
             other = sum(stage["outcomes"].values()) - ok
             p50, p99 = ((np.percentile(stage["latencies"], q) * 1000 for q in (50, 99))

@@ -25,9 +25,13 @@ from serve_app.cluster import load_app, local_serve
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_stage(url: str, variant: str, wav: bytes, clients: int, seconds: float) -> dict:
+def run_stage(url: str, variant: str, body: bytes, clients: int, seconds: float,
+              filename: str = "c.wav") -> dict:
+    """`clients` closed-loop clients posting `body` for `seconds`: every outcome, the latency
+    and the service's decode time of each 200, and 503s that came without Retry-After."""
     outcomes: Counter = Counter()
     latencies: list[float] = []
+    decodes: list[float] = []
     retry_after_missing = 0
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
@@ -40,7 +44,7 @@ def run_stage(url: str, variant: str, wav: bytes, clients: int, seconds: float) 
                     return
                 started = time.monotonic()
                 try:
-                    response = http.post("/v1/predict", files={"file": ("c.wav", wav)},
+                    response = http.post("/v1/predict", files={"file": (filename, body)},
                                          data={"model_version": variant})
                     status = response.status_code
                     missing = status == 503 and "retry-after" not in response.headers
@@ -51,13 +55,14 @@ def run_stage(url: str, variant: str, wav: bytes, clients: int, seconds: float) 
                     retry_after_missing += missing
                     if status == 200:
                         latencies.append(time.monotonic() - started)
+                        decodes.append(response.json()["timings_ms"]["decode"])
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=seconds + 150)
-    return {"outcomes": outcomes, "latencies": latencies,
+    return {"outcomes": outcomes, "latencies": latencies, "decodes": decodes,
             "retry_after_missing": retry_after_missing}
 
 
