@@ -301,10 +301,10 @@ class EmotionModel:
         for index, (engine, _, granularity, extract) in enumerate(requests):
             groups.setdefault((id(engine), granularity, extract), []).append(index)
         loop = asyncio.get_running_loop()
+        max_padded = int(self._max_batch_audio_s * 16_000)
         for indices in groups.values():
             engine, _, granularity, extract = requests[indices[0]]
             lengths = [len(requests[i][1]) for i in indices]
-            max_padded = int(self._max_batch_audio_s * 16_000)
             for positions in padded_chunks(lengths, max_padded):
                 chunk = [indices[p] for p in positions]
                 waves = [requests[i][1] for i in chunk]
