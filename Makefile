@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RAY_ENV := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
 CONFIG ?= configs/cpu.yaml
 
-.PHONY: install serve test test-tools checkpoints
+.PHONY: install serve test test-tools lint
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,12 @@ test-tools:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium could not be installed: the browser tests will be skipped"
 
+# ruff (pinned in the test extra, configured in pyproject.toml): before any test runs.
+lint: install
+	$(BIN)/ruff check .
+
 # Two pytest processes: the suite on its one-node cluster, then tests/multinode on a cluster
 # of several nodes (one driver joins one cluster). Exit status 5: PYTEST_ARGS selected none there.
-test: install test-tools
+test: install test-tools lint
 	$(RAY_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(RAY_ENV) $(BIN)/python -m pytest tests/multinode $(PYTEST_ARGS) || [ $$? -eq 5 ]

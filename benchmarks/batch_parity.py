@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from serve_app import checkpoints
+from serve_app.checkpoints import generate
 from serve_app.config import ModelSettings
-from serve_app.engine import EmotionEngine, Prediction
+from serve_app.inference.engine import EmotionEngine, Prediction
 
 RATE = 16_000
 
@@ -98,7 +98,7 @@ def main() -> None:
                         choices=["fp32", "reduced"])
     args = parser.parse_args()
 
-    checkpoint = checkpoints.write_checkpoint(args.checkpoint, args.arch, seed=0)
+    checkpoint = generate.write_checkpoint(args.checkpoint, args.arch, seed=0)
     clips = mixed_clips(args.clips, args.min_s, args.max_s, seed=0)
     print(f"{checkpoint} ({args.arch} if generated); clip lengths (s): "
           + ", ".join(f"{len(c) / RATE:.2f}" for c in clips))

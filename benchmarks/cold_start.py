@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from serve_app import checkpoints
+from serve_app.checkpoints import generate
 
 CACHE = Path("~/.cache/emotion2vec-serve/checkpoints").expanduser()
 
@@ -30,7 +30,7 @@ def measure(directory: str, loader: str, threads: int) -> dict:
     import torch  # noqa: F401
 
     from serve_app.config import ModelSettings
-    from serve_app.engine import EmotionEngine
+    from serve_app.inference.engine import EmotionEngine
 
     before_mb = _status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from now
@@ -65,10 +65,10 @@ def main() -> None:
           f"{'peak RSS added':>15} {'x weights':>9} {'file-backed':>12}")
     for arch in args.archs.split(","):
         name = f"{arch}-seed0" + ("-optimizer" if args.optimizer_state else "")
-        directory = checkpoints.write_checkpoint(CACHE / name, arch, 0,
+        directory = generate.write_checkpoint(CACHE / name, arch, 0,
                                                  optimizer_state=args.optimizer_state)
         size_mb = (directory / "model.pt").stat().st_size / 2**20
-        weights_mb = checkpoints.random_weights_info(directory)["params"] * 4 / 2**20  # float32
+        weights_mb = generate.random_weights_info(directory)["params"] * 4 / 2**20  # float32
         with open(directory / "model.pt", "rb") as handle:  # warm the page cache for both
             while handle.read(16 * 2**20):
                 pass

@@ -26,10 +26,10 @@ import numpy as np
 import soundfile
 
 from benchmarks.load import run_stage
-from serve_app import audio, audio_av
-from serve_app.cluster import load_app, local_serve
-from serve_app.decode_pool import DecodePool
-from serve_app.waveform import Limits
+from serve_app.audio import ffmpeg, sndfile
+from serve_app.audio.pool import DecodePool
+from serve_app.audio.waveform import Limits
+from serve_app.tools.cluster import load_app, local_serve
 from tests import media
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def measure(run, reps: int, pool: DecodePool | None = None) -> tuple[float, floa
         started = time.perf_counter()
         try:
             run()
-        except audio.NotLibsndfileAudio:
+        except sndfile.NotLibsndfileAudio:
             return None
         times.append(time.perf_counter() - started)
     cpu = time.process_time() + (_worker_cpu_s(pool) if pool else 0.0) - cpu_started
@@ -90,12 +90,12 @@ def decode_table(reps: int) -> None:
 
     try:
         for name, body in data.items():
-            sndfile = measure(lambda: audio.decode_sndfile(body, LIMITS), reps)
-            thread = measure(lambda: audio_av.decode(body, LIMITS), reps)
-            worker = measure(lambda: loop.run_until_complete(pool.decode(body, LIMITS)), reps,
-                             pool)
+            libsndfile = measure(lambda body=body: sndfile.decode_sndfile(body, LIMITS), reps)
+            thread = measure(lambda body=body: ffmpeg.decode(body, LIMITS), reps)
+            worker = measure(lambda body=body: loop.run_until_complete(pool.decode(body, LIMITS)),
+                             reps, pool)
             cost = f"{worker[0] - thread[0]:+.1f} / {worker[1] - thread[1]:+.1f}"
-            print(f"{name:16} {len(body) / 1000:6.1f} {shown(sndfile):>13} {shown(thread):>15} "
+            print(f"{name:16} {len(body) / 1000:6.1f} {shown(libsndfile):>13} {shown(thread):>15} "
                   f"{shown(worker):>15} {cost:>12}")
     finally:
         loop.run_until_complete(pool.close())

@@ -1,8 +1,9 @@
 """The production shape on one GPU, engine level: base, large (fp32) and turbo (large, fp16).
 
-FunASR's Emotion2vec runs through this project's engine (serve_app/engine.py) on random-weight
-checkpoints of the published architectures, written here by serve_app/checkpoints.py. No Ray,
-no audio decoding: synthetic 16 kHz clips go straight to the engine. For each variant:
+FunASR's Emotion2vec runs through this project's engine (serve_app/inference/engine.py) on
+random-weight checkpoints of the published architectures, written here by
+serve_app/checkpoints/generate.py. No Ray, no audio decoding: synthetic 16 kHz clips go
+straight to the engine. For each variant:
   - load time (the engine's own: build, map model.pt, move to the device) and first prediction;
   - GPU memory: allocated and reserved after load, and the peak over all the measurements;
   - latency p50/p99 of single clips of 1, 5 and 30 s (the model resident, after warm-up);
@@ -38,9 +39,9 @@ from types import SimpleNamespace
 import numpy as np
 
 from benchmarks.batch_parity import mixed_clips
-from serve_app import checkpoints
+from serve_app.checkpoints import generate
 from serve_app.config import ModelSettings
-from serve_app.engine import EmotionEngine
+from serve_app.inference.engine import EmotionEngine
 
 RATE = 16_000
 MIB = 2 ** 20
@@ -79,7 +80,7 @@ def import_funasr() -> str:
         import setuptools  # noqa: F401  (installs the distutils shim)
     root_level = logging.getLogger().level
     import funasr
-    import funasr.models.emotion2vec.model  # noqa: F401
+    import funasr.models.emotion2vec.model
     logging.getLogger().setLevel(root_level)  # funasr sets the root logger to INFO
     return funasr.__version__
 
@@ -164,7 +165,7 @@ def measure(directory: Path, precision: str, device: str, threads: int, profile:
 
     row["latency"] = []
     for seconds, clip in zip(profile.latency_clips_s, latency_clips):
-        times = timer(lambda: engine.predict(clip, "utterance", False),
+        times = timer(lambda clip=clip: engine.predict(clip, "utterance", False),
                       profile.latency_repeats, profile.warmup)
         row["latency"].append({"clip_s": seconds, "n": len(times),
                                "p50_ms": round(statistics.median(times) * 1000, 2),
@@ -174,7 +175,7 @@ def measure(directory: Path, precision: str, device: str, threads: int, profile:
     row["batches"] = []
     for size in profile.batch_sizes:
         batch = batch_clips[:size]
-        times = timer(lambda: engine.predict_batch(batch, "utterance", False),
+        times = timer(lambda batch=batch: engine.predict_batch(batch, "utterance", False),
                       profile.batch_repeats, profile.warmup)
         batched = [p.scores for p in engine.predict_batch(batch, "utterance", False)]
         median = statistics.median(times)
@@ -191,7 +192,7 @@ def measure(directory: Path, precision: str, device: str, threads: int, profile:
     row["funasr_max_diff"] = max_diff(reference, funasr_scores(engine, latency_clips))
     row["memory_peak"] = gpu_memory(device, peak=True)
     engine.unload()
-    del engine
+    engine = None  # free the model before the next variant loads
     return row | {"single_scores": single, "reference_scores": reference}
 
 
@@ -251,7 +252,7 @@ def render(report: dict) -> str:
     lines.append("latency ms (p50/p99)  "
                  + "".join(f"{format(s, 'g') + ' s clip':>18}" for s in clips))
     for name, v in variants.items():
-        cells = ["%.1f/%.1f" % (e["p50_ms"], e["p99_ms"]) for e in v["latency"]]
+        cells = ["{:.1f}/{:.1f}".format(e["p50_ms"], e["p99_ms"]) for e in v["latency"]]
         lines.append(f"{name:<22}" + "".join(f"{cell:>18}" for cell in cells))
     lines.append("padded batches  clip s  batch  median ms   clips/s  audio s/s  x batch 1  "
                  "max diff vs single")
@@ -312,7 +313,7 @@ def run(args: argparse.Namespace) -> dict:
         arch, seed = profile.checkpoints[name]
         began = time.perf_counter()
         directory = (args.workdir / f"{arch}-seed{seed}").resolve()
-        checkpoints.write_checkpoint(directory, arch, seed)
+        generate.write_checkpoint(directory, arch, seed)
         written[name] = (directory, round(time.perf_counter() - began, 2))
 
     latency_clips = [clip[:int(s * RATE)] for s, clip in zip(

@@ -21,8 +21,8 @@ import httpx
 import numpy as np
 import soundfile
 
-from serve_app import checkpoints
-from serve_app.cluster import load_app, local_serve
+from serve_app.checkpoints import generate
+from serve_app.tools.cluster import load_app, local_serve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def main() -> None:
     for deployment in swapped["deployments"]:  # generated up front: time the swap, not the write
         if deployment["name"] == args.variant:
             config = deployment["user_config"]
-            checkpoints.write_checkpoint(config["source"], config["generate"]["arch"], 1)
+            generate.write_checkpoint(config["source"], config["generate"]["arch"], 1)
 
     t = np.arange(int(args.clip_seconds * 16_000)) / 16_000
     buffer = io.BytesIO()
@@ -118,8 +118,8 @@ def main() -> None:
     def phase(name: str, keep) -> None:
         latencies = [lat for start, lat, status in results if keep(start) and status == 200]
         if latencies:
-            print(f"  {name:7} {len(latencies):5d} ok   p50 {np.percentile(latencies, 50) * 1000:6.0f}"
-                  f" ms   p99 {np.percentile(latencies, 99) * 1000:6.0f} ms")
+            p50, p99 = (np.percentile(latencies, q) * 1000 for q in (50, 99))
+            print(f"  {name:7} {len(latencies):5d} ok   p50 {p50:6.0f} ms   p99 {p99:6.0f} ms")
 
     def during(moment: float) -> bool:
         return any(start <= moment <= end for start, end, _ in swaps)

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import soundfile
 
-from serve_app.cluster import load_app, local_serve
+from serve_app.tools.cluster import load_app, local_serve
 
 REPO = Path(__file__).resolve().parents[1]
 

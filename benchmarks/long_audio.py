@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from serve_app import checkpoints
+from serve_app.checkpoints import generate
 
 CACHE = Path("~/.cache/emotion2vec-serve/checkpoints").expanduser()
 
@@ -23,7 +23,7 @@ def measure(directory: str, seconds: float, window_s: float, threads: int) -> di
     import numpy as np
 
     from serve_app.config import ModelSettings
-    from serve_app.engine import EmotionEngine
+    from serve_app.inference.engine import EmotionEngine
 
     engine = EmotionEngine(ModelSettings(source=directory, window_s=window_s), "cpu", threads)
     engine.load()
@@ -48,7 +48,7 @@ def main() -> None:
         directory, seconds, window = args.measure
         print(json.dumps(measure(directory, float(seconds), float(window), args.threads)))
         return
-    directory = checkpoints.write_checkpoint(CACHE / f"{args.arch}-seed0", args.arch, 0)
+    directory = generate.write_checkpoint(CACHE / f"{args.arch}-seed0", args.arch, 0)
     print(f"{args.arch}, {args.threads} threads; peak RSS added by one prediction")
     print(f"{'clip s':>6} {'windowed 30 s':>22} {'whole clip':>22}")
     for seconds in (float(s) for s in args.lengths.split(",")):

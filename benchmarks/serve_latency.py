@@ -24,9 +24,9 @@ import httpx
 import numpy as np
 import soundfile
 
-from serve_app import checkpoints
-from serve_app.cluster import load_app, local_serve
+from serve_app.checkpoints import generate
 from serve_app.config import ModelSettings
+from serve_app.tools.cluster import load_app, local_serve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def main() -> None:
     variants = {d["name"]: ModelSettings.model_validate(d["user_config"])
                 for d in app["deployments"] if d["name"] != "Router"}
     missing = [n for n, s in variants.items() if s.is_local and
-               not checkpoints.is_complete(s.local_path)]
+               not generate.is_complete(s.local_path)]
     clip = speech_clip(args.clip_seconds)
     buffer = io.BytesIO()
     soundfile.write(buffer, clip, 16_000, format="WAV")

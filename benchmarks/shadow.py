@@ -25,7 +25,7 @@ import numpy as np
 import soundfile
 
 from benchmarks.serve_latency import http_latencies, percentile, speech_clip
-from serve_app.cluster import LocalServe, load_app, local_serve
+from serve_app.tools.cluster import LocalServe, load_app, local_serve
 
 REPO = Path(__file__).resolve().parents[1]
 PRIMARY, SHADOW = "large", "large_ft"
@@ -43,8 +43,7 @@ def shadowed_app(config: str) -> dict:
     source = Path(primary["user_config"]["source"]).expanduser()
     copy_config = {**primary["user_config"], "generate": {**generate, "seed": seed},
                    "source": str(source.parent / f"{generate['arch']}-seed{seed}")}
-    app["args"]["variants"] = {name: app["args"]["variants"][PRIMARY]
-                               for name in (PRIMARY, SHADOW)}
+    app["args"]["variants"] = dict.fromkeys((PRIMARY, SHADOW), app["args"]["variants"][PRIMARY])
     router = copy.deepcopy(deployments["Router"])
     router["user_config"].update(default_version=PRIMARY, aliases={}, shadow={})
     app["deployments"] = [router, primary, {**copy.deepcopy(primary), "name": SHADOW,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serve_app.cluster import load_app, local_serve
-from serve_app.stream_client import stream_audio
+from serve_app.tools.cluster import load_app, local_serve
+from serve_app.tools.stream_client import stream_audio
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,9 +28,9 @@ import numpy as np
 import soundfile
 
 from benchmarks.serve_latency import http_latencies, inprocess_latencies, speech_clip
-from serve_app import checkpoints
-from serve_app.cluster import load_app, local_serve
+from serve_app.checkpoints import generate
 from serve_app.config import ModelSettings
+from serve_app.tools.cluster import load_app, local_serve
 
 REPO = Path(__file__).resolve().parents[1]
 FIDELITY_TEXTS = [
@@ -113,7 +113,7 @@ def turbo_fidelity(large: ModelSettings, turbo: ModelSettings) -> dict:
 
     import soxr
 
-    from serve_app.engine import EmotionEngine
+    from serve_app.inference.engine import EmotionEngine
 
     clips = []
     if shutil.which("espeak-ng"):
@@ -163,7 +163,7 @@ def main() -> None:
     variants = {d["name"]: ModelSettings.model_validate(d["user_config"])
                 for d in app["deployments"] if d["name"] != "Router"}
     for settings in variants.values():
-        checkpoints.write_checkpoint(settings.local_path, settings.generate.arch,
+        generate.write_checkpoint(settings.local_path, settings.generate.arch,
                                      settings.generate.seed,
                                      optimizer_state=settings.generate.optimizer_state)
     clip = speech_clip(args.clip_seconds)

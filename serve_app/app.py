@@ -11,9 +11,9 @@ from __future__ import annotations
 import ray
 from ray.serve import Application
 
+from serve_app.api.ingress import Router
 from serve_app.config import AppArgs
-from serve_app.model import EmotionModel
-from serve_app.router import Router
+from serve_app.variant import EmotionModel
 
 _EPS = 1e-9
 

@@ -15,12 +15,18 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from serve_app.waveform import MAX_DECODE_S, MAX_DECODED_BYTES
-
-from serve_app.routing import RoutingTable
+from serve_app.audio.waveform import MAX_DECODE_S, MAX_DECODED_BYTES
+from serve_app.traffic.routing import RoutingTable
 
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -81,13 +87,14 @@ class ModelSettings(_Strict):
     window_s: float = Field(default=30.0, ge=1.0, le=600.0)
     # Dynamic batching (serve.batch): 1 = off. A batch runs as one padded forward pass whose
     # per-clip results equal single-clip inference; it is also capped by padded audio seconds
-    # (clips x the longest: serve_app/batching.py), which bounds its memory.
+    # (clips x the longest: serve_app/inference/passes.py), which bounds its memory.
     max_batch_size: int = Field(default=1, ge=1, le=64)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=1.0)
     max_batch_audio_s: float = Field(default=120.0, gt=0)
     idle_unload_s: float = Field(default=0.0, ge=0,
                                  description="release the model after this long unused; 0: never")
-    # granularity=frame timeline: scores of frames pooled over windows (serve_app/timeline.py)
+    # granularity=frame timeline: scores of frames pooled over windows
+    # (serve_app/inference/timeline.py)
     timeline_window_s: float = Field(default=1.0, ge=0.02, le=60.0)
     timeline_hop_s: float = Field(default=0.5, ge=0.02, le=60.0)
 
@@ -145,10 +152,10 @@ class RouterSettings(_Strict):
 
     default_version: str = "large"
     # alias -> a variant, or a weighted set {variant: weight} that splits the requests by
-    # weight, sticky per X-Session-Key (serve_app/routing.py). Weights are normalised.
+    # weight, sticky per X-Session-Key (serve_app/traffic/routing.py). Weights are normalised.
     aliases: dict[str, str | dict[str, float]] = Field(default_factory=dict)
     # primary variant -> shadow variant: every request the primary answered is also sent to
-    # the shadow in the background and the answers compared (serve_app/shadow.py).
+    # the shadow in the background and the answers compared (serve_app/traffic/shadow.py).
     shadow: dict[str, str] = Field(default_factory=dict)
     shadow_timeout_s: float = Field(default=30.0, gt=0, description="wait on a shadow variant")
     shadow_max_pending: int = Field(default=8, ge=1, le=1024,
@@ -167,7 +174,7 @@ class RouterSettings(_Strict):
     # 0 runs them in the router's threads.
     decode_workers: int = Field(default=2, ge=0, le=64)
     output_dir: str | None = Field(default=None, description="save each result here")
-    # WS /v1/stream (serve_app/stream.py). A session is also bounded by the proxy's
+    # WS /v1/stream (serve_app/api/stream.py). A session is also bounded by the proxy's
     # http_options.request_timeout_s, counted from the handshake: keep stream_max_session_s
     # under it, so that a stream ends with an error event rather than a dropped connection.
     stream_window_s: float = Field(default=2.0, ge=STREAM_WINDOW_S[0], le=STREAM_WINDOW_S[1])
@@ -183,11 +190,11 @@ class RouterSettings(_Strict):
     max_streams: int = Field(default=16, ge=1, description="open streams per router replica")
 
     @model_validator(mode="after")
-    def _stream_hop(self) -> "RouterSettings":
+    def _stream_hop(self) -> RouterSettings:
         if self.stream_hop_s > self.stream_window_s:
             raise ValueError("stream_hop_s must not exceed stream_window_s")
         return self
-    # API keys (serve_app/access.py). None configured (and no file): the API is open.
+    # API keys (serve_app/traffic/access.py). None configured (and no file): the API is open.
     api_keys: ApiKeys = Field(default_factory=dict)
     api_keys_file: str | None = Field(default=None, description="a YAML or JSON file of more "
                                       "keys, shaped as api_keys; re-read when it changes")
@@ -275,7 +282,7 @@ class AppArgs(_Strict):
     check_resources: bool = True
 
     @model_validator(mode="after")
-    def _names(self) -> "AppArgs":
+    def _names(self) -> AppArgs:
         if not self.variants:
             raise ValueError("variants: name at least one variant")
         for name in self.variants:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from serve_app.cluster import LocalServe, load_app, local_serve
+from serve_app.tools.cluster import LocalServe, load_app, local_serve
 from tests import clips as clip_maker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def keyed(cluster, service, tmp_path_factory) -> KeyedService:
     """The tiny config's base variant as a second app with API keys on, beside the open main
     app: alpha (no limits), beta (requests), gamma and streamer (audio seconds), rotate, and cli
     and web from a key file. Quotas in a 6 s window, so that tests wait seconds."""
-    from serve_app.cli import new_key
+    from serve_app.tools.cli import new_key
 
     keys, lines = {}, {}
     for key_id, rpm, audio_spm in [("alpha", None, None), ("beta", 20, None),

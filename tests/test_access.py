@@ -10,16 +10,17 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import yaml
 
-from serve_app import access
-from serve_app.access import AccessControl, AccessDenied
+from serve_app.api.responses import without_paths
 from serve_app.config import RouterSettings
-from serve_app.results import without_paths
+from serve_app.traffic import access
+from serve_app.traffic.access import AccessControl, AccessDenied
 
 
 class Clock:
@@ -200,14 +201,14 @@ def test_paths_are_cut_to_their_last_part():
             "last_swap": {"requested": {"source": "~/.cache/e2v/base-seed0"},
                           "error": "model directory /srv/x/missing does not exist; see "
                                    "https://modelscope.cn/models/iic/x and/or 1/2"},
-            "trace": ['File "/opt/app/serve_app/model.py", line 5'],
+            "trace": ['File "/opt/app/serve_app/variant.py", line 5'],
             "weights": "cannot read /srv/models/large-ft/model.pt: truncated", "n": 3}
     assert without_paths(info) == {
         "source": "tiny-seed1", "hub": "iic/emotion2vec_plus_large",
         "last_swap": {"requested": {"source": "base-seed0"},
                       "error": "model directory missing does not exist; see "
                                "https://modelscope.cn/models/iic/x and/or 1/2"},
-        "trace": ['File "serve_app/model.py", line 5'],
+        "trace": ['File "serve_app/variant.py", line 5'],
         "weights": "cannot read large-ft/model.pt: truncated", "n": 3}
 
 
@@ -318,7 +319,7 @@ def test_rotation_by_redeploy_is_live(keyed, clips):
         .status_code == 200
     before = routers()
     assert len(before) == 1
-    from serve_app.cli import new_key
+    from serve_app.tools.cli import new_key
 
     new, line = new_key("rotate", None, None)
     rotated = copy.deepcopy(keyed.app)
@@ -349,7 +350,7 @@ def test_logs_and_metrics_name_key_ids_never_keys(keyed, clips):
     lines: dict[str, dict] = {}
     text = ""
     while time.monotonic() < deadline and len(lines) < 2:
-        text = "".join(open(path, encoding="utf-8").read() for path in glob.glob(pattern))
+        text = "".join(Path(path).read_text(encoding="utf-8") for path in glob.glob(pattern))
         lines = {entry["request_id"]: entry for entry in
                  (json.loads(line[line.index("{"):]) for line in text.splitlines()
                   if f'"request_id": "{request_id}' in line)}
@@ -413,7 +414,7 @@ def test_the_stream_needs_a_key_and_counts_its_audio(keyed, clips):
         assert (event["error"]["code"], code) == ("unauthorized", 1008), (headers, query)
     key = keyed.keys["alpha"]
     for headers, query in [(bearer(key), {}), ({"X-API-Key": key}, {}), ({}, {"api_key": key})]:
-        with open_stream(keyed.url, headers=headers, **query) as (ws, ready):
+        with open_stream(keyed.url, headers=headers, **query) as (_ws, ready):
             assert ready["model_version"] == "base"
     # On the HTTP routes the query parameter is no key.
     response = httpx.get(keyed.url + "/v1/models", params={"api_key": key}, timeout=30)

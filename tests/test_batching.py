@@ -8,9 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serve_app import checkpoints, padded
+from serve_app.checkpoints import generate
 from serve_app.config import ModelSettings
-from serve_app.engine import EmotionEngine, Prediction
+from serve_app.inference import padded
+from serve_app.inference.engine import EmotionEngine, Prediction
 
 RATE = 16_000
 # 0.3 s, 1 s, 2.7 s + 10 samples, 5 s, and 1.0077 s: not all multiples of the 320x stride.
@@ -31,7 +32,7 @@ def make_clips(lengths: list[int], seed: int = 0) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return checkpoints.write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=5)
+    return generate.write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=5)
 
 
 def load(checkpoint, precision: str) -> EmotionEngine:
@@ -140,7 +141,7 @@ def test_long_clips_run_in_windows_that_equal_funasr_per_window(tmp_path):
     for that piece, and the utterance result pools all frames."""
     from funasr import AutoModel
 
-    directory = checkpoints.write_checkpoint(tmp_path / "w", "tiny", seed=5)
+    directory = generate.write_checkpoint(tmp_path / "w", "tiny", seed=5)
     engine = EmotionEngine(ModelSettings(source=str(directory), window_s=2.0), "cpu", 1)
     engine.load()
     rng = np.random.default_rng(0)

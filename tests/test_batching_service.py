@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from serve_app import audio
+from serve_app.audio import sndfile
 from tests.test_lifecycle import Client, make_app, tiny
 from tests.test_stream import assert_scores_equal, lockstep, open_stream, predicted
 
@@ -57,7 +57,7 @@ def test_concurrent_requests_are_batched_and_match_funasr(cluster, batched, funa
     for index, path in enumerate(clips):
         body = answers[index]
         assert "error" not in body, body
-        decoded = audio.decode(path.read_bytes(), max_duration_s=60, min_duration_s=0.1)
+        decoded = sndfile.decode(path.read_bytes(), max_duration_s=60, min_duration_s=0.1)
         expected = model.generate(decoded.waveform, granularity="frame",
                                   extract_embedding=True)[0]
         np.testing.assert_allclose(list(body["scores"].values()), expected["scores"],

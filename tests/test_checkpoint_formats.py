@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 
-from serve_app import audio, checkpoints
+from serve_app.audio import sndfile
+from serve_app.checkpoints import generate
 from tests.test_lifecycle import Client, make_app
 
 APP, PREFIX = "formats", "/formats"
@@ -43,7 +44,7 @@ def _relayout(published: Path, folder: Path, rewrite, scope_map: bool = True) ->
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("formats")
-    published = checkpoints.write_checkpoint(root / "published", "tiny", 51)
+    published = generate.write_checkpoint(root / "published", "tiny", 51)
     return {
         "published": published,
         "plain": _relayout(published, root / "plain", lambda s: s, scope_map=False),
@@ -75,7 +76,7 @@ def test_layouts_answer_as_funasr_does_with_both_loaders(cluster, formats, layou
                          **_variant_configs(directory)))
     _serving(formats, directory)
     clip = clips["tone_5s_16k_wav"]
-    decoded = audio.decode(clip.read_bytes(), max_duration_s=60, min_duration_s=0.1)
+    decoded = sndfile.decode(clip.read_bytes(), max_duration_s=60, min_duration_s=0.1)
     expected = funasr_models(directory).generate(decoded.waveform, extract_embedding=True)[0]
     for name in LOADERS:
         response = formats.predict(clip, model_version=name, extract_embedding="true")
@@ -116,7 +117,6 @@ def _broken(published: Path, root: Path) -> dict[str, tuple[Path, str]]:
 
 def test_broken_files_fail_the_swap_clearly_and_the_old_model_keeps_serving(
         cluster, formats, layouts, clips, tmp_path):
-    import json
 
     published = layouts["published"]
     cluster.put(make_app(published, name=APP, prefix=PREFIX, variants=tuple(LOADERS),

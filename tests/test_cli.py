@@ -17,9 +17,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
-from serve_app.access import AccessControl
-from serve_app.cli import API_KEY_ENV, backoff_delay, expand, main, retry_after_s
 from serve_app.config import RouterSettings
+from serve_app.tools.cli import API_KEY_ENV, backoff_delay, expand, main, retry_after_s
+from serve_app.traffic.access import AccessControl
 
 EMOTIONS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised",
             "unknown"]
@@ -27,7 +27,7 @@ EMOTIONS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad",
 
 def run_cli(*args: str, timeout: float = 180,
             env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serve_app.cli", "predict", *args],
+    return subprocess.run([sys.executable, "-m", "serve_app.tools.cli", "predict", *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -92,9 +92,10 @@ def test_jsonl_for_files_and_a_directory(service, clips, audio_dir, tmp_path):
     counts = {}
     for row in rows:
         counts[row["emotion"]] = counts.get(row["emotion"], 0) + 1
-    emotions_line = next(l for l in done.stderr.splitlines() if l.startswith("emotions: "))
-    assert dict((name, int(n)) for name, n in
-                (part.rsplit(" ", 1) for part in emotions_line[10:].split(", "))) == counts
+    emotions_line = next(line for line in done.stderr.splitlines()
+                         if line.startswith("emotions: "))
+    assert {name: int(n) for name, n in
+                (part.rsplit(" ", 1) for part in emotions_line[10:].split(", "))} == counts
     assert "4/4" in done.stderr  # the progress bar reached the end
 
 
@@ -155,7 +156,7 @@ def test_usage_errors(tmp_path):
 
 # -- stream ------------------------------------------------------------------------------------
 def run_stream(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serve_app.cli", "stream", *args],
+    return subprocess.run([sys.executable, "-m", "serve_app.tools.cli", "stream", *args],
                           capture_output=True, text=True, timeout=timeout)
 
 

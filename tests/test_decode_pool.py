@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import soundfile
 
-from serve_app import audio_av, decode_pool
-from serve_app.decode_pool import DecodePool, Decoder
+from serve_app.audio import ffmpeg as audio_av
+from serve_app.audio import pool as decode_pool
+from serve_app.audio.pool import DecodePool, Decoder
+from serve_app.audio.waveform import Limits
 from serve_app.errors import ApiError
-from serve_app.waveform import Limits
 from tests import media
 from tests.media import FORMATS
 
@@ -165,8 +166,8 @@ def test_workers_die_with_the_router(m4a, tmp_path):
     clip = tmp_path / "clip.m4a"
     clip.write_bytes(m4a)
     script = ("import asyncio, os, sys\n"
-              "from serve_app.decode_pool import DecodePool\n"
-              "from serve_app.waveform import Limits\n"
+              "from serve_app.audio.pool import DecodePool\n"
+              "from serve_app.audio.waveform import Limits\n"
               "async def main():\n"
               "    pool = DecodePool(1)\n"
               f"    await pool.decode(open({str(clip)!r}, 'rb').read(), Limits(30))\n"

@@ -6,7 +6,7 @@ import pytest
 
 from serve_app.app import ResourceError, check_resources
 from serve_app.config import AppArgs
-from serve_app.cluster import load_app
+from serve_app.tools.cluster import load_app
 from tests.conftest import REPO
 
 
@@ -64,10 +64,10 @@ def test_check_resources_counts_every_node_and_each_replica_needs_one():
 
 
 def test_every_shipped_config_is_valid():
-    from serve_app.config import ModelSettings, RouterSettings
-
     import yaml
     from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.config import ModelSettings, RouterSettings
 
     for path in ["deploy.yaml", "configs/cpu.yaml", "configs/single-gpu.yaml",
                  "configs/tiny.yaml"]:
@@ -110,8 +110,8 @@ def test_every_shipped_config_ends_streams_before_the_proxy_would(path):
     one of the router's ongoing requests, must leave room for plain HTTP requests."""
     import yaml
 
+    from serve_app.api.stream_protocol import PROXY_MARGIN_S, session_limit_s
     from serve_app.config import RouterSettings
-    from serve_app.stream_protocol import PROXY_MARGIN_S, session_limit_s
 
     config = yaml.safe_load((REPO / path).read_text())
     timeout = config["http_options"]["request_timeout_s"]

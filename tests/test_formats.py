@@ -16,12 +16,14 @@ import av.logging
 import numpy as np
 import pytest
 import soundfile
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from serve_app import audio, audio_av
-from serve_app.decode_pool import DecodePool
+from serve_app.audio import ffmpeg as audio_av
+from serve_app.audio import sndfile
+from serve_app.audio.pool import DecodePool
+from serve_app.audio.waveform import Limits
 from serve_app.errors import ApiError
-from serve_app.waveform import Limits
 from tests import media
 from tests.media import FORMATS, Spec
 
@@ -64,7 +66,7 @@ def test_each_format_is_served_with_its_duration(client, recordings, name):
 def test_files_both_decoders_read_give_the_same_waveform(fmt, subtype, rate, channels,
                                                          tolerance):
     data = _wav(media.tone(1.5, rate, channels).T, rate, fmt, subtype)
-    by_sndfile = audio.decode_sndfile(data, LIMITS)
+    by_sndfile = sndfile.decode_sndfile(data, LIMITS)
     by_ffmpeg = audio_av.decode(data, LIMITS)
     assert (by_ffmpeg.sample_rate, by_ffmpeg.channels) == (rate, channels)
     assert by_ffmpeg.format.startswith(by_sndfile.format + "/")
@@ -105,7 +107,7 @@ def _forged_rate(rate: int) -> bytes:
     (_wav(np.zeros(8_000 * 600, np.float32), 8_000, "FLAC"), 413, "audio_too_long"),
 ])
 def test_both_decoders_refuse_alike(body, status, code):
-    for decoder in (audio.decode_sndfile, audio_av.decode):
+    for decoder in (sndfile.decode_sndfile, audio_av.decode):
         with pytest.raises(ApiError) as refused:
             decoder(body, LIMITS)
         assert (refused.value.status, refused.value.code) == (status, code), decoder

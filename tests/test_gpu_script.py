@@ -30,7 +30,7 @@ def test_dry_run_writes_every_number_of_the_table(tmp_path):
     env = report["environment"]
     assert env["device"] == "cpu" and env["profile"] == "quick" and env["weights"] == "random"
     assert list(report["variants"]) == list(VARIANTS)
-    for name, v in report["variants"].items():
+    for _name, v in report["variants"].items():
         fp32 = v["precision"] == "fp32"
         assert v["arch"] == "tiny" and v["params_m"] > 0 and v["dtype"] == (
             "float32" if fp32 else "bfloat16")

@@ -17,9 +17,10 @@ import httpx
 import numpy as np
 import pytest
 import soundfile
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from serve_app import audio
+from serve_app.audio import sndfile
 from serve_app.errors import ApiError
 from tests.test_lifecycle import Client, make_app, tiny
 
@@ -172,7 +173,7 @@ def test_fuzz_decoder_on_mutated_files(seed, flips, cut):
 
 def _decode_or_4xx(data: bytes) -> None:
     try:
-        decoded = audio.decode(data, max_duration_s=30, min_duration_s=0.1)
+        decoded = sndfile.decode(data, max_duration_s=30, min_duration_s=0.1)
     except ApiError as exc:
         assert 400 <= exc.status < 500
         return
@@ -326,7 +327,8 @@ def test_metrics_reach_the_prometheus_endpoint(client, clips, service):
                            data={"model_version": variant}).status_code == 200
     client.post("/v1/predict", files={"file": ("a.wav", b"junk")})
     wanted = ['ray_emotion2vec_requests_total{', 'outcome="2xx"', 'outcome="4xx"',
-              'ray_emotion2vec_inference_latency_ms_bucket{', 'ray_emotion2vec_audio_seconds_total{',
+              'ray_emotion2vec_inference_latency_ms_bucket{',
+              'ray_emotion2vec_audio_seconds_total{',
               'ray_emotion2vec_model_loads_total{', 'ray_emotion2vec_model_loaded{',
               'ray_emotion2vec_queue_length{', 'ray_emotion2vec_request_latency_ms_bucket{',
               'ray_emotion2vec_batch_size_bucket{']
@@ -351,10 +353,10 @@ def test_a_replica_whose_model_breaks_reports_unhealthy(cluster, tmp_path_factor
 
     from ray import serve
 
-    from serve_app import checkpoints
+    from serve_app.checkpoints import generate
 
     root = tmp_path_factory.mktemp("breaks")
-    directory = checkpoints.write_checkpoint(root / "tiny", "tiny", 6)
+    directory = generate.write_checkpoint(root / "tiny", "tiny", 6)
     app = make_app(root, name="breaks", prefix="/breaks", variants=("base",),
                    base={"source": str(directory), "generate": None, "idle_unload_s": 1.0})
     cluster.put(app)

@@ -15,9 +15,9 @@ import time
 import numpy as np
 import pytest
 
-from serve_app import checkpoints
+from serve_app.checkpoints import generate
 from serve_app.config import ModelSettings
-from serve_app.engine import EmotionEngine, ModelLoadError
+from serve_app.inference.engine import EmotionEngine, ModelLoadError
 from tests.conftest import REPO
 
 COMMIT = "6c303ba" + "0" * 33  # a snapshot's name in the Hugging Face cache: its commit
@@ -27,7 +27,7 @@ LOAD_OFFLINE = """
 import json, sys
 import numpy as np
 from serve_app.config import ModelSettings
-from serve_app.engine import EmotionEngine
+from serve_app.inference.engine import EmotionEngine
 clip = np.load(sys.argv[1])
 results = {}
 for source, hub, loader in json.loads(sys.argv[2]):
@@ -49,7 +49,7 @@ def _closed_port() -> int:
 
 
 def test_prefilled_hub_caches_serve_offline(tmp_path, funasr_models):
-    checkpoint = checkpoints.write_checkpoint(tmp_path / "tiny", "tiny", 41)
+    checkpoint = generate.write_checkpoint(tmp_path / "tiny", "tiny", 41)
     files = [p for p in checkpoint.iterdir() if p.is_file()]
     ms_cache, hf_home = tmp_path / "modelscope", tmp_path / "huggingface"
     # ModelScope's layout (modelscope >= 1.38), and the older one FunASR's users may have.

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app import kuberay
 from serve_app.app import check_resources
 from serve_app.config import AppArgs
+from serve_app.tools import kuberay
 from tests.conftest import REPO
 
 MANIFEST = REPO / "configs" / "kuberay" / "rayservice.yaml"

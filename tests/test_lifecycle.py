@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from serve_app import audio
-from serve_app.cluster import load_app
+from serve_app.audio import sndfile
+from serve_app.tools.cluster import load_app
 from tests.conftest import TINY_CONFIG
 
 APP = "lifecycle"
@@ -81,7 +81,7 @@ def lifecycle(cluster, root):
 
 
 def expected_scores(funasr_models, directory: Path, clip: Path) -> list[float]:
-    decoded = audio.decode(clip.read_bytes(), max_duration_s=60, min_duration_s=0.1)
+    decoded = sndfile.decode(clip.read_bytes(), max_duration_s=60, min_duration_s=0.1)
     return funasr_models(directory).generate(decoded.waveform)[0]["scores"]
 
 

@@ -2,7 +2,7 @@
 
 import random
 
-from serve_app.batching import padded_chunks
+from serve_app.inference.passes import padded_chunks
 
 
 def padded(lengths, chunk):

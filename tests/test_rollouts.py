@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from serve_app.routing import RoutingTable
+from serve_app.traffic.routing import RoutingTable
 from tests.clips import tone
 from tests.test_lifecycle import Client, make_app, tiny
 from tests.test_routing import within_binomial

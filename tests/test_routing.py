@@ -13,8 +13,8 @@ from pydantic import ValidationError
 
 from serve_app.config import RouterSettings
 from serve_app.errors import ApiError
-from serve_app.routing import Route, RoutingTable
-from serve_app.shadow import Shadow, ShadowStats, compare
+from serve_app.traffic.routing import Route, RoutingTable
+from serve_app.traffic.shadow import Shadow, ShadowStats, compare
 
 VARIANTS = ["base", "large", "large_ft"]
 KEYS = [f"user-{i}" for i in range(20_000)]
@@ -163,7 +163,7 @@ def test_stats_accumulate_agreement_differences_and_confusion():
 
 
 class SlowVariants:
-    """Stands in for serve_app.variants.Variants: answers when released, or fails."""
+    """Stands in for serve_app.api.variant_client.Variants: answers when released, or fails."""
 
     def __init__(self):
         self.release = asyncio.Event()

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from serve_app import audio
+from serve_app.audio import sndfile
 
 EMOTIONS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised",
             "unknown"]
@@ -116,7 +116,7 @@ def test_parity_with_funasr_generate(client, clips, service, funasr_models, vari
     """Scores and embeddings equal FunASR's AutoModel.generate on the same checkpoint."""
     model = funasr_models(service.checkpoints[variant])
     for name in _parity_clips(clips):
-        decoded = audio.decode(clips[name].read_bytes(), max_duration_s=60, min_duration_s=0.1)
+        decoded = sndfile.decode(clips[name].read_bytes(), max_duration_s=60, min_duration_s=0.1)
         expected = model.generate(decoded.waveform, granularity=granularity,
                                   extract_embedding=True)[0]
         response = predict(client, clips[name], model_version=variant, granularity=granularity,
@@ -141,7 +141,7 @@ def test_turbo_is_large_in_reduced_precision(client, clips, service, funasr_mode
     assert service.checkpoints["turbo"] == service.checkpoints["large"]
     model = funasr_models(service.checkpoints["large"])
     clip = clips["tone_5s_16k_wav"]
-    decoded = audio.decode(clip.read_bytes(), max_duration_s=60, min_duration_s=0.1)
+    decoded = sndfile.decode(clip.read_bytes(), max_duration_s=60, min_duration_s=0.1)
     fp32 = model.generate(decoded.waveform, extract_embedding=True)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = model.generate(decoded.waveform, extract_embedding=True)[0]
@@ -225,7 +225,7 @@ def test_models_endpoint(client, service):
     assert body["default_version"] == "large"
     assert body["aliases"] == {"latest": "large", "fast": "turbo"}
     assert set(body["variants"]) == {"base", "large", "turbo"}
-    for name, info in body["variants"].items():
+    for _name, info in body["variants"].items():
         assert info["state"] == "ready"
         assert info["weights"] == "random"
         assert info["device"] == "cpu"

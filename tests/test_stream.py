@@ -21,10 +21,11 @@ import soundfile
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from serve_app import audio, stream_protocol as protocol
+from serve_app.api import stream_protocol as protocol
+from serve_app.audio import sndfile
+from serve_app.audio.waveform import to_target_rate
 from serve_app.config import RouterSettings
 from serve_app.errors import ApiError
-from serve_app.waveform import to_target_rate
 from tests.clips import tone
 from tests.conftest import APP_NAME
 
@@ -65,7 +66,7 @@ def test_pcm_becomes_what_libsndfile_reads_from_a_file_of_it():
 
 def test_windows_are_resampled_like_the_decoder_does():
     samples = tone(1.0, 22_050)
-    decoded = audio.decode(wav_bytes(samples, 22_050), max_duration_s=10, min_duration_s=0.1)
+    decoded = sndfile.decode(wav_bytes(samples, 22_050), max_duration_s=10, min_duration_s=0.1)
     assert np.array_equal(to_target_rate(samples, 22_050), decoded.waveform)
 
 
@@ -257,7 +258,8 @@ def test_ready_event_and_version_resolution(service):
     with open_stream(service.url, headers) as (ws, ready):
         assert ready == {
             "type": "ready", "request_id": "live-0001", "model_version": "large",
-            "routed_by": None, "sample_rate": 16_000, "encoding": "pcm_s16le", "window_s": 2.0, "hop_s": 0.5,
+            "routed_by": None, "sample_rate": 16_000, "encoding": "pcm_s16le", "window_s": 2.0,
+            "hop_s": 0.5,
             "limits": {"max_stream_s": 30.0, "max_session_s": 55.0, "idle_timeout_s": 10.0,
                        "max_message_bytes": 1_048_576}}  # max_stream_s: tiny's max_duration_s
         ws.send(json.dumps({"type": "end"}))
@@ -286,7 +288,7 @@ def test_windows_and_result_equal_predict_when_resampled(service, client):
     """22.05 kHz float32: every window resampled on its own, hops of 5512.5 samples."""
     raw = tone(1.7, 22_050, 260.0, 12)
     with open_stream(service.url, model_version="base", sample_rate=22_050, encoding="f32le",
-                     window_s=1.0, hop_s=0.25) as (ws, ready):
+                     window_s=1.0, hop_s=0.25) as (ws, _ready):
         events = lockstep(ws, raw, 22_050, 0.25)
         assert close_code(ws) == 1000
     assert [w["end_s"] for w in events[:-1]] == [round(e / 22_050, 6) for e in
@@ -320,8 +322,8 @@ def test_real_time_windows_arrive_after_their_audio_without_skips(service):
 
 
 def test_the_client_streams_at_real_time_pace(service):
-    """serve_app.stream_client (the CLI's and the benchmark's): 1.5 s of audio takes 1.5 s."""
-    from serve_app.stream_client import stream_audio
+    """serve_app.tools.stream_client (the CLI's and the benchmark's): 1.5 s of audio takes 1.5 s."""
+    from serve_app.tools.stream_client import stream_audio
 
     began = time.monotonic()
     run = asyncio.run(stream_audio(service.url, tone(1.5, 16_000), 16_000, pace="realtime",
@@ -452,7 +454,7 @@ def test_a_stream_over_max_stream_s_is_refused(service, tight):
 
 
 def test_a_silent_stream_times_out(service, tight):
-    with open_stream(service.url) as (ws, ready):
+    with open_stream(service.url) as (ws, _ready):
         began = time.monotonic()
         ws.send(b"\x00\x00" * 160)
         event = next_event(ws)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from serve_app.config import ModelSettings
-from serve_app.engine import EmotionEngine
-from serve_app.timeline import emotion_timeline, to_frames, window_bounds
+from serve_app.inference.engine import EmotionEngine
+from serve_app.inference.timeline import emotion_timeline, to_frames, window_bounds
 from tests.clips import tone
 
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import io
+
 import numpy as np
 import pytest
 import soundfile
 
-from serve_app import audio, checkpoints
+from serve_app.audio import sndfile
+from serve_app.checkpoints import generate
 from serve_app.config import ModelSettings, RouterSettings
-from serve_app.engine import EmotionEngine, ModelLoadError
-from serve_app.labels import english_name
 from serve_app.errors import ApiError
+from serve_app.inference.engine import EmotionEngine, ModelLoadError
+from serve_app.labels import english_name
 
 
 def encode(samples, rate, fmt="WAV", subtype=None):
@@ -46,14 +48,14 @@ def test_decode_downmixes_and_resamples():
     t = np.arange(44_100) / 44_100
     left, right = np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 440 * t + np.pi)
     stereo = np.stack([left, right], axis=1).astype(np.float32) * 0.5
-    decoded = audio.decode(encode(stereo, 44_100, "FLAC"), max_duration_s=10, min_duration_s=0.1)
+    decoded = sndfile.decode(encode(stereo, 44_100, "FLAC"), max_duration_s=10, min_duration_s=0.1)
     assert (decoded.sample_rate, decoded.channels, decoded.format) == (44_100, 2, "FLAC")
     assert decoded.waveform.dtype == np.float32 and decoded.waveform.ndim == 1
     assert len(decoded.waveform) == 16_000
     assert np.abs(decoded.waveform).max() < 1e-3  # opposite phases cancel: a real downmix
 
     tone = (np.sin(2 * np.pi * 300 * np.arange(48_000) / 48_000) * 0.5).astype(np.float32)
-    decoded = audio.decode(encode(tone, 48_000), max_duration_s=10, min_duration_s=0.1)
+    decoded = sndfile.decode(encode(tone, 48_000), max_duration_s=10, min_duration_s=0.1)
     assert len(decoded.waveform) == 16_000
     spectrum = np.abs(np.fft.rfft(decoded.waveform))
     assert abs(int(np.argmax(spectrum)) - 300) <= 1  # the 300 Hz tone survives resampling
@@ -63,7 +65,7 @@ def test_decode_keeps_16k_mono_exactly():
     samples = (np.random.default_rng(0).standard_normal(8000) * 0.1).astype(np.float32)
     data = encode(samples, 16_000, subtype="FLOAT")
     np.testing.assert_array_equal(
-        audio.decode(data, max_duration_s=10, min_duration_s=0.1).waveform, samples)
+        sndfile.decode(data, max_duration_s=10, min_duration_s=0.1).waveform, samples)
 
 
 @pytest.mark.parametrize("data,status,code", [
@@ -76,12 +78,12 @@ def test_decode_keeps_16k_mono_exactly():
 ])
 def test_decode_rejects(data, status, code):
     with pytest.raises(ApiError) as caught:
-        audio.decode(data, max_duration_s=10, min_duration_s=0.1)
+        sndfile.decode(data, max_duration_s=10, min_duration_s=0.1)
     assert (caught.value.status, caught.value.code) == (status, code)
 
 
 def test_english_names():
-    assert [english_name(t) for t in checkpoints.TOKENS] == [
+    assert [english_name(t) for t in generate.TOKENS] == [
         "angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised",
         "unknown"]
 

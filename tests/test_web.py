@@ -113,7 +113,7 @@ def test_versions_offered(page):
     values = [value for value, _, _ in options]
     assert values == ["base", "large", "turbo", "latest", "fast"]
     assert [value for value, _, selected in options if selected] == ["large"]
-    labels = dict((value, text) for value, text, _ in options)
+    labels = {value: text for value, text, _ in options}
     assert "(default)" in labels["large"] and labels["fast"] == "fast → turbo"
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
-from serve_app import checkpoints, weights
+from serve_app.checkpoints import generate, weights
 from serve_app.config import ModelSettings
-from serve_app.engine import EmotionEngine, ModelLoadError
+from serve_app.inference.engine import EmotionEngine, ModelLoadError
 from tests.conftest import PUBLISHED
 
 # sha256 of the published files (Hugging Face revision 6c303ba, ModelScope v2.0.5)
@@ -141,7 +141,7 @@ def test_generated_large_is_the_published_directory(tmp_path):
     byte; model.pt laid out as published."""
     for name, digest in PUBLISHED_SHA256.items():  # the reference copies are the published
         assert hashlib.sha256((PUBLISHED / name).read_bytes()).hexdigest() == digest
-    directory = checkpoints.write_checkpoint(tmp_path / "large", "large", 0)
+    directory = generate.write_checkpoint(tmp_path / "large", "large", 0)
     try:
         _check_published_large(directory)
     finally:
@@ -172,7 +172,7 @@ def _check_published_large(directory):
 def test_other_sizes_differ_only_in_size_numbers(arch, params):
     from funasr.models.emotion2vec.model import Emotion2vec
 
-    differences = _differences(checkpoints.model_config(arch), checkpoints.model_config("large"))
+    differences = _differences(generate.model_config(arch), generate.model_config("large"))
     sized = {".model_conf.depth", ".model_conf.embed_dim", ".model_conf.num_heads",
              ".model_conf.modalities.audio.decoder.decoder_dim",
              ".model_conf.modalities.audio.feature_encoder_spec",
@@ -182,36 +182,36 @@ def test_other_sizes_differ_only_in_size_numbers(arch, params):
              ".model_conf.modalities.audio.prenet_depth"}
     assert {d.split(":")[0] for d in differences} <= sized
     with torch.device("meta"):  # shapes only
-        model = Emotion2vec(**checkpoints.model_config(arch), vocab_size=len(checkpoints.TOKENS))
+        model = Emotion2vec(**generate.model_config(arch), vocab_size=len(generate.TOKENS))
     weights.drop_pretraining_decoder(model)
     assert sum(p.numel() for p in model.parameters()) == params  # base: 93.2 M, published
 
 
 def test_checkpoints_are_deterministic_marked_and_optimizer_sized(tmp_path):
-    first = checkpoints.write_checkpoint(tmp_path / "a", "tiny", seed=3)
-    second = checkpoints.write_checkpoint(tmp_path / "b", "tiny", seed=3)
-    other = checkpoints.write_checkpoint(tmp_path / "c", "tiny", seed=4)
+    first = generate.write_checkpoint(tmp_path / "a", "tiny", seed=3)
+    second = generate.write_checkpoint(tmp_path / "b", "tiny", seed=3)
+    other = generate.write_checkpoint(tmp_path / "c", "tiny", seed=4)
     a, b, c = (torch.load(d / "model.pt")["model"] for d in (first, second, other))
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # Byte for byte: nodes that each generate their own copy serve the same identity (sha256).
     assert (first / "model.pt").read_bytes() == (second / "model.pt").read_bytes()
     assert not all(torch.equal(a[k], c[k]) for k in a)
-    marker = checkpoints.random_weights_info(first)
+    marker = generate.random_weights_info(first)
     assert (marker["weights"], marker["arch"], marker["seed"], marker["format"]) == (
-        "random", "tiny", 3, checkpoints.FORMAT)
-    assert checkpoints.write_checkpoint(first, "tiny", seed=3) == first  # a no-op
+        "random", "tiny", 3, generate.FORMAT)
+    assert generate.write_checkpoint(first, "tiny", seed=3) == first  # a no-op
     with pytest.raises(ValueError, match="seed 3"):
-        checkpoints.write_checkpoint(first, "tiny", seed=5)
+        generate.write_checkpoint(first, "tiny", seed=5)
 
     # The same weights, with Adam's two moments per tensor: the file is ~3x.
-    full = checkpoints.write_checkpoint(tmp_path / "d", "tiny", seed=3, optimizer_state=True)
+    full = generate.write_checkpoint(tmp_path / "d", "tiny", seed=3, optimizer_state=True)
     checkpoint = torch.load(full / "model.pt")
     assert all(torch.equal(checkpoint["model"][k], a[k]) for k in a)
     assert len(checkpoint["last_optimizer_state"]["state"]) == len(a)
     ratio = (full / "model.pt").stat().st_size / (first / "model.pt").stat().st_size
     assert 2.7 < ratio < 3.3, ratio
-    assert checkpoints.random_weights_info(full)["optimizer_state"] is True
+    assert generate.random_weights_info(full)["optimizer_state"] is True
     # Both loaders take it, with the same result as without.
     clip = torch.randn(16_000, generator=torch.Generator().manual_seed(0)).numpy() * 0.1
     scores = []
@@ -234,9 +234,9 @@ def test_checkpoint_writers_on_a_shared_filesystem_without_locks(tmp_path, monke
     import fcntl
     import shutil
 
-    other_node = checkpoints.write_checkpoint(tmp_path / "elsewhere", "tiny", seed=other_seed)
+    other_node = generate.write_checkpoint(tmp_path / "elsewhere", "tiny", seed=other_seed)
     shared = tmp_path / "shared"
-    real_config = checkpoints.model_config
+    real_config = generate.model_config
 
     def no_locks(*_):
         raise OSError(errno.ENOLCK, "no locks available")
@@ -247,12 +247,12 @@ def test_checkpoint_writers_on_a_shared_filesystem_without_locks(tmp_path, monke
         return real_config(arch)
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    monkeypatch.setattr(checkpoints, "model_config", other_node_finishes_meanwhile)
+    monkeypatch.setattr(generate, "model_config", other_node_finishes_meanwhile)
     if other_seed == 3:
-        assert checkpoints.write_checkpoint(shared, "tiny", seed=3) == shared
+        assert generate.write_checkpoint(shared, "tiny", seed=3) == shared
     else:
         with pytest.raises(ValueError, match="seed 4 .*not tiny seed 3"):
-            checkpoints.write_checkpoint(shared, "tiny", seed=3)
+            generate.write_checkpoint(shared, "tiny", seed=3)
     assert (shared / "model.pt").read_bytes() == (other_node / "model.pt").read_bytes()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".shared")] == [".shared.lock"]
 
@@ -264,20 +264,20 @@ def test_an_older_generated_checkpoint_is_regenerated(tmp_path, caplog):
 
     old = tmp_path / "large-seed0"
     old.mkdir()
-    config = checkpoints.model_config("tiny")
+    config = generate.model_config("tiny")
     config["model_conf"]["depth"] = 3
     del config["scope_map"]
     (old / "config.yaml").write_text(yaml.safe_dump(config))
     torch.save(Emotion2vec(**config, vocab_size=9).state_dict(), old / "model.pt")
-    (old / "tokens.txt").write_text("\n".join(checkpoints.TOKENS) + "\n")
-    (old / checkpoints.RANDOM_MARKER).write_text(json.dumps(
+    (old / "tokens.txt").write_text("\n".join(generate.TOKENS) + "\n")
+    (old / generate.RANDOM_MARKER).write_text(json.dumps(
         {"weights": "random", "arch": "tiny", "seed": 0}))
 
     settings = ModelSettings(source=str(old), generate={"arch": "tiny", "seed": 0})
     with caplog.at_level(logging.WARNING):
         EmotionEngine(settings, "cpu", 1).load()
     assert "older generator" in caplog.text and str(old) in caplog.text
-    assert checkpoints.random_weights_info(old)["format"] == checkpoints.FORMAT
+    assert generate.random_weights_info(old)["format"] == generate.FORMAT
     assert yaml.safe_load((old / "config.yaml").read_text())["model_conf"]["depth"] == 2
     assert list(torch.load(old / "model.pt")) == ["model"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".large-seed0.")

@@ -16,8 +16,8 @@ import httpx
 import numpy as np
 import pytest
 
-from serve_app import audio
-from serve_app.cluster import load_app, local_cluster
+from serve_app.audio import sndfile
+from serve_app.tools.cluster import load_app, local_cluster
 from tests import clips as clip_maker
 from tests.conftest import TINY_CONFIG
 
@@ -120,7 +120,7 @@ def test_variants_run_on_worker_nodes_and_answer_across_nodes(multi, tmp_path):
     # router on the head to the worker, and the frame embeddings travel back.
     samples = clip_maker.tone(20.0, 16_000, 190.0, 7)
     long_clip = clip_maker.write(tmp_path / "long.wav", samples, 16_000)
-    waveform = audio.decode(long_clip.read_bytes(), max_duration_s=60,
+    waveform = sndfile.decode(long_clip.read_bytes(), max_duration_s=60,
                             min_duration_s=0.1).waveform
     for variant, seed in zip(VARIANTS, (1, 2)):
         response = multi.predict(variant, long_clip, granularity="frame",

@@ -1,7 +1,7 @@
 """Live emotion over a WebSocket (`WS /v1/stream`): mono PCM in, an emotion window each time
 the stream passes a multiple of hop_s, and the whole stream's result after `{"type": "end"}`.
 `Streams.run` is the session loop the router hands an accepted socket to; the protocol's pure
-parts (parameters, PCM, the window schedule, limits) are in serve_app/stream_protocol.py.
+parts (parameters, PCM, the window schedule, limits) are in serve_app/api/stream_protocol.py.
 
 Parity with POST /v1/predict: a window's samples are converted as the decoder converts a file
 of those samples, resampled on their own with the decoder's resampler, and sent through the
@@ -15,25 +15,37 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from serve_app import results
-from serve_app.waveform import to_target_rate
+from serve_app.api import responses as results
+from serve_app.api.stream_protocol import (
+    INTERNAL,
+    NORMAL,
+    POLICY,
+    TOO_BIG,
+    TRY_LATER,
+    SampleBuffer,
+    StreamError,
+    StreamParams,
+    Window,
+    WindowSchedule,
+    pcm_to_float32,
+    session_limit_s,
+)
+from serve_app.audio.waveform import to_target_rate
 from serve_app.config import RouterSettings
 from serve_app.errors import ApiError
-from serve_app.stream_protocol import (INTERNAL, NORMAL, POLICY, TOO_BIG, TRY_LATER,
-                                       SampleBuffer, StreamError, StreamParams, Window,
-                                       WindowSchedule, pcm_to_float32, session_limit_s)
 
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
 
+    from serve_app.api.variant_client import Variants
     from serve_app.metrics import StreamMetrics
-    from serve_app.routing import Route
-    from serve_app.variants import Variants
+    from serve_app.traffic.routing import Route
 
 access_log = logging.getLogger("ray.serve.emotion2vec.access")
 
@@ -65,7 +77,7 @@ class Streams:
     """The open streams of one router replica: the cap on them, their metrics, and the loop
     that serves each."""
 
-    def __init__(self, variants: "Variants", metrics: "StreamMetrics"):
+    def __init__(self, variants: Variants, metrics: StreamMetrics):
         self.variants = variants
         self.metrics = metrics
         self.active: dict[str, int] = {}
@@ -89,7 +101,7 @@ class Streams:
             self._proxy_timeout_known = True
         return self._proxy_timeout
 
-    async def run(self, websocket: "WebSocket", route: "Route", params: StreamParams,
+    async def run(self, websocket: WebSocket, route: Route, params: StreamParams,
                   settings: RouterSettings, request_id: str, started: float,
                   hooks: StreamHooks) -> None:
         """Serve one accepted socket to its end; never raises but CancelledError."""
@@ -118,7 +130,7 @@ class Streams:
             session.flush_seconds()
 
 
-async def refuse(websocket: "WebSocket", error: StreamError) -> None:
+async def refuse(websocket: WebSocket, error: StreamError) -> None:
     """Send the error event and close with its code; a gone client is no error."""
     try:
         await websocket.send_text(json.dumps(error.event()))
@@ -128,7 +140,7 @@ async def refuse(websocket: "WebSocket", error: StreamError) -> None:
 
 
 class _Session:
-    def __init__(self, websocket: "WebSocket", streams: Streams, route: "Route",
+    def __init__(self, websocket: WebSocket, streams: Streams, route: Route,
                  params: StreamParams, settings: RouterSettings, request_id: str,
                  limits: _Limits, started: float, hooks: StreamHooks):
         self.ws, self.streams, self.hooks = websocket, streams, hooks
@@ -221,7 +233,7 @@ class _Session:
     async def _within_session(self, work):
         try:
             return await asyncio.wait_for(work, max(0.0, self.deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise self._timeout_error() from None
 
     # -- messages in ------------------------------------------------------------------------
@@ -268,7 +280,8 @@ class _Session:
     def _ready(self) -> dict:
         params, limits = self.params, self.limits
         return {"type": "ready", "request_id": self.request_id, "model_version": self.variant,
-                "routed_by": self.routed_by, "sample_rate": params.sample_rate, "encoding": params.encoding,
+                "routed_by": self.routed_by, "sample_rate": params.sample_rate,
+                "encoding": params.encoding,
                 "window_s": params.window_s, "hop_s": params.hop_s,
                 "limits": {"max_stream_s": limits.max_samples / params.sample_rate,
                            "max_session_s": round(limits.session_s, 3),

@@ -1,7 +1,8 @@
 """The emotion2vec model itself, with no Ray in it: load, warm up, predict.
 
-Loading: a local directory, or a hub id resolved to its cached snapshot (serve_app/hub.py),
-then one of two loaders, both with the same key mapping and strict check (serve_app/weights.py):
+Loading: a local directory, or a hub id resolved to its cached snapshot
+(serve_app/checkpoints/hub.py), then one of two loaders, both with the same key mapping and strict
+check (serve_app/checkpoints/weights.py):
 - `mmap` (default): FunASR's Emotion2vec class built on the meta device (no memory) without
   its pre-training decoder, then given model.pt's tensors memory-mapped (assign=True): about
   1x the weights at peak, whatever else the file holds (optimizer state is never read);
@@ -14,7 +15,7 @@ in float32 (a bf16 softmax sums to 1 +- 2e-3), and reduced precision ("turbo") i
 around the encoder only.
 
 `predict_batch` runs several clips of any lengths through one padded forward pass
-(serve_app.padded) and gives each clip what `predict` would give it alone, up to float
+(serve_app.inference.padded) and gives each clip what `predict` would give it alone, up to float
 rounding.
 """
 
@@ -29,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from serve_app import checkpoints, hub, padded, weights
+from serve_app.checkpoints import generate, hub, weights
+from serve_app.checkpoints.weights import ModelLoadError
 from serve_app.config import ModelSettings
-from serve_app.timeline import emotion_timeline
-from serve_app.weights import ModelLoadError
+from serve_app.inference import padded
+from serve_app.inference.timeline import emotion_timeline
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +133,7 @@ class EmotionEngine:
         spec = settings.generate
         if spec is not None:  # written when missing or outdated (it logs what it writes)
             try:
-                checkpoints.write_checkpoint(path, spec.arch, spec.seed,
+                generate.write_checkpoint(path, spec.arch, spec.seed,
                                              optimizer_state=spec.optimizer_state)
             except ValueError as exc:
                 raise ModelLoadError(str(exc)) from exc
@@ -151,7 +153,7 @@ class EmotionEngine:
         started = time.perf_counter()
         directory = self._resolve_source()
         files = weights.model_files(directory)
-        random_info = checkpoints.random_weights_info(directory)
+        random_info = generate.random_weights_info(directory)
         torch.set_num_threads(self.threads)
         if self.settings.loader == "mmap":
             model, self.labels = _load_mmap(files)
@@ -282,7 +284,7 @@ class EmotionEngine:
         return torch.softmax(logits, dim=-1).tolist()
 
     def _timeline(self, frames, granularity: str) -> list[dict] | None:
-        """granularity=frame: the head on frames pooled over windows (serve_app/timeline.py)."""
+        """granularity=frame: the head on frames pooled over windows (timeline.py)."""
         if granularity != "frame":
             return None
         masked = [i for i, label in enumerate(self.labels) if label.startswith("unuse")]
@@ -318,7 +320,7 @@ class EmotionEngine:
         starts = list(range(0, len(waveform), size))
         if len(waveform) - starts[-1] < 16_000:
             starts.pop()
-        return [waveform[a:b] for a, b in zip(starts, starts[1:] + [len(waveform)])]
+        return [waveform[a:b] for a, b in zip(starts, [*starts[1:], len(waveform)])]
 
     def _window_frames(self, waveform: np.ndarray):
         """1 x T x D float32 frame features of one clip (or window), FunASR's steps."""

@@ -1,7 +1,7 @@
 """The ingress: the HTTP API. A thin layer: it checks the caller's API key and quota
-(serve_app.access), reads the request (serve_app.upload), resolves the model version, decodes
-the audio (serve_app.audio), calls the variant (serve_app.variants) and shapes the answer
-(serve_app.results).
+(serve_app.traffic.access), reads the request (serve_app.api.upload), resolves the model
+version, decodes the audio (serve_app.audio), calls the variant (serve_app.api.variant_client)
+and shapes the answer (serve_app.api.responses).
 
 No torch here: the router decodes audio (CPU work kept off GPU replicas), rejects bad input
 before it costs a model slot, and forwards a 16 kHz mono float32 array to the variant's
@@ -23,19 +23,19 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import HTTPConnection
 
-from serve_app import results, upload
-from serve_app.access import AccessControl, AccessDenied, Admission
+from serve_app.api import responses as results
+from serve_app.api import upload
+from serve_app.api.stream import StreamHooks, Streams, refuse
+from serve_app.api.stream_protocol import StreamError, parse_params
+from serve_app.api.variant_client import Variants
+from serve_app.audio.pool import Decoder
+from serve_app.audio.waveform import Limits
 from serve_app.config import RouterSettings, without_inputs
-from serve_app.decode_pool import Decoder
 from serve_app.errors import ApiError
 from serve_app.metrics import RouterMetrics, StreamMetrics
-from serve_app.stream import StreamHooks, Streams, refuse
-from serve_app.stream_protocol import StreamError, parse_params
-from serve_app.metrics import RouterMetrics
-from serve_app.routing import Route, RoutingTable
-from serve_app.shadow import Shadow
-from serve_app.variants import Variants
-from serve_app.waveform import Limits
+from serve_app.traffic.access import AccessControl, AccessDenied, Admission
+from serve_app.traffic.routing import Route, RoutingTable
+from serve_app.traffic.shadow import Shadow
 
 access_log = logging.getLogger("ray.serve.emotion2vec.access")
 
@@ -208,7 +208,7 @@ class Router:
 
     @api.websocket("/v1/stream")
     async def live(self, websocket: WebSocket) -> None:
-        """Live emotion: PCM in, window events out (serve_app/stream.py)."""
+        """Live emotion: PCM in, window events out (serve_app/api/stream.py)."""
         started, settings, log_fields = time.monotonic(), self.settings, {}
         await websocket.accept()  # first: errors are events on the socket, then a close code
         try:

@@ -97,9 +97,11 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, dict[str
             form = await Request(request.scope, replay).form(
                 max_files=1, max_fields=len(PARAMS), max_part_size=_FORM_OVERHEAD)
         except (MultiPartException, ValueError, KeyError) as exc:
-            raise ApiError(400, "malformed_form", f"the multipart form is malformed: {exc}")
+            raise ApiError(400, "malformed_form",
+                           f"the multipart form is malformed: {exc}") from None
         except Exception as exc:  # starlette raises HTTPException for over-limit forms
-            raise ApiError(400, "malformed_form", f"the multipart form was refused: {exc}")
+            raise ApiError(400, "malformed_form",
+                           f"the multipart form was refused: {exc}") from None
         unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
         if unknown:
             raise ApiError(422, "unknown_field", f"unknown form fields {unknown}; expected "

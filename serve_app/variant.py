@@ -29,9 +29,9 @@ from dataclasses import asdict
 import numpy as np
 from ray import serve
 
-from serve_app.batching import padded_chunks
 from serve_app.config import ModelSettings
-from serve_app.engine import MIN_SAMPLES, EmotionEngine
+from serve_app.inference.engine import MIN_SAMPLES, EmotionEngine
+from serve_app.inference.passes import padded_chunks
 from serve_app.metrics import ModelMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -294,7 +294,7 @@ class EmotionModel:
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
     async def _batched(self, requests: list[tuple]) -> list:
         """Requests gathered by Serve, run as padded batches of the same engine and options,
-        each at most max_batch_audio_s of padded audio (serve_app/batching.py); results in
+        each at most max_batch_audio_s of padded audio (serve_app/inference/passes.py); results in
         request order."""
         results: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}

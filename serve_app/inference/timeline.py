@@ -11,7 +11,7 @@ float32 softmax as the utterance, so a window over the whole clip gives the utte
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 FRAME_RATE = 50.0  # frames per second: the encoder's conv stem has a stride of 320 samples
 

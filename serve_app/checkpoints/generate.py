@@ -2,9 +2,10 @@
 
 No hub is reachable from the machines this project is built on, so the offline configs run
 the real FunASR loading and inference code on checkpoints made here, in the published format
-(serve_app/published.py): config.yaml, tokens.txt and configuration.json as published, and a
-model.pt that is a fairseq-style dict whose "model" entry holds the weights, encoder keys
-prefixed `d2v_model.`, the classifier head `proj.*` not, and no pre-training decoder. With
+(serve_app/checkpoints/published.py): config.yaml, tokens.txt and configuration.json as
+published, and a model.pt that is a fairseq-style dict whose "model" entry holds the weights,
+encoder keys prefixed `d2v_model.`, the classifier head `proj.*` not, and no pre-training
+decoder. With
 `optimizer_state`, Adam's two moments per weight are added beside them, as in the published
 files (model.pt ~3x the weights), so that loading such a file can be tested and measured.
 
@@ -27,12 +28,12 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import yaml
 
-from serve_app import published, weights
+from serve_app.checkpoints import published, weights
 
 logger = logging.getLogger(__name__)
 

@@ -224,22 +224,22 @@ def stream_main(args: argparse.Namespace) -> int:
     import numpy as np
     import soundfile
 
-    from serve_app.stream_client import stream_audio
+    from serve_app.tools.stream_client import stream_audio
 
     try:
         samples, rate = soundfile.read(args.file, dtype="float32", always_2d=True)
         mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
     except (RuntimeError, ValueError):  # not libsndfile's: FFmpeg, as the service decodes it
-        from serve_app import audio
+        from serve_app.audio import sndfile
         from serve_app.errors import ApiError
 
         try:
-            decoded = audio.decode(Path(args.file).read_bytes(), max_duration_s=3600,
+            decoded = sndfile.decode(Path(args.file).read_bytes(), max_duration_s=3600,
                                    min_duration_s=0.0)
         except ApiError as exc:
             print(f"error: cannot decode {args.file}: {exc.message}", file=sys.stderr)
             return 1
-        mono, rate = decoded.waveform, audio.TARGET_SR
+        mono, rate = decoded.waveform, sndfile.TARGET_SR
 
     def show(event: dict) -> None:
         line = json.dumps(event) if args.jsonl else format_event(event)
@@ -253,7 +253,7 @@ def stream_main(args: argparse.Namespace) -> int:
             args.url, mono, int(rate), params=params, on_event=show,
             pace="lockstep" if args.fast else "realtime", chunk_s=args.chunk_s,
             timeout_s=args.timeout, api_key=args.api_key))
-    except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+    except (OSError, TimeoutError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if run.result is None:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serve_app.weights import ModelLoadError, model_files
+from serve_app.checkpoints.weights import ModelLoadError, model_files
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def download(repo_id: str, hub: str, revision: str | None, timeout_s: float) -> 
         with contextlib.suppress(ProcessLookupError):  # it may have just ended
             os.killpg(child.pid, signal.SIGKILL)
         child.communicate()
-        raise _not_available(repo_id, hub, f"it was not downloaded within {timeout_s:g} s")
+        raise _not_available(repo_id, hub,
+                             f"it was not downloaded within {timeout_s:g} s") from None
     lines = out.strip().splitlines()
     if child.returncode != 0 or not lines:
         reason = (err.strip().splitlines() or [f"exit status {child.returncode}"])[-1]

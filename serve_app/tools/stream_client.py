@@ -8,15 +8,15 @@ import asyncio
 import bisect
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 from urllib.parse import urlencode
 
 import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from serve_app.stream_protocol import WindowSchedule
+from serve_app.api.stream_protocol import WindowSchedule
 
 PACES = ("realtime", "lockstep")
 
@@ -114,7 +114,7 @@ async def stream_audio(url: str, samples: np.ndarray, rate: int, *, params: dict
                 for k in range(1, schedule.windows_in(total) + 1):
                     await send(schedule.end_sample(k))
                     async with progress:
-                        await asyncio.wait_for(progress.wait_for(lambda: answered(k)),
+                        await asyncio.wait_for(progress.wait_for(lambda k=k: answered(k)),
                                                timeout_s)
                     if run.error is not None or receiver.done():
                         break
@@ -139,7 +139,7 @@ async def stream_audio(url: str, samples: np.ndarray, rate: int, *, params: dict
 async def _closed(ws, run: StreamRun) -> StreamRun:
     try:
         await asyncio.wait_for(ws.wait_closed(), 10)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     run.close_code = ws.close_code
     return run

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from serve_app import audio, audio_av
-from serve_app.decode_worker import HEADER, pack
+from serve_app.audio import ffmpeg as audio_av
+from serve_app.audio import sndfile
+from serve_app.audio.waveform import DecodedAudio, Limits
+from serve_app.audio.worker import HEADER, pack
 from serve_app.errors import ApiError
-from serve_app.waveform import DecodedAudio, Limits
 
 logger = logging.getLogger("ray.serve")
 
-WORKER_COMMAND = (sys.executable, "-m", "serve_app.decode_worker")
+WORKER_COMMAND = (sys.executable, "-m", "serve_app.audio.worker")
 START_TIMEOUT_S = 30.0  # a fresh worker imports numpy and FFmpeg's libraries
 MAX_WAITING = 64        # requests waiting for a free worker; more get 503 at once
 # A worker decodes one file at a time: no thread pools in numpy's libraries.
@@ -57,7 +58,7 @@ class DecodePool:
         self._waiting += 1
         try:
             await asyncio.wait_for(self._slots.acquire(), timeout=limits.max_decode_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise _busy() from None
         finally:
             self._waiting -= 1
@@ -68,7 +69,7 @@ class DecodePool:
                 meta, payload = await asyncio.wait_for(
                     self._call(worker, data, limits), timeout=hard_timeout_s(limits))
                 healthy = True
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.failures += 1
                 logger.warning("decode worker %d missed its deadline: killed", worker.pid)
                 raise ApiError(415, "unsupported_audio", "the audio could not be decoded "
@@ -95,7 +96,7 @@ class DecodePool:
         return await self._start()
 
     async def _start(self) -> asyncio.subprocess.Process:
-        root = str(Path(audio.__file__).resolve().parents[1])  # where serve_app is
+        root = str(Path(__file__).resolve().parents[2])  # the folder that holds serve_app
         env = {**os.environ, **_ONE_THREAD, "PYTHONPATH": os.pathsep.join(
             filter(None, [root, os.environ.get("PYTHONPATH")]))}
         worker = await asyncio.create_subprocess_exec(
@@ -140,7 +141,7 @@ async def _kill(worker: asyncio.subprocess.Process) -> None:
         worker.kill()
     try:
         await asyncio.wait_for(worker.wait(), timeout=5)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         logger.error("decode worker %d did not exit after SIGKILL", worker.pid)
 
 
@@ -166,8 +167,8 @@ class Decoder:
 
     async def decode(self, data: bytes, limits: Limits) -> DecodedAudio:
         try:
-            return await asyncio.to_thread(audio.decode_sndfile, data, limits)
-        except audio.NotLibsndfileAudio:
+            return await asyncio.to_thread(sndfile.decode_sndfile, data, limits)
+        except sndfile.NotLibsndfileAudio:
             pass
         if self.pool is None:
             return await asyncio.to_thread(audio_av.decode, data, limits)

@@ -1,4 +1,4 @@
-"""A process that runs FFmpeg decodes for the router, one at a time (`serve_app/decode_pool.py`
+"""A process that runs FFmpeg decodes for the router, one at a time (`serve_app/audio/pool.py`
 starts and kills it), so that a decoder that hangs or crashes on a hostile file takes down
 this process only.
 
@@ -57,9 +57,9 @@ def _cap_memory(baseline: int, max_decoded_bytes: int) -> None:
 
 def main() -> None:
     _confine()
-    from serve_app import audio_av
+    from serve_app.audio import ffmpeg as audio_av
+    from serve_app.audio.waveform import Limits
     from serve_app.errors import ApiError
-    from serve_app.waveform import Limits
 
     baseline = _mapped_bytes()
     requests, answers = sys.stdin.buffer, sys.stdout.buffer

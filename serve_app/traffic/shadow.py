@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
+from serve_app.api.responses import emotion_fields
 from serve_app.config import RouterSettings
-from serve_app.results import emotion_fields
 
 logger = logging.getLogger("ray.serve")
 
@@ -89,7 +89,7 @@ Recorder = Callable[[str, str, str, float | None], None]
 
 class Shadow:
     """The shadow calls of one router replica, and their stats. `variants` is a
-    serve_app.variants.Variants (its predict: deadline, retry, errors as ApiError)."""
+    serve_app.api.variant_client.Variants (its predict: deadline, retry, errors as ApiError)."""
 
     def __init__(self, variants, record: Recorder | None = None):
         self.variants = variants

@@ -45,7 +45,7 @@ class Variants:
                 if attempt == 2 or time.monotonic() > deadline - 1:
                     raise ApiError(503, "model_unavailable",
                                    f"variant {variant} is unavailable; retry",
-                                   headers={"Retry-After": "2"})
+                                   headers={"Retry-After": "2"}) from None
                 await asyncio.sleep(0.5)
         raise AssertionError("unreachable")
 
@@ -54,22 +54,22 @@ class Variants:
         response = self.handles[variant].predict.remote(waveform, granularity, extract_embedding)
         try:
             return await asyncio.wait_for(response, timeout=timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             response.cancel()
             raise ApiError(504, "model_timeout",
-                           f"variant {variant} did not answer within {timeout_s:g} s")
+                           f"variant {variant} did not answer within {timeout_s:g} s") from None
         except BackPressureError:
             raise ApiError(503, "overloaded", f"variant {variant} is at capacity; retry later",
-                           headers={"Retry-After": "1"})
+                           headers={"Retry-After": "1"}) from None
         except ray.exceptions.RayTaskError as exc:
             if type(exc.cause).__name__ == "InvalidInput":
-                raise ApiError(422, "invalid_audio", str(exc.cause))
+                raise ApiError(422, "invalid_audio", str(exc.cause)) from None
             if isinstance(exc.cause, (ray.exceptions.RayActorError,
                                       ray.exceptions.ActorUnavailableError)):
-                raise exc.cause
+                raise exc.cause from None
             logger.error("variant %s failed: %s", variant, exc)
             raise ApiError(503, "model_error", f"variant {variant} failed on this request",
-                           headers={"Retry-After": "1"})
+                           headers={"Retry-After": "1"}) from None
 
     async def _info(self, name: str, deployments: dict) -> dict:
         status = deployments.get(name)

@@ -23,9 +23,9 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import yaml
 from pydantic import TypeAdapter, ValidationError
@@ -80,7 +80,7 @@ class Bucket:
 
     @classmethod
     def full(cls, resource: str, per_minute: float, window_s: float, entry: float,
-             now: float) -> "Bucket":
+             now: float) -> Bucket:
         capacity = max(entry, per_minute * window_s / 60)
         return cls(resource, capacity, per_minute / 60, entry, capacity, now)
 

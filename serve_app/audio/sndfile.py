@@ -2,7 +2,7 @@
 
 Two decoders, chosen by content: libsndfile first (wav, flac, ogg, mp3, ...: it recognises its
 formats by their headers and refuses anything else in microseconds), then FFmpeg through PyAV
-(`serve_app/audio_av.py`: m4a/mp4/mov/3gp, webm/mkv, ADTS AAC, wma, amr) for what libsndfile
+(`serve_app/audio/ffmpeg.py`: m4a/mp4/mov/3gp, webm/mkv, ADTS AAC, wma, amr) for what libsndfile
 does not recognise. Never by file name or declared content type.
 
 Limits are enforced before or while decoding, from the header first (duration), then per
@@ -16,10 +16,17 @@ import time
 
 import soundfile
 
-from serve_app import audio_av
+from serve_app.audio import ffmpeg as audio_av
+from serve_app.audio.waveform import (
+    TARGET_SR,
+    Budget,
+    DecodedAudio,
+    Limits,
+    check_format,
+    to_waveform,
+    too_long,
+)
 from serve_app.errors import ApiError
-from serve_app.waveform import (TARGET_SR, Budget, DecodedAudio, Limits, check_format,
-                                to_waveform, too_long)
 
 __all__ = ["TARGET_SR", "DecodedAudio", "Limits", "NotLibsndfileAudio", "decode",
            "decode_sndfile"]
@@ -37,7 +44,7 @@ class NotLibsndfileAudio(ApiError):
 def decode(data: bytes, *, max_duration_s: float, min_duration_s: float, **limits) -> DecodedAudio:
     """Decode, check and convert in this thread; every failure is an ApiError with a 4xx
     status. The router runs the FFmpeg path in worker processes instead
-    (`serve_app/decode_pool.py`)."""
+    (`serve_app/audio/pool.py`)."""
     bounds = Limits(max_duration_s, min_duration_s, **limits)
     try:
         return decode_sndfile(data, bounds)

@@ -19,4 +19,4 @@ def padded_chunks(lengths: list[int], max_padded: int) -> list[list[int]]:
             chunks.append(current)
             current = []
         current.append(index)
-    return chunks + [current] if current else chunks
+    return [*chunks, current] if current else chunks

@@ -1,6 +1,7 @@
 """The pure parts of WS /v1/stream, with no Ray and no sockets: the query parameters, the
 close codes and errors, PCM messages, the window schedule and the session's time limit.
-Used by the session loop (serve_app/stream.py) and the client (serve_app/stream_client.py).
+Used by the session loop (serve_app/api/stream.py) and the client
+(serve_app/tools/stream_client.py).
 
 Parity with POST /v1/predict starts here: PCM becomes float32 exactly as libsndfile reads a
 file of the same samples (int16 / 32768; float32 as is).
@@ -9,8 +10,8 @@ file of the same samples (int16 / 32768; float32 as is).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -20,7 +21,8 @@ from serve_app.errors import ApiError
 ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 SAMPLE_RATES = (8_000, 96_000)
 # api_key and session_key: for browsers, which cannot set headers on a WebSocket; the router
-# checks the key (serve_app/access.py) and routes by the session key (serve_app/routing.py).
+# checks the key (serve_app/traffic/access.py) and routes by the session key
+# (serve_app/traffic/routing.py).
 PARAMS = ("model_version", "sample_rate", "encoding", "window_s", "hop_s", "api_key",
           "session_key")
 # Close codes (RFC 6455): normal, policy (bad parameters or input), message too big,
@@ -42,7 +44,7 @@ class StreamError(Exception):
         self.retry_after_s = retry_after_s
 
     @classmethod
-    def from_api(cls, exc: ApiError) -> "StreamError":
+    def from_api(cls, exc: ApiError) -> StreamError:
         """A predict-style error: bad input or no valid key 1008; over the key's quota,
         unavailable, overloaded or slow 1013 (with the Retry-After the API would send)."""
         retry_after = exc.headers.get("Retry-After")

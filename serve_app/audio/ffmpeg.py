@@ -18,9 +18,16 @@ import av
 import numpy as np
 from av.stream import Discard
 
+from serve_app.audio.waveform import (
+    Budget,
+    DecodedAudio,
+    Limits,
+    check_format,
+    check_time,
+    to_waveform,
+    too_long,
+)
 from serve_app.errors import ApiError
-from serve_app.waveform import (Budget, DecodedAudio, Limits, check_format, check_time,
-                                to_waveform, too_long)
 
 # FFmpeg demuxer names: mov = mp4/m4a/mov/3gp, matroska = mkv/webm, aac = ADTS, asf = wma.
 DEMUXERS = ("mov", "matroska", "aac", "asf", "amr", "ogg", "wav", "flac", "mp3")
