@@ -24,6 +24,9 @@ CONFIGURATION = REPO / "docs" / "configuration.md"
 # The pages checked: the README, every page under docs/, and the other READMEs that link into them.
 PAGES = sorted({REPO / "README.md", *(REPO / "docs").glob("*.md"),
                 REPO / "benchmarks" / "README.md", REPO / "tests" / "data" / "README.md"})
+# Files whose comments or text name modules and paths too: the configs and the notebook.
+MENTIONS = sorted({*PAGES, REPO / "deploy.yaml", *(REPO / "configs").rglob("*.yaml"),
+                   *(REPO / "notebooks").glob("*.ipynb")})
 
 FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 CODE_SPAN = re.compile(r"(`+)(.+?)\1")
@@ -130,11 +133,11 @@ def test_relative_links_and_anchors_resolve(page: Path):
     assert not broken, "broken links:\n" + "\n".join(broken)
 
 
-@pytest.mark.parametrize("page", PAGES, ids=rel)
+@pytest.mark.parametrize("page", MENTIONS, ids=rel)
 def test_named_paths_and_modules_exist(page: Path):
     """A path such as serve_app/api/ingress.py or a module such as serve_app.tools.kuberay,
-    named anywhere on the page (code blocks included), exists: a move of a module fails here
-    until the docs follow it."""
+    named anywhere in a page, a config or the notebook (code included), exists: a move of a
+    module fails here until the docs follow it."""
     stale = []
     for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
         for path in REPO_PATH.findall(line):
