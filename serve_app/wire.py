@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from serve_app.errors import InvalidInput
+
+if TYPE_CHECKING:  # numpy is imported where it is used: the CLI reads Granularity, quickly
+    import numpy as np
 
 TARGET_SR = 16_000  # what the model takes: every decoder and the stream resample to it
 MIN_SAMPLES = 400   # the conv stem fails below 25 ms at TARGET_SR
@@ -40,6 +42,8 @@ class InferenceRequest:
 def check_waveform(waveform: object, max_audio_s: float) -> None:
     """InvalidInput unless `waveform` is what a variant can run: 1-D float32 at TARGET_SR,
     at least MIN_SAMPLES, at most max_audio_s, all finite."""
+    import numpy as np
+
     if not isinstance(waveform, np.ndarray) or waveform.dtype != np.float32 \
             or waveform.ndim != 1:
         raise InvalidInput("expected a 1-D float32 numpy array at 16 kHz")
