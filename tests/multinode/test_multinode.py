@@ -8,7 +8,6 @@ for the module: a head with the proxy and the router, three workers with one mod
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -17,9 +16,10 @@ import numpy as np
 import pytest
 
 from serve_app.audio import sndfile
-from serve_app.tools.cluster import load_app, local_cluster
+from serve_app.tools.cluster import local_cluster
 from tests import clips as clip_maker
-from tests.conftest import TINY_CONFIG
+from tests.conftest import tiny_app
+from tests.traffic import Traffic
 
 APP = "emotion2vec"
 VARIANTS = ("base", "large")
@@ -41,7 +41,7 @@ def make_app(root: Path, name: str = APP, prefix: str = "/", args: dict | None =
              **sources: dict) -> dict:
     """The tiny config; by default base and large pinned to worker nodes and the router to the
     head. `sources`: variant -> user_config updates."""
-    app = load_app(TINY_CONFIG, root)
+    app = tiny_app(root)
     app.update(name=name, route_prefix=prefix)
     app["args"] = args or {
         "router_num_cpus": 0.05, "router_resources": {"ingress": 0.01},
@@ -96,12 +96,16 @@ def multi(tmp_path_factory):
     clip = clip_maker.write(tmp_path_factory.mktemp("clips") / "tone.wav",
                             clip_maker.tone(2.0, 16_000), 16_000)
     with local_cluster(HEAD, [WORKER] * 3, system_config=FAST_NODE_DEATH) as serve:
-        serve.put(make_app(root, base=tiny(root, 1), large=tiny(root, 2)))
+        serve.put(initial_app(root))
         status = serve.wait_for(APP, ("RUNNING", "DEPLOY_FAILED"))
         assert status.status == "RUNNING", status
         handle = MultiNode(serve, root, clip)
         yield handle
         handle.http.close()
+
+
+def initial_app(root: Path) -> dict:
+    return make_app(root, base=tiny(root, 1), large=tiny(root, 2))
 
 
 def funasr_scores(directory: Path, waveform: np.ndarray) -> list[float]:
@@ -138,13 +142,17 @@ def test_hot_swap_on_a_variant_on_a_worker_node(multi):
     assert before["node"]["id"] in multi.worker_ids
     old = multi.predict("large").json()["scores"]
     multi.serve.put(make_app(multi.root, base=tiny(multi.root, 1), large=tiny(multi.root, 22)))
-    after = multi.wait("large", lambda i: (i["last_swap"] or {}).get("result") == "ok")
-    # Swapped in place: same process on the same node, the new checkpoint written there.
-    assert (after["pid"], after["node"], after["load_count"]) == (
-        before["pid"], before["node"], before["load_count"] + 1)
-    assert after["source"] == "tiny-seed22"  # clients see the directory by name
-    new = multi.predict("large")
-    assert new.status_code == 200 and new.json()["scores"] != old
+    try:
+        after = multi.wait("large", lambda i: (i["last_swap"] or {}).get("result") == "ok")
+        # Swapped in place: same process on the same node, the new checkpoint written there.
+        assert (after["pid"], after["node"], after["load_count"]) == (
+            before["pid"], before["node"], before["load_count"] + 1)
+        assert after["source"] == "tiny-seed22"  # clients see the directory by name
+        new = multi.predict("large")
+        assert new.status_code == 200 and new.json()["scores"] != old
+    finally:  # large's first checkpoint again, for the other tests
+        multi.serve.put(initial_app(multi.root))
+        multi.wait("large", lambda i: i["state"] == "ready" and i["source"] == "tiny-seed2")
 
 
 def test_resource_check_counts_the_whole_cluster(multi):
@@ -170,50 +178,46 @@ def test_resource_check_counts_the_whole_cluster(multi):
         multi.serve.remove("across", "nowhere")
 
 
-def test_a_node_lost_under_load(multi):
+@pytest.fixture
+def nodes_restored(multi):
+    """A test that removes worker nodes gets them replaced afterwards (as spares)."""
+    workers = len(multi.serve.nodes.worker_nodes)
+    yield
+    for _ in range(workers - len(multi.serve.nodes.worker_nodes)):
+        multi.serve.nodes.add_node(node_ip_address="127.0.0.1", include_dashboard=False,
+                                   **WORKER)
+
+
+def test_a_node_lost_under_load(multi, nodes_restored):
     """Only 200 or 503 (with Retry-After) while base's node goes away, none hangs, large is
     untouched, and base comes back on the spare worker."""
     infos = multi.variants()
     lost = infos["base"]["node"]["id"]
     spare = multi.worker_ids - {lost, infos["large"]["node"]["id"]}
-    results: dict[str, list] = {"base": [], "large": []}
-    errors: list[str] = []
-    stop = threading.Event()
+    variant_of = ("base", "base", "base", "large")  # what each sender asks for
 
-    def send(variant: str) -> None:
-        deadline = time.monotonic() + 240  # bounded: stops by itself
-        with httpx.Client(base_url=multi.serve.url, timeout=HTTP_TIMEOUT_S) as http:
-            while not stop.is_set() and time.monotonic() < deadline:
-                sent_at = time.monotonic()
-                try:
-                    response = http.post("/v1/predict", data={"model_version": variant},
-                                         files={"file": ("c.wav", multi.clip.read_bytes())})
-                except httpx.HTTPError as exc:  # a timeout included
-                    errors.append(f"{variant}: {exc!r}")
-                    return
-                results[variant].append((sent_at, response.status_code,
-                                         response.headers.get("retry-after")))
+    def send(http: httpx.Client, sender: int, _number: int) -> httpx.Response:
+        return http.post("/v1/predict", data={"model_version": variant_of[sender]},
+                         files={"file": ("c.wav", multi.clip.read_bytes())})
 
-    senders = [threading.Thread(target=send, args=(v,)) for v in ("base",) * 3 + ("large",)]
-    for sender in senders:
-        sender.start()
-    try:
-        time.sleep(2.0)
+    # A request that hangs ends at HTTP_TIMEOUT_S as a transport error: a failure.
+    with Traffic(multi.serve.url, send, senders=len(variant_of), max_s=240,
+                 timeout_s=HTTP_TIMEOUT_S) as traffic:
+        traffic.wait_for(4)
         removed_at = time.monotonic()
         multi.serve.nodes.remove_node(multi.worker(lost))
         back = multi.wait("base", lambda i: i.get("state") == "ready"
                           and i["node"]["id"] != lost, timeout_s=180)
         back_at = time.monotonic()
-        time.sleep(2.0)  # answers from the new replica
-    finally:
-        stop.set()
-        for sender in senders:
-            sender.join(timeout=HTTP_TIMEOUT_S + 10)
-    assert not errors, errors
+        traffic.wait_for(2, since=back_at,  # answers from the new replica
+                         where=lambda o: variant_of[o.sender] == "base")
+    assert not [o for o in traffic.outcomes if o.error], [str(o) for o in traffic.outcomes
+                                                          if o.error]
     assert {back["node"]["id"]} == spare
-    statuses = {v: [status for _, status, _ in answers] for v, answers in results.items()}
-    assert set(statuses["base"]) <= {200, 503}, statuses["base"]
-    assert all(retry for _, status, retry in results["base"] if status == 503)
-    assert statuses["large"] and set(statuses["large"]) == {200}, statuses["large"]
-    assert any(at > removed_at for at, _, _ in results["base"])  # the load ran through it
-    assert 200 in [status for at, status, _ in results["base"] if at > back_at], statuses["base"]
+    base = [o for o in traffic.outcomes if variant_of[o.sender] == "base"]
+    large = [o for o in traffic.outcomes if variant_of[o.sender] == "large"]
+    assert {o.status for o in base} <= {200, 503}, [str(o) for o in base if o.status != 200]
+    assert all(o.retry_after for o in base if o.status == 503)
+    assert large and {o.status for o in large} == {200}, [str(o) for o in large if not o.ok]
+    assert any(o.started > removed_at for o in base)  # the load ran through it
+    assert 200 in [o.status for o in base if o.started > back_at], [str(o) for o in base]
