@@ -1,0 +1,87 @@
+"""The batch job's cluster: joining it, and making sure the job's actors can be placed before
+the job starts, so that a cluster without room (a running service holding the CPUs, say)
+gets a message that names what is missing instead of a job that waits forever."""
+
+from __future__ import annotations
+
+from serve_app.tools.cluster import loopback_env
+
+_EPS = 1e-9
+
+
+class NoRoom(RuntimeError):
+    """The cluster cannot place the job's actors now."""
+
+
+def connect(address: str | None) -> str:
+    """Join the Ray cluster at `address`; without one, the local cluster on 127.0.0.1 that
+    `ray start` made, or else a new local one (stopped when the job ends). Says which."""
+    if address is None:
+        loopback_env()  # this machine only: every Ray listener on 127.0.0.1
+    import ray
+
+    if address is not None:
+        ray.init(address=address, log_to_driver=False)
+        return f"joined the Ray cluster at {address}"
+    try:
+        ray.init(address="auto", log_to_driver=False)
+        return "joined the local Ray cluster"
+    except ConnectionError:
+        pass
+    ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    return (f"started a local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} CPUs); "
+            "it stops when the job ends")
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{name}: {amount:g}" for name, amount in resources.items()) + "}"
+
+
+def _free_per_node() -> list[dict[str, float]]:
+    try:
+        from ray._private.state import available_resources_per_node
+
+        return list(available_resources_per_node().values())
+    except Exception:  # a private API: the message is then less precise, nothing else
+        return []
+
+
+def describe_shortage(bundles: list[dict[str, float]], free: dict[str, float],
+                      total: dict[str, float], nodes: list[dict[str, float]]) -> str:
+    """What the job asks for, what the cluster has free, and what is missing."""
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for name, amount in bundle.items():
+            need[name] = need.get(name, 0.0) + amount
+    missing = {name: amount - free.get(name, 0.0) for name, amount in need.items()
+               if amount > free.get(name, 0.0) + _EPS}
+    engines = len(bundles) - 1
+    asked = (f"the job needs {_fmt(need)} ({engines} engine actor(s) x {_fmt(bundles[0])} and "
+             f"a decode task {_fmt(bundles[-1])}); the cluster has "
+             f"{_fmt({name: free.get(name, 0.0) for name in need})} free of "
+             f"{_fmt({name: total.get(name, 0.0) for name in need})}")
+    if missing:
+        where = f"missing {_fmt(missing)}"
+    else:
+        shapes = sorted({_fmt({name: node.get(name, 0.0) for name in need}) for node in nodes})
+        where = (f"enough in all, but no node has {_fmt(bundles[0])} free for one engine"
+                 + (f" (free per node: {', '.join(shapes[:5])})" if shapes else ""))
+    return (f"{asked}: {where}. Lower --num-cpus, --num-gpus, --concurrency or --decode-cpus, "
+            "or free those resources (a running service holds some of them)")
+
+
+def check_room(bundles: list[dict[str, float]], timeout_s: float) -> None:
+    """Reserve the job's starting resources (a placement group) and let them go again; NoRoom,
+    naming what is missing, if they cannot be had within `timeout_s` (an autoscaling cluster
+    may add nodes meanwhile)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group(bundles)
+    try:
+        if group.wait(timeout_seconds=timeout_s):
+            return
+        free, total = ray.available_resources(), ray.cluster_resources()
+    finally:
+        remove_placement_group(group)
+    raise NoRoom(describe_shortage(bundles, free, total, _free_per_node()))
