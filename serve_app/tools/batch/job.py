@@ -155,8 +155,11 @@ def _dataset(plan: JobPlan, todo: list[str], args: argparse.Namespace):
     context.wait_for_min_actors_s = max(1, math.ceil(args.start_timeout_s))
     blocks = math.ceil(len(todo) / args.files_per_task)
     items = ray.data.from_items([{"path": path} for path in todo], override_num_blocks=blocks)
+    # Ray Data fuses two maps with equal resources into one; a ray_remote_args_fn keeps the
+    # decoding in tasks of its own, off the engines (which may hold GPUs).
     decoded = items.map_batches(decode_files, batch_size=None, batch_format="pyarrow",
-                                num_cpus=args.decode_cpus, fn_kwargs={"plan": plan})
+                                num_cpus=args.decode_cpus, fn_kwargs={"plan": plan},
+                                ray_remote_args_fn=dict)
     low, high = args.concurrency
     # Each engine call gathers several passes' worth of clips, so that like lengths pad
     # together (shortest first: serve_app/inference/passes.py).

@@ -14,23 +14,32 @@ class NoRoom(RuntimeError):
 
 
 def connect(address: str | None) -> str:
-    """Join the Ray cluster at `address`; without one, the local cluster on 127.0.0.1 that
-    `ray start` made, or else a new local one (stopped when the job ends). Says which."""
+    """Join the Ray cluster at `address` (`auto`: any cluster running on this machine); without
+    one, the cluster that `ray start` made here (or RAY_ADDRESS names), else a new local one on
+    127.0.0.1, stopped when the job ends. Says which."""
     if address is None:
-        loopback_env()  # this machine only: every Ray listener on 127.0.0.1
+        loopback_env()  # before Ray is imported: a new cluster listens on 127.0.0.1 only
     import ray
 
     if address is not None:
         ray.init(address=address, log_to_driver=False)
         return f"joined the Ray cluster at {address}"
-    try:
-        ray.init(address="auto", log_to_driver=False)
-        return "joined the local Ray cluster"
-    except ConnectionError:
-        pass
+    existing = _started_cluster()
     ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    if existing:
+        return f"joined the local Ray cluster at {existing}"
     return (f"started a local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} CPUs); "
             "it stops when the job ends")
+
+
+def _started_cluster() -> str | None:
+    """The address `ray.init()` will join: RAY_ADDRESS, or the last `ray start` here."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None, None)
+    except Exception:  # a private API: only the message depends on it
+        return None
 
 
 def _fmt(resources: dict[str, float]) -> str:
