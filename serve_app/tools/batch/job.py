@@ -133,6 +133,7 @@ class Tally:
         self.errors: Counter = Counter()
         self.audio_s = 0.0
         self.nodes: set[str] = set()
+        self.first_rows_s: float | None = None  # the engines' start, mostly
 
     def add(self, table) -> None:
         import pyarrow.compute as pc
@@ -184,6 +185,8 @@ def run(plan: JobPlan, todo: list[str], out: Path, args: argparse.Namespace,
     try:
         for table in _dataset(plan, todo, args).iter_batches(batch_format="pyarrow",
                                                              batch_size=None):
+            if tally.first_rows_s is None:
+                tally.first_rows_s = time.monotonic() - started
             writer.add(table)
             tally.add(table)
         writer.close()
@@ -194,10 +197,16 @@ def run(plan: JobPlan, todo: list[str], out: Path, args: argparse.Namespace,
     except Exception as exc:  # Ray Data re-raises what stopped the job: say it, keep the parts
         kind = "the engines did not start" if not writer.written and not tally.statuses \
             else "the job stopped"
-        return _fail(f"{kind}: {type(exc).__name__}: {exc}\n{len(writer.written)} parts kept "
-                     f"in {out}; run again with --resume to score the rest")
+        return _fail(f"{kind}: {_reason(exc)}\n{len(writer.written)} parts kept in {out}; "
+                     "run again with --resume to score the rest")
     print(summary(tally, time.monotonic() - started, len(writer.written), out), file=sys.stderr)
     return 0 if tally.statuses.get("failed", 0) == 0 else 1
+
+
+def _reason(exc: Exception) -> str:
+    """The root cause: Ray's errors end with the remote traceback's last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def summary(tally: Tally, wall_s: float, parts: int, out: Path) -> str:
@@ -207,6 +216,7 @@ def summary(tally: Tally, wall_s: float, parts: int, out: Path) -> str:
              f"audio: {tally.audio_s / 3600:.3f} h scored; {files / wall_s:.2f} files/s; "
              f"{tally.audio_s / wall_s:.1f} hours of audio per hour; engines on "
              f"{len(tally.nodes)} node(s)",
+             f"first rows after {tally.first_rows_s or 0:.1f} s (engines starting); "
              f"{parts} parts written to {out}"]
     if tally.errors:
         lines.insert(1, "errors: " + ", ".join(f"{code} {n}"
