@@ -162,3 +162,17 @@ def test_a_cluster_without_room_is_named_and_the_job_exits(archive, config, addr
     assert done.returncode == 2, done.stderr
     assert "1 engine actor(s) x {CPU: 4}" in done.stderr and "missing {CPU:" in done.stderr
     assert time.monotonic() - started < JOB_TIMEOUT_S
+
+
+def test_an_engine_that_cannot_load_stops_the_job_with_its_reason(service, archive, address,
+                                                                   tmp_path):
+    app = {**service.app, "deployments": [
+        {**d, "user_config": {"source": str(tmp_path / "no-model")}} if d["name"] == "base"
+        else d for d in service.app["deployments"]]}
+    config = tmp_path / "broken.yaml"
+    config.write_text(yaml.safe_dump({"applications": [app]}))
+    done = run_batch(str(archive / "calls"), "--out", str(tmp_path / "out"), "--config",
+                     str(config), "--address", address, "--model-version", "base", *SMALL)
+    assert done.returncode == 2, done.stderr
+    assert "error: the engines did not start" in done.stderr
+    assert f"model directory {tmp_path / 'no-model'} does not exist" in done.stderr
