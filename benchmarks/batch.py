@@ -72,7 +72,7 @@ class PeakRss:
 
     def __init__(self, driver_pid: int, period_s: float = 0.25):
         self.driver_pid, self.period_s = driver_pid, period_s
-        self.peaks: dict[str, int] = {"driver": 0, "engine actor": 0, "other worker": 0}
+        self.peaks: dict[str, int] = {"driver": 0, "engine actor": 0, "decode worker": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -96,8 +96,8 @@ class PeakRss:
                     kind = "driver"
                 elif "EngineStage" in title:
                     kind = "engine actor"
-                elif title.startswith("ray::"):
-                    kind = "other worker"
+                elif "decode_files" in title:
+                    kind = "decode worker"
                 else:
                     continue
                 self.peaks[kind] = max(self.peaks[kind], rss)
