@@ -10,8 +10,9 @@ import yaml
 
 from serve_app.tools.batch.parts import OutputDirError, PartWriter, done_paths, prepare, read_rows
 from serve_app.tools.batch.plan import PlanError, plan_job
-from serve_app.tools.batch.resources import describe_shortage
+from serve_app.tools.batch.resources import connect, describe_shortage
 from serve_app.tools.cli import expand
+from serve_app.tools.cluster import free_port
 from tests.conftest import REPO
 
 CPU_CONFIG = REPO / "configs" / "cpu.yaml"
@@ -102,3 +103,9 @@ def test_glob_patterns_and_directories(tmp_path):
     assert names(expand([str(tmp_path / "s*")])) == ["sub/c.wav"]  # a directory matched
     with pytest.raises(FileNotFoundError, match="no file matches"):
         expand([str(tmp_path / "*.mp3")])
+
+
+def test_an_address_where_nothing_listens_fails_at_once():
+    address = f"127.0.0.1:{free_port()}"  # closed again: nothing listens there
+    with pytest.raises(ConnectionError, match=f"no Ray cluster answers at {address}"):
+        connect(address)

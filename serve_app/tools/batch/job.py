@@ -106,10 +106,12 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"nothing to do: all {len(files)} files are already in {out}", file=sys.stderr)
         return 0
     try:
-        where = connect(args.address)
-        print(where, file=sys.stderr)
+        print(connect(args.address), file=sys.stderr)
+    except Exception as exc:  # ray.init raises many kinds
+        return _fail(f"cannot join the Ray cluster: {exc}")
+    try:
         check_room(_bundles(args), args.placement_timeout_s)
-    except (ConnectionError, NoRoom) as exc:
+    except NoRoom as exc:
         return _fail(str(exc))
     return run(plan, todo, out, args, skipped)
 

@@ -4,9 +4,13 @@ gets a message that names what is missing instead of a job that waits forever.""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+
 from serve_app.tools.cluster import loopback_env
 
 _EPS = 1e-9
+CONNECT_TIMEOUT_S = 5.0
 
 
 class NoRoom(RuntimeError):
@@ -17,8 +21,15 @@ def connect(address: str | None) -> str:
     """Join the Ray cluster at `address` (`auto`: any cluster running on this machine); without
     one, the cluster that `ray start` made here (or RAY_ADDRESS names), else a new local one on
     127.0.0.1, stopped when the job ends. Says which."""
-    if address is None:
-        loopback_env()  # before Ray is imported: a new cluster listens on 127.0.0.1 only
+    host, port = _host_port(address)
+    if address is None or _is_loopback(host):
+        loopback_env()  # before Ray is imported: Ray would swap 127.0.0.1 for another address
+    if port is not None:
+        # A wrong address would have Ray retry for minutes: check that something listens.
+        try:
+            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as exc:
+            raise ConnectionError(f"no Ray cluster answers at {address}: {exc}") from None
     import ray
 
     if address is not None:
@@ -30,6 +41,23 @@ def connect(address: str | None) -> str:
         return f"joined the local Ray cluster at {existing}"
     return (f"started a local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} CPUs); "
             "it stops when the job ends")
+
+
+def _host_port(address: str | None) -> tuple[str | None, int | None]:
+    """host and port of a `host:port` address; (None, None) for auto, ray:// and the rest."""
+    if not address or "://" in address:
+        return None, None
+    host, _, port = address.rpartition(":")
+    return (host.strip("[]"), int(port)) if host and port.isdigit() else (None, None)
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _started_cluster() -> str | None:
