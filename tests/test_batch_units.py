@@ -52,13 +52,14 @@ def test_plans_that_cannot_run(tmp_path):
         plan_job(tmp_path / "missing.yaml")
 
 
-def _rows(paths: list[str]) -> pa.Table:
-    return pa.table({"path": paths, "status": ["ok"] * len(paths)})
+def _rows(paths: list[str], variant: str = "base") -> pa.Table:
+    return pa.table({"path": paths, "status": ["ok"] * len(paths),
+                     "model_version": [variant] * len(paths)})
 
 
 def test_parts_are_complete_or_absent_and_resume_skips_their_paths(tmp_path):
     out = tmp_path / "out"
-    assert prepare(out, resume=False) == set()
+    assert prepare(out, False, "base", False) == set()
     writer = PartWriter(out, part_rows=3, part_s=3600)
     writer.add(_rows(["a", "b"]))
     assert not list(out.iterdir())  # under part_rows: nothing written yet
@@ -72,8 +73,13 @@ def test_parts_are_complete_or_absent_and_resume_skips_their_paths(tmp_path):
     partial.write_bytes(b"PAR1 half a part")
     assert done_paths(out) == set("abcdefg")
     with pytest.raises(OutputDirError, match="not empty: pass --resume"):
-        prepare(out, resume=False)
-    assert prepare(out, resume=True) == set("abcdefg") and not partial.exists()
+        prepare(out, False, "base", False)
+    assert prepare(out, True, "base", False) == set("abcdefg") and not partial.exists()
+    # Resuming with another model, or with embeddings, would mix two kinds of rows.
+    with pytest.raises(OutputDirError, match=r"holds rows of \['base'\]; this job scores"):
+        prepare(out, True, "large", False)
+    with pytest.raises(OutputDirError, match="written without --embeddings"):
+        prepare(out, True, "base", True)
 
 
 def test_a_slow_job_writes_a_part_when_its_oldest_row_is_part_s_old(tmp_path):

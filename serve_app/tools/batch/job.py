@@ -95,7 +95,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                         max_decoded_bytes=args.max_decoded_bytes)
         files = [str(path) for path in dict.fromkeys(p.resolve() for p in expand(args.inputs))]
         out = Path(args.out).resolve()
-        done = prepare(out, args.resume)
+        done = prepare(out, args.resume, plan.variant, args.embeddings)
     except (PlanError, FileNotFoundError, OutputDirError) as exc:
         return _fail(str(exc))
     if not files:

@@ -24,9 +24,10 @@ class OutputDirError(ValueError):
     """The output directory cannot take this job's parts."""
 
 
-def prepare(directory: Path, resume: bool) -> set[str]:
+def prepare(directory: Path, resume: bool, variant: str, embeddings: bool) -> set[str]:
     """Create `directory` if needed and return the paths its complete parts hold (resume), or
-    refuse a directory that is not empty (no resume). Partial parts of a killed job are
+    refuse a directory that is not empty (no resume), or whose parts another kind of job wrote
+    (another variant, with or without embeddings). Partial parts of a killed job are
     removed."""
     if directory.exists() and not directory.is_dir():
         raise OutputDirError(f"{directory} is not a directory")
@@ -39,19 +40,34 @@ def prepare(directory: Path, resume: bool) -> set[str]:
     directory.mkdir(parents=True, exist_ok=True)
     for partial in directory.glob(TEMP_PREFIX + "*"):
         partial.unlink(missing_ok=True)
-    return done_paths(directory)
+    done: set[str] = set()
+    for part in sorted(directory.glob(PART_GLOB)):
+        table = _read(part, ["path", "model_version"])
+        others = set(table.column("model_version").to_pylist()) - {variant}
+        if others:
+            raise OutputDirError(f"{part} holds rows of {sorted(others)}; this job scores with "
+                                 f"{variant!r}: resume with that model_version, or use another "
+                                 "directory")
+        if ("embedding" in pq.read_schema(part).names) != embeddings:
+            raise OutputDirError(f"{part} was written {'with' if not embeddings else 'without'}"
+                                 " --embeddings: resume the same way, or use another directory")
+        done.update(table.column("path").to_pylist())
+    return done
 
 
 def done_paths(directory: Path) -> set[str]:
     """Every path in the complete parts of `directory`."""
     done: set[str] = set()
     for part in sorted(directory.glob(PART_GLOB)):
-        try:
-            column = pq.read_table(part, columns=["path"]).column("path")
-        except (pa.ArrowException, OSError) as exc:
-            raise OutputDirError(f"cannot read {part}: {exc}") from None
-        done.update(column.to_pylist())
+        done.update(_read(part, ["path"]).column("path").to_pylist())
     return done
+
+
+def _read(part: Path, columns: list[str]) -> pa.Table:
+    try:
+        return pq.read_table(part, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise OutputDirError(f"cannot read {part}: {exc}") from None
 
 
 def read_rows(directory: Path) -> pa.Table:
