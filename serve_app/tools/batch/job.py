@@ -136,6 +136,7 @@ class Tally:
         self.audio_s = 0.0
         self.nodes: set[str] = set()
         self.first_rows_s: float | None = None  # the engines' start, mostly
+        self.first_rows = 0
 
     def add(self, table) -> None:
         import pyarrow.compute as pc
@@ -189,6 +190,7 @@ def run(plan: JobPlan, todo: list[str], out: Path, args: argparse.Namespace,
                                                              batch_size=None):
             if tally.first_rows_s is None:
                 tally.first_rows_s = time.monotonic() - started
+                tally.first_rows = table.num_rows
             writer.add(table)
             tally.add(table)
         writer.close()
@@ -218,7 +220,8 @@ def summary(tally: Tally, wall_s: float, parts: int, out: Path) -> str:
              f"audio: {tally.audio_s / 3600:.3f} h scored; {files / wall_s:.2f} files/s; "
              f"{tally.audio_s / wall_s:.1f} hours of audio per hour; engines on "
              f"{len(tally.nodes)} node(s)",
-             f"first rows after {tally.first_rows_s or 0:.1f} s (engines starting); "
+             f"first {tally.first_rows} rows after {tally.first_rows_s or 0:.1f} s (engines "
+             f"starting); "
              f"{parts} parts written to {out}"]
     if tally.errors:
         lines.insert(1, "errors: " + ", ".join(f"{code} {n}"
