@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported when a job runs: `emotion2vec-serve predict` stays light
     from serve_app.tools.batch.plan import JobPlan
 
+MAX_BLOCKS = 2000
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "cpu.yaml"
 
 
@@ -78,6 +79,8 @@ def add_parser(commands) -> None:
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import pyarrow as pa
+
     from serve_app.tools.batch.parts import OutputDirError, prepare
     from serve_app.tools.batch.plan import PlanError, plan_job
     from serve_app.tools.batch.resources import NoRoom, check_room, connect
@@ -93,17 +96,20 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                         max_duration_s=args.max_duration_s,
                         max_upload_bytes=args.max_upload_bytes,
                         max_decoded_bytes=args.max_decoded_bytes)
-        files = [str(path) for path in dict.fromkeys(p.resolve() for p in expand(args.inputs))]
+        listed = expand(args.inputs)
         out = Path(args.out).resolve()
         done = prepare(out, args.resume, plan.variant, args.embeddings)
     except (PlanError, FileNotFoundError, OutputDirError) as exc:
         return _fail(str(exc))
-    if not files:
+    if not listed:
         return _fail("no audio files found")
-    todo = [path for path in files if path not in done]
-    skipped = len(files) - len(todo)
-    if not todo:
-        print(f"nothing to do: all {len(files)} files are already in {out}", file=sys.stderr)
+    # Only the paths still to score stay in memory (as Arrow strings: compact).
+    unique = dict.fromkeys(map(str, _resolved(listed)))
+    todo = pa.array([path for path in unique if path not in done], pa.string())
+    skipped, count = len(unique) - len(todo), len(unique)
+    del listed, done, unique
+    if not len(todo):
+        print(f"nothing to do: all {count} files are already in {out}", file=sys.stderr)
         return 0
     try:
         print(connect(args.address), file=sys.stderr)
@@ -114,6 +120,13 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except NoRoom as exc:
         return _fail(str(exc))
     return run(plan, todo, out, args, skipped)
+
+
+def _resolved(paths: list[Path]):
+    """Each path made absolute (the identity of a file), in place: no second list."""
+    for index, path in enumerate(paths):
+        yield path.resolve()
+        paths[index] = None  # the Path objects go as they are used
 
 
 def _fail(message: str) -> int:
@@ -148,7 +161,8 @@ class Tally:
         self.nodes.update(table.column("node_id").unique().to_pylist())
 
 
-def _dataset(plan: JobPlan, todo: list[str], args: argparse.Namespace):
+def _dataset(plan: JobPlan, todo, args: argparse.Namespace):
+    import pyarrow as pa
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -157,13 +171,16 @@ def _dataset(plan: JobPlan, todo: list[str], args: argparse.Namespace):
     context = DataContext.get_current()
     context.enable_progress_bars = not args.no_progress
     context.wait_for_min_actors_s = max(1, math.ceil(args.start_timeout_s))
-    blocks = math.ceil(len(todo) / args.files_per_task)
-    items = ray.data.from_items([{"path": path} for path in todo], override_num_blocks=blocks)
+    # One block per decode task, at most MAX_BLOCKS (Ray Data keeps a record per block): a
+    # task then decodes its files --files-per-task at a time.
+    per_block = max(args.files_per_task, math.ceil(len(todo) / MAX_BLOCKS))
+    items = ray.data.from_arrow([pa.table({"path": todo.slice(start, per_block)})
+                                 for start in range(0, len(todo), per_block)])
     # Ray Data fuses two maps with equal resources into one; a ray_remote_args_fn keeps the
     # decoding in tasks of its own, off the engines (which may hold GPUs).
-    decoded = items.map_batches(decode_files, batch_size=None, batch_format="pyarrow",
-                                num_cpus=args.decode_cpus, fn_kwargs={"plan": plan},
-                                ray_remote_args_fn=dict)
+    decoded = items.map_batches(decode_files, batch_size=args.files_per_task,
+                                batch_format="pyarrow", num_cpus=args.decode_cpus,
+                                fn_kwargs={"plan": plan}, ray_remote_args_fn=dict)
     low, high = args.concurrency
     # Each engine call gathers several passes' worth of clips, so that like lengths pad
     # together (shortest first: serve_app/inference/passes.py).
@@ -176,8 +193,7 @@ def _dataset(plan: JobPlan, todo: list[str], args: argparse.Namespace):
                                "num_cpus": args.num_cpus})
 
 
-def run(plan: JobPlan, todo: list[str], out: Path, args: argparse.Namespace,
-        skipped: int) -> int:
+def run(plan: JobPlan, todo, out: Path, args: argparse.Namespace, skipped: int) -> int:
     from serve_app.tools.batch.parts import PartWriter
 
     writer = PartWriter(out, args.part_rows, args.part_s)
