@@ -9,6 +9,7 @@ exit status is 1 if any file failed. The API key: --api-key, or the environment 
 EMOTION2VEC_API_KEY.
 
 `emotion2vec-serve keys new KEY_ID`: make an API key for the service's config.
+`emotion2vec-serve batch INPUT... --out DIR`: score archives on Ray Data (see `batch --help`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import csv
 import email.utils
+import glob
 import hashlib
 import json
 import os
@@ -30,6 +32,7 @@ from typing import Any, TextIO
 
 import httpx
 
+from serve_app.tools.batch import job as batch_job
 from serve_app.wire import Granularity, InferenceOptions
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au",
@@ -59,11 +62,17 @@ class Outcome:
 
 
 def expand(inputs: list[str]) -> list[Path]:
-    """Files as given (any name), and the audio files under each directory, sorted."""
+    """Files as given (any name), the audio files under each directory, sorted, and what a
+    glob pattern matches (its directories searched likewise)."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
+        if not path.exists() and glob.has_magic(item):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"no file matches {item}")
+            files.extend(expand(matches))
+        elif path.is_dir():
             files.extend(sorted(p for p in path.rglob("*")
                                 if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES))
         elif path.is_file():
@@ -337,6 +346,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="seconds to wait for the service at each step")
     predict.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                          help=f"the service's API key (default: ${API_KEY_ENV})")
+    batch_job.add_parser(commands)
     keys = commands.add_parser("keys", help="API keys for the service's config")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     new = keys_commands.add_parser("new", help="make a key: prints it once, and its config line")
@@ -359,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         return stream_main(args)
     if args.command == "keys":
         return _keys_new(args, parser)
+    if args.command == "batch":
+        return batch_job.main(args, parser)
     if args.concurrency < 1 or args.tries < 1 or args.timeout <= 0:
         parser.error("--concurrency and --tries must be at least 1, --timeout positive")
     if args.out != "-" and Path(args.out).suffix.lower() not in (".jsonl", ".csv"):

@@ -78,7 +78,9 @@ class LocalServe:
         raise TimeoutError(f"application {name} not in {statuses} after {timeout_s} s: {status}")
 
 
-def _loopback_env() -> None:
+def loopback_env() -> None:
+    """Keep the Ray that this process starts on 127.0.0.1 (unless the environment says
+    otherwise): before Ray is imported."""
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
 
@@ -105,7 +107,7 @@ def _serve_on_head(temp_dir: str, metrics_port: int, nodes=None) -> Iterator[Loc
 @contextmanager
 def local_serve(num_cpus: int | None = None, dashboard: bool = False) -> Iterator[LocalServe]:
     """A Ray cluster of this process's own (stopped on exit) with Serve on 127.0.0.1."""
-    _loopback_env()
+    loopback_env()
     import ray
 
     # Unix socket paths must stay under 107 bytes: a short temp dir directly under /tmp.
@@ -128,7 +130,7 @@ def local_cluster(head: dict, workers: list[dict],
     joined by this process, with Serve on them; `head` and each of `workers` are node
     arguments (num_cpus, resources, ...). The proxy runs on the head only: every node has the
     same address, so the HTTP port can hold one proxy. `.nodes` adds and removes nodes."""
-    _loopback_env()
+    loopback_env()
     import ray
     from ray.cluster_utils import Cluster
 

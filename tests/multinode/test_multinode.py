@@ -1,6 +1,7 @@
 """The service on several Ray nodes (ray.cluster_utils.Cluster, every node on 127.0.0.1):
 variants placed on worker nodes, requests across nodes, a hot swap on a worker node, the
-resource check over the whole cluster, and a node lost under load.
+resource check over the whole cluster, a batch job with engines on several nodes, and a node
+lost under load.
 
 Its own pytest process (one driver joins one cluster): `pytest tests/multinode`. One cluster
 for the module: a head with the proxy and the router, three workers with one model slot each
@@ -8,14 +9,18 @@ for the module: a head with the proxy and the router, three workers with one mod
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import yaml
 
 from serve_app.audio import sndfile
+from serve_app.tools.batch.parts import read_rows
 from serve_app.tools.cluster import local_cluster
 from tests import clips as clip_maker
 from tests.conftest import tiny_app
@@ -176,6 +181,38 @@ def test_resource_check_counts_the_whole_cluster(multi):
         assert "one base replica asks for {CPU: 1.5} but no single node" in status.message
     finally:
         multi.serve.remove("across", "nowhere")
+
+
+def test_a_batch_job_with_engines_on_several_nodes(multi, tmp_path):
+    """`emotion2vec-serve batch` joins this cluster: three engine actors that no node can hold
+    two of (0.6 CPU each, 1 CPU per node), the decoding in tasks beside them; rows equal the
+    service's answers."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"applications": [
+        make_app(multi.root, base=tiny(multi.root, 1), large=tiny(multi.root, 2))]}))
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    for index in range(24):
+        clip_maker.write(folder / f"{index:02d}.wav",
+                         clip_maker.tone(1.0 + index / 8, 16_000, 150 + 10 * index, index),
+                         16_000)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "serve_app.tools.cli", "batch", str(folder), "--out", str(out),
+         "--config", str(config), "--address", multi.serve.nodes.address, "--model-version",
+         "base", "--num-cpus", "0.6", "--concurrency", "3", "--decode-cpus", "0.2",
+         "--files-per-task", "2", "--no-progress"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = read_rows(out).to_pylist()
+    assert sorted(row["path"] for row in rows) == sorted(str(p) for p in folder.iterdir())
+    assert {row["status"] for row in rows} == {"ok"}
+    nodes = {row["node_id"] for row in rows}
+    assert len(nodes) >= 2, nodes  # the pool's actors ran on several nodes
+    for row in rows[:3]:
+        body = multi.predict("base", Path(row["path"])).json()
+        scores = [row[f"score_{name}"] for name in body["scores"]]
+        assert np.abs(np.subtract(scores, list(body["scores"].values()))).max() <= 1e-4
 
 
 @pytest.fixture
