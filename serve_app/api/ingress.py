@@ -25,6 +25,7 @@ from starlette.requests import HTTPConnection
 
 from serve_app.api import responses as results
 from serve_app.api import upload
+from serve_app.api.quota_board import GcsBoard, share_quotas
 from serve_app.api.stream import StreamHooks, Streams, refuse
 from serve_app.api.stream_protocol import StreamError, parse_params
 from serve_app.api.variant_client import Variants
@@ -34,6 +35,7 @@ from serve_app.config import RouterSettings, without_inputs
 from serve_app.errors import ApiError
 from serve_app.metrics import RouterMetrics, StreamMetrics
 from serve_app.traffic.access import AccessControl, AccessDenied, Admission
+from serve_app.traffic.quota_share import QuotaShare
 from serve_app.traffic.routing import Route, RoutingTable
 from serve_app.traffic.shadow import Shadow
 
@@ -76,6 +78,7 @@ class Router:
         self.metrics = RouterMetrics()
         self.streams = Streams(self.variants, StreamMetrics())
         self.access = AccessControl()
+        self.quota_share, self._quota_task = QuotaShare(self.access), None
         self.decoder = Decoder(self.settings.decode_workers)
         self.routes = RoutingTable(self.settings.default_version, {}, self.variants.names)
         self.shadow = Shadow(self.variants, self.metrics.shadow)
@@ -88,12 +91,21 @@ class Router:
         settings.check_against(self.variants.names)
         self.access.configure(settings)  # a bad key file refuses the whole config
         self.settings = settings
+        self._share_quotas()
         self.routes = RoutingTable(settings.default_version, settings.aliases,
                                    self.variants.names)
         self.shadow.configure(settings)
         if settings.decode_workers != self.decoder.workers:
             old, self.decoder = self.decoder, Decoder(settings.decode_workers)
             await old.close()
+
+    def _share_quotas(self) -> None:
+        """Start exchanging quota notes with the other Router replicas (once)."""
+        if self._quota_task is None:
+            context = serve.get_replica_context()
+            board = GcsBoard(context.app_name, context.replica_id.unique_id)
+            self._quota_task = asyncio.create_task(share_quotas(
+                self.quota_share, board, lambda: self.settings.quota_sync_s))
 
     def _admit(self, connection: HTTPConnection, trace: dict,
                query_api_key: str | None = None) -> Admission:
