@@ -257,9 +257,9 @@ def longest_gap(answers: list[Answer], variant: str, start: float, end: float) -
 
 def proxy_log_count(serve: LocalServe, text: str) -> int:
     """Lines of the proxies' logs that contain `text`."""
-    pattern = os.path.join(serve.temp_dir, "session_*", "logs", "serve", "proxy_*.log")
+    pattern = os.path.join(serve.temp_dir, "**", "logs", "serve", "proxy_*.log")
     return sum(Path(path).read_text(errors="replace").count(text)
-               for path in glob.glob(pattern))
+               for path in glob.glob(pattern, recursive=True))
 
 
 def run(routers: int, clients: int, quota_s: float, rpm: int, fast: bool) -> dict:
