@@ -256,10 +256,11 @@ def longest_gap(answers: list[Answer], variant: str, start: float, end: float) -
 
 
 def proxy_log_count(serve: LocalServe, text: str) -> int:
-    """Lines of the proxies' logs that contain `text`."""
+    """Distinct lines of the proxies' logs that contain `text`."""
     pattern = os.path.join(serve.temp_dir, "**", "logs", "serve", "proxy_*.log")
-    return sum(Path(path).read_text(errors="replace").count(text)
-               for path in glob.glob(pattern, recursive=True))
+    return len({line for path in glob.glob(pattern, recursive=True)
+                for line in Path(path).read_text(errors="replace").splitlines()
+                if text in line})
 
 
 def run(routers: int, clients: int, quota_s: float, rpm: int, fast: bool) -> dict:
