@@ -3,7 +3,9 @@
 
 Directories are searched (recursively) for audio files; requests go out concurrently; a
 variant that answers 503 (loading, overloaded), or 429 (the API key's quota is spent), is asked
-again after an exponential backoff that honours its Retry-After, a bounded number of times.
+again after an exponential backoff that honours its Retry-After, a bounded number of times. So
+is a request lost with a server that went away (500, 502 or 504, or a connection closed without
+an answer: docs/high-availability.md): predict has no side effects. A timeout is not retried.
 One JSON line (or CSV row) per file, in the order of the inputs, then a summary on stderr; the
 exit status is 1 if any file failed. The API key: --api-key, or the environment variable
 EMOTION2VEC_API_KEY.
@@ -39,7 +41,8 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".ai
                   ".caf", ".w64", ".rf64",  # libsndfile's
                   ".m4a", ".mp4", ".mov", ".3gp", ".3g2", ".webm", ".mkv", ".mka", ".aac",
                   ".wma", ".amr"}  # FFmpeg's
-RETRY_STATUSES = {429, 503}
+# 500/502/504: what a proxy or load balancer answers for a replica or pod that died mid-request
+RETRY_STATUSES = {429, 500, 502, 503, 504}
 API_KEY_ENV = "EMOTION2VEC_API_KEY"
 KEY_PREFIX = "e2v_"  # makes a leaked key easy to recognise (secret scanners)
 FIELDS = ["path", "status", "http_status", "emotion", "confidence", "model_version", "error",
@@ -127,7 +130,12 @@ async def predict_file(client: httpx.AsyncClient, path: Path, params: dict[str, 
                                          data=params)
         except httpx.ConnectError as exc:  # nothing was sent: safe to try again
             outcome.http_status, outcome.error = None, f"cannot connect: {exc}"
-        except httpx.HTTPError as exc:  # a timeout, a dropped answer: the server may be busy
+        except httpx.TimeoutException as exc:  # the server may be busy: not asked again
+            outcome.http_status, outcome.error = None, f"{type(exc).__name__}: {exc}"
+            return outcome
+        except httpx.TransportError as exc:  # the connection dropped: its server went away
+            outcome.http_status, outcome.error = None, f"{type(exc).__name__}: {exc}"
+        except httpx.HTTPError as exc:
             outcome.http_status, outcome.error = None, f"{type(exc).__name__}: {exc}"
             return outcome
         else:

@@ -16,7 +16,11 @@ from pathlib import Path
 
 import yaml
 
+from serve_app.api import failover
+
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# The proxy replays requests lost with a Router replica (serve_app/api/failover.py).
+PROXY_ENV = {failover.ENV_VAR: failover.IMPORT_PATH}
 
 
 def free_port() -> int:
@@ -80,8 +84,8 @@ class LocalServe:
 
 def loopback_env() -> None:
     """Keep the Ray that this process starts on 127.0.0.1 (unless the environment says
-    otherwise): before Ray is imported."""
-    for key, value in LOOPBACK_ENV.items():
+    otherwise): before Ray is imported. The nodes' processes (the proxy too) inherit it."""
+    for key, value in {**LOOPBACK_ENV, **PROXY_ENV}.items():
         os.environ.setdefault(key, value)
 
 
