@@ -149,6 +149,19 @@ def _decode_tensor(spec: dict, binary: bytes | None) -> Tensor:
     raise _invalid(f"input {name!r}: datatype {datatype!r} is not accepted (FP32 or BYTES)")
 
 
+def _params(spec: dict) -> dict:
+    params = spec.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise _invalid(f"{spec.get('name')!r}: parameters must be an object")
+    return params
+
+
+def _no_shared_memory(params: dict, name) -> None:
+    if any(str(key).startswith("shared_memory") for key in params):
+        raise ApiError(400, "unsupported_parameter",
+                       f"{name!r}: shared memory is not supported; send the data in the body")
+
+
 def _requested_outputs(specs, binary_default: bool) -> dict[str, bool]:
     if specs is None:
         return dict.fromkeys(DEFAULT_OUTPUTS, binary_default)
@@ -160,10 +173,11 @@ def _requested_outputs(specs, binary_default: bool) -> dict[str, bool]:
         if name not in OUTPUTS:
             raise ApiError(400, "unknown_output",
                            f"unknown output {name!r}; this model has {list(OUTPUTS)}")
-        params = spec.get("parameters") or {}
-        if params.get("class_count"):
-            raise ApiError(400, "unsupported_parameter", "the classification extension "
-                           "(class_count) is not supported: ask for scores and labels")
+        params = _params(spec)
+        if params.get("classification") or params.get("class_count"):
+            raise ApiError(400, "unsupported_parameter", "the classification extension is "
+                           "not supported: ask for the scores and labels outputs")
+        _no_shared_memory(params, name)
         wanted[name] = bool(params.get("binary_data", binary_default))
     return wanted
 
@@ -193,7 +207,9 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     for spec in document["inputs"]:
         if not isinstance(spec, dict):
             raise _invalid("every input must be an object")
-        size = (spec.get("parameters") or {}).get("binary_data_size")
+        params = _params(spec)
+        _no_shared_memory(params, spec.get("name"))
+        size = params.get("binary_data_size")
         raw = None
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
