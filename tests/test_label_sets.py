@@ -134,3 +134,12 @@ def test_engine_refuses_an_unknown_label_before_any_work(engine):
     with pytest.raises(label_sets.UnknownLabel):
         engine.predict_batch([tone(1.0, 16_000)] * 2, "utterance", False,
                              labels=[None, ("joy",)])
+
+
+def test_engine_reports_what_v1_models_shows(engine):
+    info = engine.info
+    assert info.labels == ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad",
+                           "surprised", "unknown"]
+    assert info.embedding_dim == 64 and info.sample_rate == 16_000  # tiny: embed_dim 64
+    assert info.parameter_count == sum(p.numel() for p in engine.model.parameters()) > 100_000
+    assert len(info.sha256) == 64

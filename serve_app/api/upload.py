@@ -13,7 +13,7 @@ from starlette.formparsers import MultiPartException
 from serve_app.errors import ApiError
 
 GRANULARITIES = ("utterance", "frame")
-PARAMS = ("model_version", "granularity", "extract_embedding")
+PARAMS = ("model_version", "granularity", "extract_embedding", "labels")
 FORM_FIELDS = ("file", *PARAMS)
 _FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -28,6 +28,9 @@ _PARAM_SCHEMAS = {
                     "and an emotion timeline"},
     "extract_embedding": {"type": "boolean", "default": False,
                           "description": "include the embedding"},
+    "labels": {"type": "string", "description": "a label set: comma-separated label names "
+               "(e.g. angry,happy,neutral,sad); the softmax over them alone, the other logits "
+               "masked. Default: every label"},
 }
 PREDICT_OPENAPI = {
     "parameters": [{"name": name, "in": "query", "required": False, "schema": schema,

@@ -70,6 +70,10 @@ class ModelInfo:
     load_s: float
     sha256: str | None = None  # of model.pt: which weights exactly
     random_weights: dict | None = field(default=None)
+    labels: list[str] = field(default_factory=list)  # English names a label set may use
+    embedding_dim: int = 0
+    parameter_count: int = 0   # of the model as served (the pre-training decoder dropped)
+    sample_rate: int = 16_000  # what the model takes; the router resamples to it
 
 
 def _sha256(path: Path) -> str | None:
@@ -192,6 +196,9 @@ class EmotionEngine:
             load_s=round(time.perf_counter() - started, 3),
             sha256=_sha256(weights_file),
             random_weights=random_info,
+            labels=label_sets.valid_names(self.labels),
+            embedding_dim=int(model.proj.in_features),
+            parameter_count=sum(p.numel() for p in model.parameters()),
         )
         if random_info:
             logger.warning("loaded %s: RANDOM weights (%s, seed %s); predictions carry no meaning",
