@@ -23,7 +23,6 @@ from serve_app.api.kserve_codec import (
     model_outputs,
     parse_infer_request,
 )
-from serve_app.audio.waveform import Limits, from_samples
 from serve_app.errors import ApiError
 
 URL = "http://127.0.0.1:8000/v1/audio-classification/base"
@@ -269,16 +268,3 @@ def test_v2_documents():
     assert kserve_codec.body_limit(True, 1000, 1.0, 5000) == 64_000 + kserve_codec.HEADER_OVERHEAD
     assert kserve_codec.body_limit(False, 3000, 1.0, 10) == 4000 + kserve_codec.HEADER_OVERHEAD
 
-
-def test_waveform_samples_are_checked_as_decoded_audio():
-    limits = Limits(max_duration_s=1.0, min_duration_s=0.1)
-    audio = from_samples(np.zeros(8_000, np.float32), limits)
-    assert (audio.duration_s, audio.sample_rate, audio.channels, audio.format) == (
-        0.5, 16_000, 1, "waveform")
-    assert audio.waveform.flags.c_contiguous and audio.waveform.dtype == np.float32
-    for samples, code in [(np.zeros(16_001, np.float32), "audio_too_long"),
-                          (np.zeros(800, np.float32), "audio_too_short"),
-                          (np.full(4_000, np.nan, np.float32), "invalid_samples")]:
-        with pytest.raises(ApiError) as caught:
-            from_samples(samples, limits)
-        assert caught.value.code == code

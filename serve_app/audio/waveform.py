@@ -98,19 +98,6 @@ def to_waveform(blocks: list[np.ndarray], rate: int, channels: int, fmt: str,
     return DecodedAudio(to_target_rate(mono, rate), duration, rate, channels, fmt)
 
 
-def from_samples(samples: np.ndarray, limits: Limits, fmt: str = "waveform") -> DecodedAudio:
-    """16 kHz mono float32 samples sent as they are (KServe's waveform tensor), checked as a
-    decoded file is: duration bounds, decoded bytes, finite samples."""
-    seconds = len(samples) / TARGET_SR
-    if seconds > limits.max_duration_s:
-        raise too_long(limits.max_duration_s, seconds)
-    if samples.size * 4 > limits.max_decoded_bytes:
-        raise ApiError(413, "decoded_too_large", "the waveform is over "
-                       f"{limits.max_decoded_bytes} bytes, the limit")
-    return to_waveform([np.asarray(samples, np.float32).reshape(-1, 1)], TARGET_SR, 1, fmt,
-                       limits)
-
-
 def to_target_rate(mono: np.ndarray, rate: int) -> np.ndarray:
     """float32 mono at `rate` -> contiguous float32 at TARGET_SR. The stream resamples its
     windows with this too, so that a window scores as a file of the same samples would."""
