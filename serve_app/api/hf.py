@@ -6,7 +6,9 @@ Requests: the audio file's bytes as the body (no parameters), or JSON
 parameters may also come as query parameters. Answer: `[{"label", "score"}, ...]`, highest
 first, `top_k` long (default: every label of the set). `function_to_apply`: softmax (predict's
 scores), sigmoid or none (the head's raw float32 logits). No torch, no Ray: the parsing and
-shaping here; the route runs the same request pipeline as predict.
+shaping here, and the route (`classify`), a thin adapter over the request pipeline
+(serve_app/api/pipeline.py): predict's keys, quotas, routing, limits, log and metrics.
+Errors keep the service's shape.
 """
 
 from __future__ import annotations
@@ -17,11 +19,20 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+from starlette.responses import JSONResponse
 
+from serve_app.api import upload
 from serve_app.errors import ApiError
 from serve_app.labels import english_name, parse_label_set
+from serve_app.wire import InferenceOptions
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from serve_app.api.pipeline import Pipeline
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
 PARAMETERS = ("top_k", "function_to_apply", "labels")
@@ -141,3 +152,20 @@ def classification(labels: Sequence[str], scores: Sequence[float],
         values = raw.tolist()
     order = sorted(range(len(values)), key=lambda i: -values[i])
     return [{"label": english_name(labels[i]), "score": values[i]} for i in order[:top_k]]
+
+
+async def classify(pipeline: Pipeline, request: Request,
+                   model_version: str | None = None) -> JSONResponse:
+    """POST /v1/audio-classification[/{model_version}]."""
+    async with pipeline.request(request) as call:
+        route = call.resolve(model_version, request.headers.get("x-session-key"))
+        content_type = request.headers.get("content-type")
+        max_bytes = call.settings.max_upload_bytes
+        body = await upload.read_capped(
+            request, body_limit(max_bytes) if is_json(content_type) else max_bytes)
+        parsed = parse_request(body, content_type, request.query_params, max_bytes)
+        decoded = await call.decode(parsed.audio)
+        answer = await call.infer(route, decoded.waveform, InferenceOptions(labels=parsed.labels))
+        return call.respond(JSONResponse(classification(
+            answer.labels, answer.scores, answer.logits, parsed.function_to_apply,
+            parsed.top_k)))

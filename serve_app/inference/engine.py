@@ -38,15 +38,14 @@ import numpy as np
 
 from serve_app import labels as label_sets
 from serve_app.checkpoints import generate, hub, weights
-from serve_app.checkpoints.weights import ModelLoadError
 from serve_app.config import ModelSettings
+from serve_app.errors import ModelLoadError
 from serve_app.inference import padded
 from serve_app.inference.heads import masked_scores
 from serve_app.inference.timeline import emotion_timeline
+from serve_app.wire import MIN_SAMPLES, TARGET_SR, Granularity
 
 logger = logging.getLogger(__name__)
-
-MIN_SAMPLES = 400  # the conv stem fails below 25 ms at 16 kHz
 
 
 @dataclass
@@ -73,7 +72,7 @@ class ModelInfo:
     labels: list[str] = field(default_factory=list)  # English names a label set may use
     embedding_dim: int = 0
     parameter_count: int = 0   # of the model as served (the pre-training decoder dropped)
-    sample_rate: int = 16_000  # what the model takes; the router resamples to it
+    sample_rate: int = TARGET_SR  # what the model takes; the router resamples to it
 
 
 def _sha256(path: Path) -> str | None:
@@ -255,9 +254,9 @@ class EmotionEngine:
 
     def warmup(self) -> None:
         """One forward pass so the first request does not pay for lazy initialisation."""
-        samples = max(MIN_SAMPLES, int(self.settings.warmup_s * 16_000))
+        samples = max(MIN_SAMPLES, int(self.settings.warmup_s * TARGET_SR))
         noise = np.random.default_rng(0).standard_normal(samples).astype(np.float32) * 0.05
-        self.predict(noise, granularity="utterance", extract_embedding=False)
+        self.predict(noise, granularity=Granularity.UTTERANCE, extract_embedding=False)
 
     def unload(self) -> None:
         import torch
@@ -297,19 +296,20 @@ class EmotionEngine:
         (scores, logits) per row."""
         return masked_scores(self.model.proj(pooled), keeps)
 
-    def _timeline(self, frames, granularity: str, keep: Sequence[int]) -> list[dict] | None:
+    def _timeline(self, frames, granularity: Granularity,
+                  keep: Sequence[int]) -> list[dict] | None:
         """granularity=frame: the head on frames pooled over windows (timeline.py)."""
-        if granularity != "frame":
+        if granularity != Granularity.FRAME:
             return None
         return emotion_timeline(frames, self.model.proj, keep,
                                 self.settings.timeline_window_s, self.settings.timeline_hop_s)
 
     @staticmethod
-    def _embedding(frames, granularity: str) -> np.ndarray:
+    def _embedding(frames, granularity: Granularity) -> np.ndarray:
         feats = frames.cpu().numpy()
-        return feats if granularity == "frame" else np.mean(feats, axis=0)
+        return feats if granularity == Granularity.FRAME else np.mean(feats, axis=0)
 
-    def predict(self, waveform: np.ndarray, granularity: str, extract_embedding: bool,
+    def predict(self, waveform: np.ndarray, granularity: Granularity, extract_embedding: bool,
                 labels: Sequence[str] | None = None) -> Prediction:
         import torch
 
@@ -328,11 +328,11 @@ class EmotionEngine:
         """Clips longer than window_s run window by window: attention cost and FunASR's ALiBi
         cache then grow with the window, not the clip. A last piece shorter than a second
         joins the window before it."""
-        size = int(self.settings.window_s * 16_000)
+        size = int(self.settings.window_s * TARGET_SR)
         if len(waveform) <= size:
             return [waveform]
         starts = list(range(0, len(waveform), size))
-        if len(waveform) - starts[-1] < 16_000:
+        if len(waveform) - starts[-1] < TARGET_SR:
             starts.pop()
         return [waveform[a:b] for a, b in zip(starts, [*starts[1:], len(waveform)])]
 
@@ -343,7 +343,7 @@ class EmotionEngine:
             frames = self.model.extract_features(source.view(1, -1), padding_mask=None)["x"]
         return frames.float()
 
-    def predict_batch(self, waveforms: list[np.ndarray], granularity: str,
+    def predict_batch(self, waveforms: list[np.ndarray], granularity: Granularity,
                       extract_embedding: bool,
                       labels: Sequence[Sequence[str] | None] | None = None) -> list[Prediction]:
         """`predict` for each clip, in input order, from one padded forward pass; `labels`:
@@ -364,7 +364,7 @@ class EmotionEngine:
         if len(sets) != len(waveforms):
             raise ValueError(f"{len(sets)} label sets for {len(waveforms)} clips")
         keeps = [self.label_set(names) for names in sets]
-        if not self._batchable or any(len(w) > self.settings.window_s * 16_000
+        if not self._batchable or any(len(w) > self.settings.window_s * TARGET_SR
                                       for w in waveforms):
             return [self.predict(w, granularity, extract_embedding, names)
                     for w, names in zip(waveforms, sets)]
