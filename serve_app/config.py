@@ -167,6 +167,10 @@ class RouterSettings(_Strict):
     shadow_max_pending: int = Field(default=8, ge=1, le=1024,
                                     description="shadow calls in flight; beyond: dropped")
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    # KServe v2 JSON bodies (serve_app/api/kserve_codec.py): a waveform as JSON text takes
+    # ~17 bytes a sample as clients write float32 (120 s: ~32 MB), so it has its own cap;
+    # binary tensors use the upload cap.
+    max_json_waveform_bytes: int = Field(default=40 * 1024 * 1024, ge=1024)
     max_duration_s: float = Field(default=120.0, gt=0)
     # The conv stem needs MIN_SAMPLES (25 ms); below 0.1 s there is no emotion.
     min_duration_s: float = Field(default=MIN_DURATION_S, ge=MIN_SAMPLES / TARGET_SR)

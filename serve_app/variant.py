@@ -115,7 +115,10 @@ class EmotionModel:
         results: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for index, (engine, request) in enumerate(requests):
-            groups.setdefault((id(engine), request.options), []).append(index)
+            # Label sets are applied per clip after the forward pass: they do not split groups.
+            options = request.options
+            groups.setdefault((id(engine), options.granularity, options.extract_embedding),
+                              []).append(index)
         loop = asyncio.get_running_loop()
         # The newest config's bound, as for the batch size: batching settings apply at once.
         max_padded = int(self.lifecycle.target.max_batch_audio_s * TARGET_SR)
@@ -128,7 +131,7 @@ class EmotionModel:
                 waves = [requests[i][1].waveform for i in chunk]
                 predictions = await loop.run_in_executor(
                     self._inference, engine.predict_batch, waves, options.granularity,
-                    options.extract_embedding)
+                    options.extract_embedding, [requests[i][1].options.labels for i in chunk])
                 self.metrics.forward(predictions[0].inference_ms, batch_size=len(chunk))
                 self.largest_batch = max(self.largest_batch, len(chunk))
                 for i, prediction in zip(chunk, predictions):
@@ -139,13 +142,14 @@ class EmotionModel:
         arrived = time.perf_counter()
         async with self.lifecycle.use() as engine:
             check_waveform(request.waveform, engine.settings.max_audio_s)
+            engine.label_set(request.options.labels)  # an unknown name fails alone, not a batch
             if self.lifecycle.target.max_batch_size > 1:
                 prediction = await self._batched((engine, request))
             else:
                 options = request.options
                 prediction = await asyncio.get_running_loop().run_in_executor(
                     self._inference, engine.predict, request.waveform, options.granularity,
-                    options.extract_embedding)
+                    options.extract_embedding, options.labels)
                 self.metrics.forward(prediction.inference_ms, batch_size=1)
         return self._answer(engine, prediction, (time.perf_counter() - arrived) * 1000)
 
@@ -162,4 +166,6 @@ class EmotionModel:
                                    weights=info.weights, dtype=info.dtype, device=info.device),
             timings=Timings(queue_ms=round(elapsed_ms - prediction.inference_ms, 3),
                             inference_ms=prediction.inference_ms),
+            logits=prediction.logits,
+            sha256=info.sha256,
         )

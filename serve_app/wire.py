@@ -31,6 +31,9 @@ class Granularity(StrEnum):
 class InferenceOptions:
     granularity: Granularity = Granularity.UTTERANCE
     extract_embedding: bool = False
+    # A label set (serve_app/labels.py: parsed English names); None: every label. The variant
+    # refuses an unknown name (UnknownLabel) before any work.
+    labels: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class TimelineWindow:
     start_s: float
     end_s: float
     scores: list[float]
+    logits: list[float] | None = None  # the head's raw float32 logits, the scores' order
 
 
 @dataclass(frozen=True)
@@ -95,3 +99,7 @@ class VariantAnswer(Scores):
     timings: Timings
     embedding: np.ndarray | None = None        # (D,) utterance, (T, D) frame; when asked for
     timeline: list[TimelineWindow] | None = None  # granularity=frame
+    # The head's raw float32 logits of the answer's labels (masked labels left out, never
+    # -inf): Hugging Face's function_to_apply=sigmoid/none.
+    logits: list[float] | None = None
+    sha256: str | None = None  # of the checkpoint that answered: KServe's model version

@@ -98,8 +98,9 @@ KEYED_APP, KEYED_PREFIX = "keys", "/keys"
 def keyed(cluster, service, tmp_path_factory) -> KeyedService:
     """The tiny config's base variant as a second app with API keys on, beside the open main
     app: alpha (no limits), beta and meter (requests), gamma and streamer (audio seconds),
-    rotate, and cli and web from a key file: each test that spends a quota or changes a key
-    has a key of its own. Quotas in a 6 s window, so that tests wait seconds."""
+    rotate, protocols (requests, spent on /v2), and cli and web from a key file: each test that
+    spends a quota or changes a key has a key of its own. Quotas in a 6 s window, so that tests
+    wait seconds."""
     from serve_app.tools.cli import new_key
 
     keys, lines = {}, {}
@@ -107,7 +108,7 @@ def keyed(cluster, service, tmp_path_factory) -> KeyedService:
                                    ("meter", 20, None),
                                    ("gamma", None, 30), ("rotate", None, None),
                                    ("cli", None, None), ("web", None, None),
-                                   ("streamer", None, 30)]:
+                                   ("streamer", None, 30), ("protocols", 10, None)]:
         keys[key_id], line = new_key(key_id, rpm, audio_spm)
         lines.update(yaml.safe_load(line))
     key_file = tmp_path_factory.mktemp("keys") / "api-keys.json"

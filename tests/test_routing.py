@@ -48,6 +48,14 @@ def test_names_plain_aliases_and_the_default():
         Route("canary", "large_ft", "canary")
 
 
+def test_targets_are_every_variant_a_name_may_reach():
+    routes = table({"latest": "large", "canary": {"large": 90, "large_ft": 10, "base": 0}})
+    assert routes.targets("canary") == ["large", "large_ft"]  # weight 0: never reached
+    assert routes.targets("latest") == routes.targets(None) == ["large"]
+    assert routes.targets("base") == ["base"]
+    assert routes.targets("nope") is None
+
+
 def test_weighted_draws_lie_within_binomial_bounds():
     routes = table({"canary": {"base": 0, "large": 70, "large_ft": 30}})
     draws = [routes.resolve("canary").variant for _ in range(20_000)]

@@ -76,14 +76,16 @@ def test_parameters_defaults_and_bounds():
     assert params == protocol.StreamParams(None, 16_000, "pcm_s16le", 3.0, 1.0)
     params = protocol.parse_params({"model_version": "fast", "sample_rate": "44100",
                                   "encoding": "f32le", "window_s": "1.5", "hop_s": "0.25",
-                                  "api_key": "ignored"}, settings)
-    assert params == protocol.StreamParams("fast", 44_100, "f32le", 1.5, 0.25)
+                                  "api_key": "ignored", "labels": "sad,Happy"}, settings)
+    assert params == protocol.StreamParams("fast", 44_100, "f32le", 1.5, 0.25,
+                                           labels=("sad", "happy"))
     for query, message in [({"sample_rate": "16000.0"}, "integer"),
                            ({"sample_rate": "4000"}, "sample_rate"),
                            ({"encoding": "mp3"}, "encoding"), ({"window_s": "nan"}, "window_s"),
                            ({"window_s": "31"}, "window_s"), ({"hop_s": "0.05"}, "hop_s"),
                            ({"window_s": "1", "hop_s": "2"}, "must not exceed"),
-                           ({"granularity": "frame"}, "unknown parameters")]:
+                           ({"granularity": "frame"}, "unknown parameters"),
+                           ({"labels": "a," * 600}, "labels")]:
         with pytest.raises(protocol.StreamError, match=message) as bad:
             protocol.parse_params(query, settings)
         assert bad.value.close_code == 1008, query

@@ -38,27 +38,25 @@ def head():
 
 def test_times_scores_and_mask(head):
     frames = torch.randn(260, 16)  # 5.2 s at 50 frames a second
-    timeline = emotion_timeline(frames, head, masked=[2], window_s=1.0, hop_s=0.5)
+    keep = [0, 1, 3, 4, 5, 6, 7, 8]  # class 2 masked
+    timeline = emotion_timeline(frames, head, keep=keep, window_s=1.0, hop_s=0.5)
     assert [(w["start_s"], w["end_s"]) for w in timeline] == [
         (0.0, 1.0), (0.5, 1.5), (1.0, 2.0), (1.5, 2.5), (2.0, 3.0), (2.5, 3.5), (3.0, 4.0),
         (3.5, 4.5), (4.0, 5.0), (4.5, 5.2)]
     for window in timeline:
-        assert len(window["scores"]) == 9
+        assert len(window["scores"]) == len(window["logits"]) == 8  # the masked one left out
         assert sum(window["scores"]) == pytest.approx(1.0, abs=1e-6)
-        assert window["scores"][2] == 0.0  # a masked class never scores
-    # Each window is the head on the mean of exactly its frames.
-    expected = torch.softmax(head(frames[25:75].mean(dim=0)), dim=-1).tolist()
-    expected[2] = 0.0
-    got = timeline[1]["scores"]
-    assert got[2] == 0.0 and got != pytest.approx(timeline[0]["scores"])
-    renorm = torch.softmax(torch.cat([head(frames[25:75].mean(dim=0))[:2],
-                                      head(frames[25:75].mean(dim=0))[3:]]), dim=-1).tolist()
-    assert got[:2] + got[3:] == pytest.approx(renorm, abs=1e-6)
+    # Each window is the head on the mean of exactly its frames, softmax over the kept classes.
+    logits = head(frames[25:75].mean(dim=0))
+    got = timeline[1]
+    assert got["scores"] != pytest.approx(timeline[0]["scores"])
+    assert got["logits"] == pytest.approx(logits[keep].tolist(), abs=1e-6)
+    assert got["scores"] == pytest.approx(torch.softmax(logits[keep], dim=-1).tolist(), abs=1e-6)
 
 
 def test_a_window_over_the_whole_clip_is_the_utterance(head):
     frames = torch.randn(73, 16)
-    (only,) = emotion_timeline(frames, head, masked=[], window_s=10.0, hop_s=5.0)
+    (only,) = emotion_timeline(frames, head, keep=range(9), window_s=10.0, hop_s=5.0)
     assert (only["start_s"], only["end_s"]) == (0.0, 1.46)
     utterance = torch.softmax(head(frames.mean(dim=0, keepdim=True)), dim=-1)[0].tolist()
     assert only["scores"] == pytest.approx(utterance, abs=1e-7)

@@ -21,8 +21,8 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.api import hf, kserve, upload
 from serve_app.api import responses as results
-from serve_app.api import upload
 from serve_app.api.pipeline import Pipeline
 from serve_app.api.quota_board import GcsBoard, share_quotas
 from serve_app.api.stream import StreamHooks, Streams, refuse
@@ -183,3 +183,52 @@ class Router:
         return JSONResponse({"ready": ready, "variants": states},
                             status_code=200 if ready else 503,
                             headers=None if ready else {"Retry-After": "5"})
+
+    # -- Hugging Face audio-classification (serve_app/api/hf.py) -----------------------------
+    @api.post("/v1/audio-classification", summary="Hugging Face audio-classification "
+              "(InferenceClient.audio_classification), the default version")
+    async def hf_classify(self, request: Request) -> JSONResponse:
+        return await hf.classify(self.pipeline, request)
+
+    @api.post("/v1/audio-classification/{model_version}",
+              summary="Hugging Face audio-classification on a variant or alias")
+    async def hf_classify_version(self, request: Request, model_version: str) -> JSONResponse:
+        return await hf.classify(self.pipeline, request, model_version)
+
+    # -- KServe Open Inference Protocol v2 (serve_app/api/kserve.py) -------------------------
+    @api.get("/v2", summary="KServe v2: server metadata")
+    async def v2_server(self) -> JSONResponse:
+        return kserve.server(api.version)
+
+    @api.get("/v2/health/live", summary="KServe v2: liveness (as /health)")
+    async def v2_live(self) -> JSONResponse:
+        return kserve.live()
+
+    @api.get("/v2/health/ready", summary="KServe v2: readiness (as /ready)")
+    async def v2_ready(self) -> JSONResponse:
+        return await kserve.ready(self.pipeline)
+
+    @api.get("/v2/models/{name}", summary="KServe v2: model metadata")
+    async def v2_model(self, request: Request, name: str) -> Response:
+        return await kserve.answer(kserve.metadata(self.pipeline, request, name))
+
+    @api.get("/v2/models/{name}/versions/{version}", summary="KServe v2: model metadata")
+    async def v2_model_version(self, request: Request, name: str, version: str) -> Response:
+        return await kserve.answer(kserve.metadata(self.pipeline, request, name, version))
+
+    @api.get("/v2/models/{name}/ready", summary="KServe v2: model readiness")
+    async def v2_model_ready(self, request: Request, name: str) -> Response:
+        return await kserve.answer(kserve.model_ready(self.pipeline, request, name))
+
+    @api.get("/v2/models/{name}/versions/{version}/ready", summary="KServe v2: model readiness")
+    async def v2_version_ready(self, request: Request, name: str, version: str) -> Response:
+        return await kserve.answer(kserve.model_ready(self.pipeline, request, name, version))
+
+    @api.post("/v2/models/{name}/infer", summary="KServe v2: inference (JSON or binary tensors)")
+    async def v2_infer(self, request: Request, name: str) -> Response:
+        return await kserve.answer(kserve.infer(self.pipeline, request, name))
+
+    @api.post("/v2/models/{name}/versions/{version}/infer",
+              summary="KServe v2: inference on a model version")
+    async def v2_infer_version(self, request: Request, name: str, version: str) -> Response:
+        return await kserve.answer(kserve.infer(self.pipeline, request, name, version))

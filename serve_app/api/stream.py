@@ -39,7 +39,13 @@ from serve_app.api.stream_protocol import (
 from serve_app.audio.waveform import to_target_rate
 from serve_app.config import RouterSettings
 from serve_app.errors import ApiError
-from serve_app.wire import Granularity, InferenceRequest, TimelineWindow, VariantAnswer
+from serve_app.wire import (
+    Granularity,
+    InferenceOptions,
+    InferenceRequest,
+    TimelineWindow,
+    VariantAnswer,
+)
 
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
@@ -294,8 +300,9 @@ class _Session:
         """The 16 kHz waveform of these samples, and the variant's answer for it."""
         waveform = await asyncio.to_thread(to_target_rate, samples, self.params.sample_rate)
         try:
+            request = InferenceRequest(waveform, InferenceOptions(labels=self.params.labels))
             return waveform, await self.streams.variants.predict(
-                self.variant, InferenceRequest(waveform), self.settings.model_timeout_s)
+                self.variant, request, self.settings.model_timeout_s)
         except ApiError as exc:
             raise StreamError.from_api(exc) from None
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from serve_app.config import STREAM_HOP_S, STREAM_WINDOW_S, RouterSettings
 from serve_app.errors import ApiError
+from serve_app.labels import parse_label_set
 from serve_app.wire import TARGET_SR
 
 ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
@@ -25,7 +26,7 @@ SAMPLE_RATES = (8_000, 96_000)
 # checks the key (serve_app/traffic/access.py) and routes by the session key
 # (serve_app/traffic/routing.py).
 PARAMS = ("model_version", "sample_rate", "encoding", "window_s", "hop_s", "api_key",
-          "session_key")
+          "session_key", "labels")
 # Close codes (RFC 6455): normal, policy (bad parameters or input), message too big,
 # internal error, try again later (overloaded).
 NORMAL, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1000, 1008, 1009, 1011, 1013
@@ -72,6 +73,7 @@ class StreamParams:
     window_s: float
     hop_s: float
     session_key: str | None = None
+    labels: tuple[str, ...] | None = None  # a label set (serve_app/labels.py); None: all
 
 
 def _number(name: str, value: str, low: float, high: float, integer: bool = False) -> float:
@@ -101,12 +103,16 @@ def parse_params(query: Mapping[str, str], settings: RouterSettings) -> StreamPa
     if hop_s > window_s:
         raise StreamError(POLICY, "invalid_parameter",
                           f"hop_s ({hop_s:g}) must not exceed window_s ({window_s:g})")
+    try:
+        labels = parse_label_set(query.get("labels"))
+    except ApiError as exc:
+        raise StreamError.from_api(exc) from None
     return StreamParams(
         model_version=query.get("model_version") or None,
         sample_rate=int(_number("sample_rate", query.get("sample_rate", str(TARGET_SR)),
                                 *SAMPLE_RATES, integer=True)),
         encoding=encoding, window_s=window_s, hop_s=hop_s,
-        session_key=query.get("session_key") or None)
+        session_key=query.get("session_key") or None, labels=labels)
 
 
 def session_limit_s(max_session_s: float, proxy_timeout_s: float | None,

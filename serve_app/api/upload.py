@@ -12,9 +12,10 @@ from starlette.formparsers import MultiPartException
 
 from serve_app.audio.waveform import upload_too_large
 from serve_app.errors import ApiError
+from serve_app.labels import parse_label_set
 from serve_app.wire import Granularity, InferenceOptions
 
-PARAMS = ("model_version", "granularity", "extract_embedding")
+PARAMS = ("model_version", "granularity", "extract_embedding", "labels")
 FORM_FIELDS = ("file", *PARAMS)
 _FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -30,6 +31,9 @@ _PARAM_SCHEMAS = {
                     "and an emotion timeline"},
     "extract_embedding": {"type": "boolean", "default": False,
                           "description": "include the embedding"},
+    "labels": {"type": "string", "description": "a label set: comma-separated label names "
+               "(e.g. angry,happy,neutral,sad); the softmax over them alone, the other logits "
+               "masked. Default: every label"},
 }
 PREDICT_OPENAPI = {
     "parameters": [{"name": name, "in": "query", "required": False, "schema": schema,
@@ -75,7 +79,8 @@ def parse_options(params: dict[str, str]) -> InferenceOptions:
     """The inference options of a request's parameters (422 for a bad value)."""
     return InferenceOptions(
         granularity=parse_granularity(params.get("granularity")),
-        extract_embedding=parse_bool("extract_embedding", params.get("extract_embedding")))
+        extract_embedding=parse_bool("extract_embedding", params.get("extract_embedding")),
+        labels=parse_label_set(params.get("labels")))
 
 
 async def read_capped(request: Request, limit: int) -> bytes:

@@ -14,6 +14,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.errors import ApiError, InvalidInput
+from serve_app.labels import UnknownLabel
 from serve_app.wire import InferenceRequest, VariantAnswer
 
 logger = logging.getLogger("ray.serve")
@@ -23,6 +24,8 @@ def task_error(variant: str, exc: ray.exceptions.RayTaskError) -> Exception:
     """What a variant's exception (Ray's `cause`) means here: InvalidInput is the client's
     422; a replica lost under the call is re-raised for the retry; anything else is 503."""
     cause = exc.cause
+    if isinstance(cause, UnknownLabel):
+        return cause.api_error()
     if isinstance(cause, InvalidInput):
         return ApiError(422, "invalid_audio", str(cause))
     if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):

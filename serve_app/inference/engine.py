@@ -17,6 +17,11 @@ around the encoder only.
 `predict_batch` runs several clips of any lengths through one padded forward pass
 (serve_app.inference.padded) and gives each clip what `predict` would give it alone, up to float
 rounding.
+
+A label set (`labels`: English names, serve_app/labels.py) scores a subset of the head's classes:
+the others' logits are masked before the softmax (serve_app/inference/heads.py), per clip, after
+the forward pass, so clips batched together may ask for different sets. Predictions carry only
+the set's labels, with their softmax scores and raw float32 logits.
 """
 
 from __future__ import annotations
@@ -25,15 +30,18 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from serve_app import labels as label_sets
 from serve_app.checkpoints import generate, hub, weights
 from serve_app.config import ModelSettings
 from serve_app.errors import ModelLoadError
 from serve_app.inference import padded
+from serve_app.inference.heads import masked_scores
 from serve_app.inference.timeline import emotion_timeline
 from serve_app.wire import MIN_SAMPLES, TARGET_SR, Granularity
 
@@ -42,11 +50,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Prediction:
-    labels: list[str]        # FunASR's raw labels, head order
-    scores: list[float]      # softmax over the head, float32, same order
+    labels: list[str]        # FunASR's raw labels of the label set, head order
+    scores: list[float]      # softmax over the label set, float32, same order
     embedding: np.ndarray | None
     inference_ms: float
     timeline: list[dict] | None = None  # granularity=frame: scores per window (timeline.py)
+    logits: list[float] | None = None   # the head's raw float32 logits, same order
 
 
 @dataclass
@@ -60,6 +69,10 @@ class ModelInfo:
     load_s: float
     sha256: str | None = None  # of model.pt: which weights exactly
     random_weights: dict | None = field(default=None)
+    labels: list[str] = field(default_factory=list)  # English names a label set may use
+    embedding_dim: int = 0
+    parameter_count: int = 0   # of the model as served (the pre-training decoder dropped)
+    sample_rate: int = TARGET_SR  # what the model takes; the router resamples to it
 
 
 def _sha256(path: Path) -> str | None:
@@ -182,6 +195,9 @@ class EmotionEngine:
             load_s=round(time.perf_counter() - started, 3),
             sha256=_sha256(weights_file),
             random_weights=random_info,
+            labels=label_sets.valid_names(self.labels),
+            embedding_dim=int(model.proj.in_features),
+            parameter_count=sum(p.numel() for p in model.parameters()),
         )
         if random_info:
             logger.warning("loaded %s: RANDOM weights (%s, seed %s); predictions carry no meaning",
@@ -270,22 +286,22 @@ class EmotionEngine:
             source = F.layer_norm(source, source.shape)
         return source
 
-    def _scores(self, pooled) -> list[list[float]]:
-        """Float32 head and softmax on B x D pooled frames."""
-        import torch
+    def label_set(self, names: Sequence[str] | None) -> tuple[int, ...]:
+        """Head indices of a parsed label set (None: every label FunASR scores); UnknownLabel
+        (with the valid names) for a name this model does not have."""
+        return label_sets.select(names, self.labels)
 
-        logits = self.model.proj(pooled)
-        for index, label in enumerate(self.labels):
-            if label.startswith("unuse"):
-                logits[:, index] = -np.inf
-        return torch.softmax(logits, dim=-1).tolist()
+    def _scores(self, pooled, keeps: Sequence[Sequence[int]]) -> list[tuple[list, list]]:
+        """Float32 head on B x D pooled frames, then per row the softmax over its label set:
+        (scores, logits) per row."""
+        return masked_scores(self.model.proj(pooled), keeps)
 
-    def _timeline(self, frames, granularity: Granularity) -> list[dict] | None:
+    def _timeline(self, frames, granularity: Granularity,
+                  keep: Sequence[int]) -> list[dict] | None:
         """granularity=frame: the head on frames pooled over windows (timeline.py)."""
         if granularity != Granularity.FRAME:
             return None
-        masked = [i for i, label in enumerate(self.labels) if label.startswith("unuse")]
-        return emotion_timeline(frames, self.model.proj, masked,
+        return emotion_timeline(frames, self.model.proj, keep,
                                 self.settings.timeline_window_s, self.settings.timeline_hop_s)
 
     @staticmethod
@@ -293,19 +309,20 @@ class EmotionEngine:
         feats = frames.cpu().numpy()
         return feats if granularity == Granularity.FRAME else np.mean(feats, axis=0)
 
-    def predict(self, waveform: np.ndarray, granularity: Granularity,
-                extract_embedding: bool) -> Prediction:
+    def predict(self, waveform: np.ndarray, granularity: Granularity, extract_embedding: bool,
+                labels: Sequence[str] | None = None) -> Prediction:
         import torch
 
+        keep = self.label_set(labels)  # before any work: an unknown name costs nothing
         started = self._start()
         with torch.inference_mode():
             frames = torch.cat([self._window_frames(piece) for piece in
                                 self._windows(waveform)], dim=1)
-            scores = self._scores(frames.mean(dim=1))[0]
+            ((scores, logits),) = self._scores(frames.mean(dim=1), [keep])
             embedding = self._embedding(frames[0], granularity) if extract_embedding else None
-            timeline = self._timeline(frames[0], granularity)
-        return Prediction(self.labels, scores, embedding,
-                          round((time.perf_counter() - started) * 1000, 3), timeline)
+            timeline = self._timeline(frames[0], granularity, keep)
+        return Prediction([self.labels[i] for i in keep], scores, embedding,
+                          round((time.perf_counter() - started) * 1000, 3), timeline, logits)
 
     def _windows(self, waveform: np.ndarray) -> list[np.ndarray]:
         """Clips longer than window_s run window by window: attention cost and FunASR's ALiBi
@@ -327,8 +344,10 @@ class EmotionEngine:
         return frames.float()
 
     def predict_batch(self, waveforms: list[np.ndarray], granularity: Granularity,
-                      extract_embedding: bool) -> list[Prediction]:
-        """`predict` for each clip, in input order, from one padded forward pass.
+                      extract_embedding: bool,
+                      labels: Sequence[Sequence[str] | None] | None = None) -> list[Prediction]:
+        """`predict` for each clip, in input order, from one padded forward pass; `labels`:
+        each clip's label set (None: every clip scores every label).
 
         Each clip's scores and embedding are those `predict` gives it alone (the frame
         embedding has exactly its own frames). Every Prediction carries the whole batch's
@@ -341,9 +360,14 @@ class EmotionEngine:
         short = [i for i, w in enumerate(waveforms) if len(w) < MIN_SAMPLES]
         if short:
             raise ValueError(f"clips {short} have fewer than {MIN_SAMPLES} samples")
+        sets = list(labels) if labels is not None else [None] * len(waveforms)
+        if len(sets) != len(waveforms):
+            raise ValueError(f"{len(sets)} label sets for {len(waveforms)} clips")
+        keeps = [self.label_set(names) for names in sets]
         if not self._batchable or any(len(w) > self.settings.window_s * TARGET_SR
                                       for w in waveforms):
-            return [self.predict(w, granularity, extract_embedding) for w in waveforms]
+            return [self.predict(w, granularity, extract_embedding, names)
+                    for w, names in zip(waveforms, sets)]
         started = self._start()
         with torch.inference_mode():
             sources = [self._source(w) for w in waveforms]
@@ -352,10 +376,13 @@ class EmotionEngine:
             frames = frames.float()
             # Each clip's own frames only: padded frames carry no meaning.
             clips = [frames[i, :n] for i, n in enumerate(lengths.tolist())]
-            scores = self._scores(torch.stack([clip.mean(dim=0) for clip in clips]))
+            rows = self._scores(torch.stack([clip.mean(dim=0) for clip in clips]), keeps)
             embeddings = [self._embedding(clip, granularity) if extract_embedding else None
                           for clip in clips]
-            timelines = [self._timeline(clip, granularity) for clip in clips]
+            timelines = [self._timeline(clip, granularity, keep)
+                         for clip, keep in zip(clips, keeps)]
         elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
-        return [Prediction(self.labels, clip_scores, embedding, elapsed_ms, timeline)
-                for clip_scores, embedding, timeline in zip(scores, embeddings, timelines)]
+        return [Prediction([self.labels[i] for i in keep], scores, embedding, elapsed_ms,
+                           timeline, logits)
+                for keep, (scores, logits), embedding, timeline
+                in zip(keeps, rows, embeddings, timelines)]

@@ -38,7 +38,8 @@ from serve_app.config import ModelSettings
 logger = logging.getLogger("ray.serve")
 
 IDLE_CHECK_MAX_S = 5.0  # the idle watch looks at least this often
-MODEL_FIELDS = ("source", "weights", "device", "dtype", "threads", "load_s")
+MODEL_FIELDS = ("source", "weights", "device", "dtype", "threads", "load_s", "labels",
+                "embedding_dim", "parameter_count", "sample_rate", "sha256")
 
 
 class State(StrEnum):

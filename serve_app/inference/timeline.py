@@ -5,13 +5,16 @@ result pools all frames; a timeline pools the frames of each window [start, star
 with starts 0, hop, 2*hop, ..., and stops at the first window that reaches the last frame
 (that window may be shorter: the last partial window is kept). A clip shorter than one window
 gets one window over the whole clip. Each window goes through the same head, label mask and
-float32 softmax as the utterance, so a window over the whole clip gives the utterance scores.
+float32 softmax as the utterance (serve_app/inference/heads.py), so a window over the whole clip
+gives the utterance scores.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+
+from serve_app.inference.heads import masked_scores
 
 FRAME_RATE = 50.0  # frames per second: the encoder's conv stem has a stride of 320 samples
 
@@ -38,12 +41,12 @@ def to_frames(seconds: float) -> int:
     return max(1, math.floor(seconds * FRAME_RATE + 0.5))
 
 
-def emotion_timeline(frames, head: Callable, masked: Sequence[int], window_s: float,
+def emotion_timeline(frames, head: Callable, keep: Sequence[int], window_s: float,
                      hop_s: float) -> list[dict]:
-    """Per window: start_s, end_s and the softmax scores (a list in the head's order).
+    """Per window: start_s, end_s, the softmax scores and the raw logits of the `keep` labels
+    (head indices, head order; the others are masked before the softmax and left out).
 
-    frames: float32 tensor (T, D); head: the classifier (D -> classes); masked: class indices
-    whose logits are set to -inf before the softmax (FunASR's unused labels).
+    frames: float32 tensor (T, D); head: the classifier (D -> classes).
     """
     import torch
 
@@ -52,9 +55,7 @@ def emotion_timeline(frames, head: Callable, masked: Sequence[int], window_s: fl
         return []
     with torch.inference_mode():
         pooled = torch.stack([frames[start:end].float().mean(dim=0) for start, end in bounds])
-        logits = head(pooled).float()
-        for index in masked:
-            logits[:, index] = float("-inf")
-        scores = torch.softmax(logits, dim=-1).tolist()
+        rows = masked_scores(head(pooled), [keep] * len(bounds))
     return [{"start_s": round(start / FRAME_RATE, 3), "end_s": round(end / FRAME_RATE, 3),
-             "scores": row} for (start, end), row in zip(bounds, scores)]
+             "scores": scores, "logits": logits}
+            for (start, end), (scores, logits) in zip(bounds, rows)]

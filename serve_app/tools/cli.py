@@ -45,6 +45,8 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".ai
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 API_KEY_ENV = "EMOTION2VEC_API_KEY"
 KEY_PREFIX = "e2v_"  # makes a leaked key easy to recognise (secret scanners)
+LABELS_HELP = ("score only these labels, comma-separated (e.g. angry,happy,neutral,sad): the "
+               "softmax over them alone; default: every label")
 FIELDS = ["path", "status", "http_status", "emotion", "confidence", "model_version", "error",
           "request_id"]
 
@@ -163,6 +165,8 @@ async def predict_all(files: list[Path], args: argparse.Namespace,
     params = {"granularity": args.granularity}
     if args.model_version:
         params["model_version"] = args.model_version
+    if args.labels:
+        params["labels"] = args.labels
     limit = asyncio.Semaphore(args.concurrency)
     timeout = httpx.Timeout(args.timeout, connect=min(10.0, args.timeout))
     limits = httpx.Limits(max_connections=args.concurrency)
@@ -266,7 +270,7 @@ def stream_main(args: argparse.Namespace) -> int:
             print(line, flush=True)
 
     params = {"model_version": args.model_version, "window_s": args.window_s,
-              "hop_s": args.hop_s}
+              "hop_s": args.hop_s, "labels": args.labels}
     try:
         run = asyncio.run(stream_audio(
             args.url, mono, int(rate), params=params, on_event=show,
@@ -323,6 +327,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--granularity", choices=[str(g) for g in Granularity],
                          default=str(InferenceOptions().granularity),
                          help="frame adds the emotion timeline to the JSONL output")
+    predict.add_argument("--labels", default=None, help=LABELS_HELP)
     predict.add_argument("--out", default="-",
                          help="results file: .jsonl or .csv (default: JSON lines on stdout)")
     predict.add_argument("--concurrency", type=int, default=4, help="requests at once")
@@ -343,6 +348,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="window length; default: the service's")
     live.add_argument("--hop-s", type=float, default=None,
                       help="one window each hop; default: the service's")
+    live.add_argument("--labels", default=None, help=LABELS_HELP)
     live.add_argument("--fast", action="store_true",
                       help="do not wait for real time: send as fast as windows come back")
     live.add_argument("--chunk-s", type=float, default=0.1,

@@ -66,6 +66,15 @@ class RoutingTable:
                 shares[alias] = {v: weight / total for v, weight in self._weighted[alias]}
         return shares
 
+    def targets(self, requested: str | None) -> list[str] | None:
+        """Every variant a name may route to (a weighted alias: those with a weight above 0),
+        or None if no variant has that name."""
+        name = requested or self.default_version
+        if name in self._weighted:
+            return [variant for variant, weight in self._weighted[name] if weight > 0]
+        variant = self.aliases.get(name, name)
+        return [variant] if variant in self.variants else None
+
     def resolve(self, requested: str | None, session_key: str | None = None) -> Route | None:
         """The route for a requested model_version, or None if no variant has that name."""
         name = requested or self.default_version

@@ -1,0 +1,137 @@
+"""KServe's Open Inference Protocol v2 (REST) routes: a thin adapter over the request pipeline
+(serve_app/api/pipeline.py), so keys, quotas, routing, limits, the access log and metrics are
+predict's own. The wire format (tensors, metadata, error shape) is serve_app/api/kserve_codec.py.
+
+A model is a variant or an alias; its one version is the first 12 hex digits of its checkpoint's
+sha256. Probes (`/v2`, `/v2/health/*`) are open, as `/health` is; `/v2/models/*` is admitted.
+Every error on /v2 is answered in the protocol's shape, `{"error": "..."}`, with the service's
+status and headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from serve_app.api import kserve_codec as codec
+from serve_app.api import upload
+from serve_app.api.responses import emotion_fields
+from serve_app.errors import ApiError
+from serve_app.labels import english_name, parse_label_set
+from serve_app.wire import TARGET_SR, InferenceOptions
+
+if TYPE_CHECKING:
+    from serve_app.api.pipeline import Pipeline
+
+
+async def answer(route: Awaitable[Response]) -> Response:
+    """A /v2 route's response; an ApiError in the protocol's shape, status and headers kept."""
+    try:
+        return await route
+    except ApiError as exc:
+        return JSONResponse(codec.error_body(exc), status_code=exc.status, headers=exc.headers)
+
+
+def server(version: str) -> JSONResponse:
+    return JSONResponse(codec.server_metadata(version))
+
+
+def live() -> JSONResponse:
+    return JSONResponse({"live": True})  # the router answers: as /health
+
+
+async def ready(pipeline: Pipeline) -> JSONResponse:
+    """Every variant ready: the same fact as /ready."""
+    infos = await pipeline.variants.info()
+    ok = all(info["state"] == "ready" for info in infos.values())
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503,
+                        headers=None if ok else {"Retry-After": "5"})
+
+
+def _targets(pipeline: Pipeline, name: str) -> list[str]:
+    targets = pipeline.routes.targets(name)
+    if targets is None:
+        valid = pipeline.routes.names
+        raise ApiError(404, "unknown_model", f"no model {name!r}; models: {valid}", valid=valid)
+    return targets
+
+
+def _unknown_version(name: str, version: str, versions: list[str]) -> ApiError:
+    return ApiError(404, "unknown_model_version",
+                    f"model {name!r} has no version {version!r}; versions: {versions}",
+                    valid=versions)
+
+
+async def _model(pipeline: Pipeline, name: str,
+                 version: str | None) -> tuple[dict[str, dict], list[str]]:
+    """The infos of the variants a model name routes to, and its versions; 404 for an unknown
+    name or version."""
+    targets = _targets(pipeline, name)
+    infos = await pipeline.variants.info()
+    mine = {target: infos[target] for target in targets}
+    versions = sorted({v for info in mine.values()
+                       if (v := codec.model_version(info.get("sha256")))})
+    if version is not None and version not in versions:
+        raise _unknown_version(name, version, versions)
+    return mine, versions
+
+
+async def metadata(pipeline: Pipeline, request: Request, name: str,
+                   version: str | None = None) -> JSONResponse:
+    admission = pipeline.admit(request, {})
+    infos, versions = await _model(pipeline, name, version)
+    dims = [info.get("embedding_dim") for info in infos.values()]
+    return JSONResponse(codec.model_metadata(name, versions, dims[0] if len(set(dims)) == 1
+                                             else None), headers=admission.headers)
+
+
+async def model_ready(pipeline: Pipeline, request: Request, name: str,
+                      version: str | None = None) -> JSONResponse:
+    """200 when every variant the name may route to is ready, else 503."""
+    admission = pipeline.admit(request, {})
+    infos, _ = await _model(pipeline, name, version)
+    ok = all(info["state"] == "ready" for info in infos.values())
+    headers = admission.headers if ok else {**admission.headers, "Retry-After": "5"}
+    return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503,
+                        headers=headers)
+
+
+def inference_options(request: codec.InferRequest) -> InferenceOptions:
+    params = request.parameters
+    return InferenceOptions(granularity=upload.parse_granularity(params.get("granularity")),
+                            extract_embedding="embedding" in request.outputs,
+                            labels=parse_label_set(params.get("labels")))
+
+
+async def infer(pipeline: Pipeline, request: Request, name: str,
+                version: str | None = None) -> Response:
+    async with pipeline.request(request) as call:
+        _targets(pipeline, name)  # an unknown model is the protocol's 404
+        route = call.resolve(name, request.headers.get("x-session-key"))
+        settings = call.settings
+        header_length = request.headers.get(codec.HEADER_LENGTH)
+        body = await upload.read_capped(request, codec.body_limit(
+            header_length is not None, settings.max_upload_bytes, settings.max_duration_s,
+            settings.max_json_waveform_bytes))
+        parsed = codec.parse_infer_request(body, header_length)
+        given = codec.model_input(parsed, settings.max_upload_bytes)
+        options = inference_options(parsed)
+        if given.audio is not None:
+            decoded = await call.decode(given.audio)
+        else:
+            decoded = await call.accept(given.waveform, TARGET_SR)
+        result = await call.infer(route, decoded.waveform, options)
+        answered = codec.model_version(result.sha256)
+        # Checked on the model that answered: a swap or a weighted pick cannot slip in another.
+        if version is not None and version != answered:
+            raise _unknown_version(name, version, [answered] if answered else [])
+        outputs = codec.model_outputs([english_name(label) for label in result.labels],
+                                      result.scores,
+                                      emotion_fields(result.labels, result.scores)["emotion"],
+                                      result.embedding)
+        content, headers = codec.encode_infer_response(name, answered, parsed.id, outputs,
+                                                       parsed.outputs)
+        return call.respond(Response(content, headers=headers))
