@@ -147,6 +147,57 @@ class ApiKeySpec(_Strict):
 ApiKeys = dict[Annotated[str, AfterValidator(_key_id)], ApiKeySpec]
 
 
+class VadSettings(_Strict):
+    """How the speech in a recording is found (silero-vad; serve_app/inference/vad.py) when
+    the caller gives no segments, for POST /v1/segments and the stream's utterance events."""
+
+    # Speech probability per 32 ms frame above which a frame is speech (silero's own scale);
+    # below threshold - 0.15 it is silence again.
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+    min_speech_s: float = Field(default=0.25, ge=0.1, le=10.0,
+                                description="drop speech shorter than this")
+    # Pauses inside a sentence (commas, breaths) are shorter than this: an utterance is what
+    # lies between longer silences.
+    min_silence_s: float = Field(default=0.5, ge=0.05, le=10.0)
+    pad_s: float = Field(default=0.1, ge=0, le=2.0, description="speech padded each side")
+    # Longer speech is cut into pieces at its quietest point near this length.
+    max_segment_s: float = Field(default=15.0, ge=1.0, le=60.0)
+
+
+# The decoder's caps for a recording, from its duration cap: a 48 kHz stereo recording of
+# the longest duration accepted decodes within max_decoded_bytes; decoding is allowed
+# RECORDING_DECODE_S_PER_S wall seconds per second of the longest recording (FFmpeg decodes
+# AAC and Opus at several hundred times real time here).
+RECORDING_DECODED_BYTES_PER_S = 48_000 * 2 * 4
+RECORDING_DECODE_S_PER_S = 0.05
+
+
+class SegmentSettings(_Strict):
+    """POST /v1/segments: whole recordings, scored utterance by utterance."""
+
+    max_recording_s: float = Field(default=1800.0, gt=0, le=6 * 3600)
+    max_recording_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    max_segments: int = Field(default=2000, ge=1, le=100_000,
+                              description="given, or found by VAD (beyond: 413)")
+    max_concurrent_recordings: int = Field(default=4, ge=1, le=1024,
+                                           description="per router replica (beyond: 503)")
+    # Segments of one recording at the variant at once: a recording never floods its
+    # variant's queue (max_ongoing_requests + max_queued_requests), and a variant that
+    # batches gathers them into padded passes.
+    segments_in_flight: int = Field(default=4, ge=1, le=64)
+    vad: VadSettings = Field(default_factory=VadSettings)
+    vad_timeout_s: float = Field(default=120.0, gt=0, description="wait on the VAD")
+
+    def decode_limits(self, min_duration_s: float, max_decode_s: float) -> dict:
+        """The decoder's limits for a recording (serve_app.audio.waveform.Limits fields):
+        they scale with max_recording_s, never below predict's."""
+        return {"max_duration_s": self.max_recording_s, "min_duration_s": min_duration_s,
+                "max_decoded_bytes": max(MAX_DECODED_BYTES, int(
+                    self.max_recording_s * RECORDING_DECODED_BYTES_PER_S)),
+                "max_decode_s": max(max_decode_s,
+                                    self.max_recording_s * RECORDING_DECODE_S_PER_S)}
+
+
 class RouterSettings(_Strict):
     """The Router deployment's user_config."""
 
@@ -188,6 +239,8 @@ class RouterSettings(_Strict):
     stream_max_message_bytes: int = Field(default=1024 * 1024, ge=1024,
                                           le=PROXY_MAX_MESSAGE_BYTES)
     max_streams: int = Field(default=16, ge=1, description="open streams per router replica")
+    # POST /v1/segments (serve_app/segments): its own limits, VAD and concurrency.
+    segments: SegmentSettings = Field(default_factory=SegmentSettings)
 
     @model_validator(mode="after")
     def _stream_hop(self) -> RouterSettings:
