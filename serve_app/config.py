@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from serve_app.audio.waveform import MAX_DECODE_S, MAX_DECODED_BYTES
+from serve_app.audio.waveform import MAX_DECODE_S, MAX_DECODED_BYTES, Limits
 from serve_app.traffic.routing import RoutingTable
 
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -188,14 +188,13 @@ class SegmentSettings(_Strict):
     vad: VadSettings = Field(default_factory=VadSettings)
     vad_timeout_s: float = Field(default=120.0, gt=0, description="wait on the VAD")
 
-    def decode_limits(self, min_duration_s: float, max_decode_s: float) -> dict:
-        """The decoder's limits for a recording (serve_app.audio.waveform.Limits fields):
-        they scale with max_recording_s, never below predict's."""
-        return {"max_duration_s": self.max_recording_s, "min_duration_s": min_duration_s,
-                "max_decoded_bytes": max(MAX_DECODED_BYTES, int(
-                    self.max_recording_s * RECORDING_DECODED_BYTES_PER_S)),
-                "max_decode_s": max(max_decode_s,
-                                    self.max_recording_s * RECORDING_DECODE_S_PER_S)}
+    def decode_limits(self, predict: Limits) -> Limits:
+        """The decoder's limits for a recording, from predict's: they scale with
+        max_recording_s, never below predict's."""
+        return Limits(self.max_recording_s, predict.min_duration_s,
+                      max(predict.max_decoded_bytes,
+                          int(self.max_recording_s * RECORDING_DECODED_BYTES_PER_S)),
+                      max(predict.max_decode_s, self.max_recording_s * RECORDING_DECODE_S_PER_S))
 
 
 class RouterSettings(_Strict):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from serve_app.audio.waveform import Limits
 from serve_app.config import RouterSettings, SegmentSettings, VadSettings
 from serve_app.segments.cutting import cut_long, quietest_point
 from serve_app.segments.spec import (
@@ -200,15 +201,59 @@ def test_segment_settings_defaults_and_bounds():
     settings = RouterSettings().segments
     assert settings.max_recording_s == 1800 and settings.max_segments == 2000
     assert settings.vad == VadSettings()
-    limits = settings.decode_limits(0.1, 10.0)
+    limits = settings.decode_limits(Limits(120, 0.1, 256 * 2**20, 10.0))
     # a 30-minute 48 kHz stereo recording decodes within the caps
-    assert limits["max_decoded_bytes"] >= 1800 * 48_000 * 2 * 4
-    assert limits["max_duration_s"] == 1800 and limits["max_decode_s"] >= 10.0
-    small = SegmentSettings(max_recording_s=60).decode_limits(0.1, 10.0)
-    assert small["max_decoded_bytes"] == 256 * 2**20 and small["max_decode_s"] == 10.0
+    assert limits.max_decoded_bytes >= 1800 * 48_000 * 2 * 4
+    assert limits.max_duration_s == 1800 and limits.max_decode_s >= 10.0
+    assert limits.min_duration_s == 0.1
+    small = SegmentSettings(max_recording_s=60).decode_limits(Limits(120, 0.2, 256 * 2**20, 10))
+    assert small == Limits(60, 0.2, 256 * 2**20, 10.0)
     with pytest.raises(ValidationError):
         VadSettings(threshold=1.5)
     with pytest.raises(ValidationError):
         RouterSettings(segments={"vad": {"min_speech_s": 0.01}})
     with pytest.raises(ValidationError):
         RouterSettings(segments={"max_segment": 3})  # unknown fields are refused
+
+
+# -- scoring with a bound on segments in flight -----------------------------------------
+def test_segments_in_flight_are_bounded_and_failures_cancel_the_rest():
+    import asyncio
+
+    from serve_app.errors import ApiError
+    from serve_app.segments.runner import RecordingSlots, score_all
+
+    spans = [Span(i * 1000, i * 1000 + 800, i / 16, i / 16 + 0.05) for i in range(12)]
+    running, peak, cancelled = set(), [0], []
+
+    async def score(span):
+        running.add(span.start)
+        peak[0] = max(peak[0], len(running))
+        try:
+            await asyncio.sleep(0.01 * (span.start // 1000 % 3))
+            if span.start == 7000 and fail:
+                raise ApiError(504, "model_timeout", "slow")
+            return span.end - span.start
+        except asyncio.CancelledError:
+            cancelled.append(span.start)
+            raise
+        finally:
+            running.discard(span.start)
+
+    async def collect():
+        return [item async for item in score_all(spans, score, in_flight=3)]
+
+    fail = False
+    results = asyncio.run(collect())
+    assert sorted(index for index, _ in results) == list(range(12))
+    assert all(value == 800 for _, value in results) and peak[0] == 3
+    fail = True
+    with pytest.raises(ApiError, match="slow"):
+        asyncio.run(collect())
+    assert cancelled and not running  # nothing left running after the failure
+    slots = RecordingSlots()
+    with slots.hold(1):
+        with pytest.raises(ApiError) as busy, slots.hold(1):
+            pass
+        assert busy.value.status == 503 and busy.value.headers["Retry-After"] == "5"
+    assert slots.active == 0
