@@ -98,3 +98,48 @@ def test_silence_and_noise_alone_have_no_speech(detector):
     noise = (np.random.default_rng(1).standard_normal(5 * 16_000) * 0.004).astype(np.float32)
     assert detector.find(noise, VadSettings()).spans == []
     assert detector.find(np.zeros(0, np.float32), VadSettings()).spans == []
+
+
+def run_live(detector, samples, rate, settings, chunk_s=0.1):
+    """A stream fed in chunks; VAD on each due region, as the stream runs it."""
+    from serve_app.audio.waveform import to_target_rate
+    from serve_app.segments.live import UtteranceTracker
+
+    tracker = UtteranceTracker(rate, settings)
+    utterances, longest, chunk = [], 0, int(chunk_s * rate)
+    for buffered in [*range(chunk, len(samples), chunk), len(samples)]:
+        final = buffered == len(samples)
+        region = tracker.due(buffered, final)
+        if region is None:
+            continue
+        longest = max(longest, region[1] - region[0])
+        spans = detector.find(to_target_rate(samples[region[0]:region[1]], rate), settings)
+        utterances += tracker.found(region, spans.spans, final)
+    return utterances, longest / rate
+
+
+@pytest.mark.parametrize("rate", [16_000, 44_100])
+def test_live_utterances_close_as_the_turns_end(detector, call, rate):
+    samples = call.mono if rate == 16_000 else _resampled(call.mono, rate)
+    utterances, longest_s = run_live(detector, samples, rate, VadSettings())
+    spans = [(u.start_s, u.end_s) for u in utterances]
+    assert_spans_match(spans, call.turns)
+    assert all(u.start_s == round(u.start / rate, 6) for u in utterances)
+    # the region VAD runs on stays short: a turn plus the silences around it
+    assert longest_s < max(t.end_s - t.start_s for t in call.turns) + 2.5
+
+
+def test_live_long_speech_is_reported_in_pieces_while_it_goes_on(detector, call):
+    settings = VadSettings(max_segment_s=1.5)
+    utterances, longest_s = run_live(detector, call.mono, 16_000, settings)
+    assert all(u.end_s - u.start_s <= 1.5 + 1e-6 for u in utterances)
+    for turn in call.turns:
+        pieces = [u for u in utterances if u.end_s > turn.start_s and u.start_s < turn.end_s]
+        assert len(pieces) >= int((turn.end_s - turn.start_s) / 1.5)
+    assert longest_s < 1.5 + 2.5
+
+
+def _resampled(samples, rate):
+    import soxr
+
+    return soxr.resample(samples, 16_000, rate).astype(np.float32)
