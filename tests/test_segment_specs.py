@@ -121,13 +121,13 @@ def test_spans_are_in_start_order_with_overlaps_and_end_tolerance():
         {"start_s": 0.0, "end_s": 1.0},                    # same start: the shorter first
         {"start_s": 1.0, "end_s": 3.0, "speaker": "a"},   # overlaps both
     ]), 10, MIN_S)
-    spans = to_spans(specs, samples=4 * 16_000, min_duration_s=MIN_S)
+    spans = to_spans(specs, samples=4 * 16_000, min_duration_s=MIN_S, max_duration_s=60)
     assert [(s.start, s.end, s.speaker) for s in spans] == [
         (0, 16_000, None), (0, 40_000, "a"), (16_000, 48_000, "a"), (32_000, 64_000, "b")]
     assert spans[-1].end_s == 4.0 and spans[-1].start_s == 2.0
     # round(start_s * 16000): the samples predict would be given
     odd = to_spans(parse_json('[{"start_s": 0.00003, "end_s": 0.20003}]', 1, MIN_S),
-                   16_000, MIN_S)
+                   16_000, MIN_S, 60)
     assert (odd[0].start, odd[0].end) == (0, 3200)
 
 
@@ -135,19 +135,20 @@ def test_spans_are_in_start_order_with_overlaps_and_end_tolerance():
     ('[{"start_s": 0, "end_s": 1}, {"start_s": 3, "end_s": 4.6}]', "more than 0.5 s past"),
     ('[{"start_s": 0, "end_s": 1}, {"start_s": 3.95, "end_s": 4.3}]', "0.050 s of audio"),
     ('[{"start_s": 0, "end_s": 1}, {"start_s": 4.1, "end_s": 4.4}]', "0.000 s of audio"),
+    ('[{"start_s": 0, "end_s": 1}, {"start_s": 0, "end_s": 3.5}]', "at most 3 s"),
 ])
-def test_spans_past_the_end_are_refused(segments, words):
-    error = refused(to_spans, parse_json(segments, 10, MIN_S), 4 * 16_000, MIN_S)
+def test_spans_past_the_end_or_too_long_are_refused(segments, words):
+    error = refused(to_spans, parse_json(segments, 10, MIN_S), 4 * 16_000, MIN_S, 3.0)
     assert words in error.message and error.details == {"index": 1}
 
 
 def test_split_channels_take_their_channel_from_the_speaker():
     specs = parse_rttm("SPEAKER c 1 0 1 <NA> <NA> ch1 <NA> <NA>\n"
                        "SPEAKER c 1 1 1 <NA> <NA> ch0 <NA> <NA>\n", 10, MIN_S)
-    spans = to_spans(specs, 32_000, MIN_S, channels=2)
+    spans = to_spans(specs, 32_000, MIN_S, 60, channels=2)
     assert [(s.channel, s.speaker) for s in spans] == [(1, "ch1"), (0, "ch0")]
     bad = parse_rttm("SPEAKER c 1 0 1 <NA> <NA> ch2 <NA> <NA>\n", 10, MIN_S)
-    error = refused(to_spans, bad, 32_000, MIN_S, 2)
+    error = refused(to_spans, bad, 32_000, MIN_S, 60, 2)
     assert "ch0, ch1" in error.message and error.details == {"line": 1}
 
 

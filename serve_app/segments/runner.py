@@ -19,8 +19,9 @@ RECORDINGS_RETRY_AFTER_S = 5
 class RecordingSlots:
     """Recordings in progress on this router replica; beyond the limit, 503 at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_change: Callable[[int], None] = lambda active: None) -> None:
         self.active = 0
+        self.on_change = on_change  # the gauge
 
     @contextlib.contextmanager
     def hold(self, limit: int) -> Iterator[None]:
@@ -29,10 +30,12 @@ class RecordingSlots:
                            f"this router replica is working on {limit} recordings; retry later",
                            headers={"Retry-After": str(RECORDINGS_RETRY_AFTER_S)})
         self.active += 1
+        self.on_change(self.active)
         try:
             yield
         finally:
             self.active -= 1
+            self.on_change(self.active)
 
 
 async def score_all(spans: list[Span], score: Callable[[Span], Awaitable[T]],

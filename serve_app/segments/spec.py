@@ -190,10 +190,11 @@ def channel_of(spec: SegmentSpec, channels: int) -> int:
 
 
 def to_spans(specs: list[SegmentSpec], samples: int, min_duration_s: float,
-             channels: int | None = None) -> list[Span]:
+             max_duration_s: float, channels: int | None = None) -> list[Span]:
     """The given segments against a decoded recording of `samples` samples at 16 kHz: each
-    within it (ending at most END_TOLERANCE_S past its end, cut there), in start order
-    (ties: end). `channels`: the recording's channel count when they are scored apart."""
+    within it (ending at most END_TOLERANCE_S past its end, cut there) and no longer than
+    predict takes (max_duration_s), in start order (ties: end). `channels`: the
+    recording's channel count when they are scored apart."""
     duration_s = samples / TARGET_SR
     min_samples = round(min_duration_s * TARGET_SR)
     spans = []
@@ -207,6 +208,9 @@ def to_spans(specs: list[SegmentSpec], samples: int, min_duration_s: float,
             raise _fail(spec, f"has {max(0, end - start) / TARGET_SR:.3f} s of audio before "
                               f"the recording ends at {duration_s:.3f} s; at least "
                               f"{min_duration_s:g} s are needed")
+        if end - start > max_duration_s * TARGET_SR:
+            raise _fail(spec, f"lasts {(end - start) / TARGET_SR:.1f} s; a segment is scored "
+                              f"as one clip, at most {max_duration_s:g} s (max_duration_s)")
         channel = channel_of(spec, channels) if channels is not None else None
         spans.append(Span(start, end, spec.start_s, min(spec.end_s, round(duration_s, 6)),
                           spec.speaker, channel))
