@@ -258,3 +258,29 @@ def test_segments_in_flight_are_bounded_and_failures_cancel_the_rest():
             pass
         assert busy.value.status == 503 and busy.value.headers["Retry-After"] == "5"
     assert slots.active == 0
+
+
+# -- decoding with the channels kept apart (channels=split) -----------------------------
+def test_kept_channels_equal_each_channel_decoded_alone():
+    import io
+
+    import soundfile
+
+    from serve_app.audio import sndfile
+
+    rng = np.random.default_rng(0)
+    stereo = (rng.standard_normal((44_100 * 2, 2)) * 0.1).astype(np.float32)
+
+    def flac(samples) -> bytes:
+        buffer = io.BytesIO()
+        soundfile.write(buffer, samples, 44_100, format="FLAC")
+        return buffer.getvalue()
+
+    both = sndfile.decode(flac(stereo), max_duration_s=10, min_duration_s=0.1,
+                          keep_channels=True)
+    mixed = sndfile.decode(flac(stereo), max_duration_s=10, min_duration_s=0.1)
+    assert np.array_equal(both.waveform, mixed.waveform) and mixed.channel_waveforms is None
+    assert both.channel_waveforms.shape == (2, len(both.waveform))
+    for channel in (0, 1):
+        alone = sndfile.decode(flac(stereo[:, channel]), max_duration_s=10, min_duration_s=0.1)
+        assert np.array_equal(both.channel_waveforms[channel], alone.waveform)
