@@ -11,8 +11,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from serve_app.errors import ApiError
+from serve_app.wire import Granularity, InferenceOptions
 
-GRANULARITIES = ("utterance", "frame")
 PARAMS = ("model_version", "granularity", "extract_embedding")
 FORM_FIELDS = ("file", *PARAMS)
 _FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields
@@ -23,7 +23,8 @@ _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 _PARAM_SCHEMAS = {
     "model_version": {"type": "string", "description": "a variant (base, large, turbo) or an "
                       "alias (see GET /v1/models); default: the router's default_version"},
-    "granularity": {"type": "string", "enum": list(GRANULARITIES), "default": "utterance",
+    "granularity": {"type": "string", "enum": [str(g) for g in Granularity],
+                    "default": str(InferenceOptions().granularity),
                     "description": "utterance: one embedding; frame: one per 20 ms frame, "
                     "and an emotion timeline"},
     "extract_embedding": {"type": "boolean", "default": False,
@@ -59,12 +60,21 @@ def parse_bool(name: str, value: str | None) -> bool:
     raise ApiError(422, "invalid_parameter", f"{name} must be true or false, not {value!r}")
 
 
-def parse_granularity(value: str | None) -> str:
-    granularity = value or "utterance"
-    if granularity not in GRANULARITIES:
-        raise ApiError(422, "invalid_granularity",
-                       f"granularity must be one of {list(GRANULARITIES)}, not {granularity!r}")
-    return granularity
+def parse_granularity(value: str | None) -> Granularity:
+    if not value:
+        return InferenceOptions().granularity
+    try:
+        return Granularity(value)
+    except ValueError:
+        raise ApiError(422, "invalid_granularity", f"granularity must be one of "
+                       f"{[str(g) for g in Granularity]}, not {value!r}") from None
+
+
+def parse_options(params: dict[str, str]) -> InferenceOptions:
+    """The inference options of a request's parameters (422 for a bad value)."""
+    return InferenceOptions(
+        granularity=parse_granularity(params.get("granularity")),
+        extract_embedding=parse_bool("extract_embedding", params.get("extract_embedding")))
 
 
 async def read_capped(request: Request, limit: int) -> bytes:

@@ -32,6 +32,8 @@ from typing import Any, TextIO
 
 import httpx
 
+from serve_app.wire import Granularity, InferenceOptions
+
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au",
                   ".caf", ".w64", ".rf64",  # libsndfile's
                   ".m4a", ".mp4", ".mov", ".3gp", ".3g2", ".webm", ".mkv", ".mka", ".aac",
@@ -303,7 +305,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--url", default="http://127.0.0.1:8000", help="the service")
     predict.add_argument("--model-version", default=None,
                          help="a variant or an alias; default: the service's default")
-    predict.add_argument("--granularity", choices=["utterance", "frame"], default="utterance",
+    predict.add_argument("--granularity", choices=[str(g) for g in Granularity],
+                         default=str(InferenceOptions().granularity),
                          help="frame adds the emotion timeline to the JSONL output")
     predict.add_argument("--out", default="-",
                          help="results file: .jsonl or .csv (default: JSON lines on stdout)")

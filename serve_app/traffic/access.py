@@ -31,7 +31,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from serve_app.config import ApiKeys, ApiKeySpec, RouterSettings, without_inputs
-from serve_app.errors import ApiError
+from serve_app.errors import AccessDenied
 
 logger = logging.getLogger("ray.serve")
 
@@ -42,15 +42,6 @@ AUDIO_ENTRY_S = 0.001    # "a positive audio balance": at least a millisecond le
 _KEY = re.compile(r"^[\x21-\x7e]{1,256}$")  # visible ASCII, as a header carries it
 _CHALLENGE = 'Bearer realm="emotion2vec-serve"'
 _KEYS_FILE = TypeAdapter(ApiKeys)
-
-
-class AccessDenied(ApiError):
-    """401 unauthorized or 429 rate_limited, with the key label to count it under."""
-
-    def __init__(self, status: int, code: str, message: str, key_label: str,
-                 headers: dict[str, str]):
-        super().__init__(status, code, message, headers=headers)
-        self.key_label = key_label
 
 
 @dataclass
@@ -175,13 +166,8 @@ class AccessControl:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
-        self._digests: dict[str, bytes] = {}
         self._buckets: dict[str, list[Bucket]] = {}
-        self._inline: dict[str, ApiKeySpec] = {}
-        self._file: Path | None = None
-        self._file_stamp: tuple | None = None
-        self._next_file_check = 0.0
-        self._window_s = 60.0
+        self.configure(RouterSettings())  # open (no keys) until the router's config names some
 
     @property
     def enabled(self) -> bool:
