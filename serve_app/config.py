@@ -31,6 +31,7 @@ from serve_app.wire import MIN_SAMPLES, TARGET_SR
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ROUTER_NAME = "Router"
+VAD_NAME = "VoiceActivity"  # the VAD's deployment (serve_app/voice_activity.py)
 # WS /v1/stream: the range a stream's window_s and hop_s may take (per stream or as defaults).
 STREAM_WINDOW_S = (0.5, 30.0)
 STREAM_HOP_S = (0.1, 10.0)
@@ -336,6 +337,10 @@ class AppArgs(_Strict):
     router_num_cpus: float = Field(default=0.25, ge=0)
     # Custom resources for the Router, e.g. to keep it (and output_dir) on one node.
     router_resources: CustomResources = Field(default_factory=dict)
+    # The VAD's deployment (POST /v1/segments without given segments, the stream's utterance
+    # events): about 0.3-0.5 s of one CPU per minute of audio. None: not deployed (then
+    # those need given segments).
+    vad_num_cpus: float | None = Field(default=0.1, ge=0)
     # Off for autoscaling clusters (KubeRay) where GPUs appear on demand.
     check_resources: bool = True
 
@@ -351,5 +356,7 @@ class AppArgs(_Strict):
     def demands(self) -> dict[str, dict[str, float]]:
         """One replica of every deployment: deployment name -> what it needs from its node."""
         router = VariantResources(num_cpus=self.router_num_cpus, resources=self.router_resources)
-        return {ROUTER_NAME: router.demand(),
+        vad = {} if self.vad_num_cpus is None else {
+            VAD_NAME: VariantResources(num_cpus=self.vad_num_cpus).demand()}
+        return {ROUTER_NAME: router.demand(), **vad,
                 **{name: res.demand() for name, res in self.variants.items()}}

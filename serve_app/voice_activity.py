@@ -16,20 +16,16 @@ import os
 import numpy as np
 from ray import serve
 
-from serve_app.config import VadSettings
+from serve_app.config import VAD_NAME, VadSettings
+from serve_app.errors import InvalidInput
 from serve_app.inference.vad import SpeechDetector
 
-VAD_DEPLOYMENT = "VoiceActivity"
 # Recordings in VAD at once per replica: silero's sequence model runs one thread per call.
 VAD_THREADS = 2
 
 
-class InvalidVadInput(ValueError):
-    """The array is not a 16 kHz mono float32 waveform (the router should have caught it)."""
-
-
 @serve.deployment(
-    name=VAD_DEPLOYMENT,
+    name=VAD_NAME,
     max_ongoing_requests=16,
     max_queued_requests=64,
     health_check_period_s=10,
@@ -45,7 +41,7 @@ class VoiceActivity:
         """{"spans": [[start, end], ...] samples at 16 kHz, "vad_ms": time spent}."""
         if not isinstance(waveform, np.ndarray) or waveform.dtype != np.float32 \
                 or waveform.ndim != 1:
-            raise InvalidVadInput("expected a 1-D float32 numpy array at 16 kHz")
+            raise InvalidInput("expected a 1-D float32 numpy array at 16 kHz")
         vad = VadSettings.model_validate(settings)
         found = await asyncio.get_running_loop().run_in_executor(
             self._pool, self.detector.find, waveform, vad)

@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import ray
@@ -128,8 +128,8 @@ class SegmentsRoute:
             specs = parse_json(sent.segments, limits.max_segments, settings.min_duration_s)
         elif sent.rttm is not None:
             specs = parse_rttm(sent.rttm, limits.max_segments, settings.min_duration_s)
-        audio = await call.decode(sent.data, limits.decode_limits(settings.decode_limits()),
-                                  keep_channels=sent.split)
+        decode_limits = limits.decode_limits(settings.decode_limits())
+        audio = await call.decode(sent.data, replace(decode_limits, keep_channels=sent.split))
         waves = [audio.waveform]
         if sent.split:
             if audio.channels < 2:

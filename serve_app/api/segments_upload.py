@@ -29,6 +29,42 @@ MIN_SEGMENTS_BYTES = 1024 * 1024
 _FORM_OVERHEAD = 64 * 1024
 
 
+_FIELD_SCHEMAS = {
+    "model_version": {"type": "string", "description": "a variant or an alias, as for "
+                      "POST /v1/predict; default: the router's default_version"},
+    "extract_embedding": {"type": "boolean", "default": False,
+                          "description": "each segment carries its utterance embedding"},
+    "channels": {"type": "string", "enum": list(CHANNELS), "default": "mix",
+                 "description": "split: score each channel of a multi-channel call on its "
+                 "own (speakers ch0, ch1, ...); mix: channels averaged, as predict"},
+    "segments": {"type": "string", "description": 'JSON [{"start_s", "end_s", "speaker"}, '
+                 "...] (speaker optional); without segments or rttm, VAD finds the speech"},
+}
+SEGMENTS_OPENAPI = {
+    "parameters": [{"name": name, "in": "query", "required": False, "schema": schema,
+                    "description": "with a raw body only: " + schema["description"]}
+                   for name, schema in _FIELD_SCHEMAS.items()] + [
+        {"name": "X-Session-Key", "in": "header", "required": False,
+         "schema": {"type": "string"}, "description": "as for POST /v1/predict"},
+        {"name": "Accept", "in": "header", "required": False, "schema": {"type": "string"},
+         "description": "application/x-ndjson: a line per segment as it finishes, then a "
+         "summary line"}],
+    "requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": "the recording (any format predict takes)"},
+                           "rttm": {"type": "string", "format": "binary",
+                                    "description": "the turns, as RTTM SPEAKER lines"},
+                           **_FIELD_SCHEMAS}}},
+        "application/octet-stream": {"schema": {
+            "type": "string", "format": "binary",
+            "description": "the recording's bytes as the body; the fields as query "
+            "parameters"}},
+    }},
+}
+
+
 @dataclass(frozen=True)
 class SegmentsUpload:
     data: bytes                # the recording's bytes
