@@ -211,3 +211,25 @@ def test_a_30_minute_call_within_the_configs_own_timeout(service, client, call):
                        long_call.turns)
     print(f"30-minute call: {len(body['segments'])} segments in {elapsed:.1f} s "
           f"(timeout {timeout_s} s); timings {body['timings_ms']}")
+
+
+def test_stream_utterance_events_score_as_predict(service, client, call):
+    """WS /v1/stream?segments=true: an utterance event per turn, each scored as predict on
+    those samples of the stream; the windows go on as before."""
+    import asyncio
+
+    from serve_app.tools.stream_client import stream_audio
+
+    run = asyncio.run(stream_audio(
+        service.url, call.mono, 16_000, pace="lockstep", encoding="f32le", timeout_s=60,
+        params={"model_version": "base", "segments": "true", "window_s": 2, "hop_s": 1}))
+    assert run.error is None and run.result is not None, run.error
+    assert run.ready["segments"] is True and len(run.windows) == int(call.duration_s)
+    utterances = run.utterances
+    assert [u["index"] for u in utterances] == list(range(len(utterances)))
+    assert run.result["utterances"] == len(utterances)
+    assert_spans_match([(u["start_s"], u["end_s"]) for u in utterances], call.turns)
+    for utterance in utterances[:3]:
+        samples = call.mono[round(utterance["start_s"] * 16_000):
+                            round(utterance["end_s"] * 16_000)]
+        assert_scores_equal(utterance, predicted(client, samples, "base"))
