@@ -44,6 +44,9 @@ from serve_app.wire import InferenceOptions, VariantAnswer
 
 logger = logging.getLogger("ray.serve")
 NDJSON = "application/x-ndjson"
+# A segment the variant refuses as overloaded is tried again, this many times in all.
+OVERLOADED_TRIES = 4
+OVERLOADED_WAIT_S = 1.0
 
 
 class SpeechFinder:
@@ -164,7 +167,16 @@ class SegmentsRoute:
     # -- scoring ------------------------------------------------------------------------
     async def _scored(self, call: Call, job: Job) -> AsyncIterator[tuple[int, VariantAnswer]]:
         async def score(span: Span) -> VariantAnswer:
-            return await call.infer(job.route, job.samples(span), job.options)
+            for attempt in range(OVERLOADED_TRIES):
+                try:
+                    return await call.infer(job.route, job.samples(span), job.options)
+                except ApiError as exc:
+                    # The variant's queue is full (other traffic): this segment waits its turn
+                    # rather than failing the recording, a bounded number of times.
+                    if exc.code != "overloaded" or attempt + 1 == OVERLOADED_TRIES:
+                        raise
+                    await asyncio.sleep(OVERLOADED_WAIT_S * (attempt + 1))
+            raise AssertionError("unreachable")
 
         in_flight = call.settings.segments.segments_in_flight
         async for index, answer in score_all(job.spans, score, in_flight):
