@@ -233,3 +233,29 @@ def test_stream_utterance_events_score_as_predict(service, client, call):
         samples = call.mono[round(utterance["start_s"] * 16_000):
                             round(utterance["end_s"] * 16_000)]
         assert_scores_equal(utterance, predicted(client, samples, "base"))
+
+
+def test_cli_segments_a_folder_with_an_rttm_beside_a_recording(service, call, tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    folder = tmp_path / "calls"
+    folder.mkdir()
+    call.write(folder / "call.wav")
+    (folder / "call.rttm").write_text(call.rttm())
+    conversation.make(gaps=[0.5], script=[conversation.SCRIPT[1]]).write(folder / "memo.wav")
+    out = tmp_path / "rows.csv"
+    done = subprocess.run([sys.executable, "-m", "serve_app.tools.cli", "segments", str(folder),
+                           "--url", service.url, "--model-version", "base", "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    calls = [r for r in rows if r["path"].endswith("call.wav")]
+    memos = [r for r in rows if r["path"].endswith("memo.wav")]
+    assert [r["speaker"] for r in calls] == [t.speaker for t in call.turns]  # from the RTTM
+    assert len(memos) == 1 and memos[0]["speaker"] == ""  # VAD: one utterance, no speaker
+    assert all(r["emotion"] and r["error"] == "" for r in rows)
+    assert "2 recordings: 2 ok, 0 failed" in done.stderr
+    assert "  agent: 3 segments" in done.stderr and "  unknown: 1 segments" in done.stderr

@@ -320,7 +320,8 @@ class _Session:
         params, limits = self.params, self.limits
         return {"type": "ready", "request_id": self.request_id, "model_version": self.variant,
                 "routed_by": self.routed_by, "sample_rate": params.sample_rate,
-                "encoding": params.encoding, "segments": params.segments,
+                "encoding": params.encoding,
+                **({"segments": True} if params.segments else {}),
                 "window_s": params.window_s, "hop_s": params.hop_s,
                 "limits": {"max_stream_s": limits.max_samples / params.sample_rate,
                            "max_session_s": round(limits.session_s, 3),
