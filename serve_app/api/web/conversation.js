@@ -37,7 +37,7 @@ async function submitConversation() {
 // Lanes: one per speaker, in the summary's order (who spoke first); time runs left to right.
 function drawLanes(svg, body, onSelect) {
   const speakers = Object.keys(body.speakers);
-  const width = 600, left = 90, right = 12, lane = 30, top = 4, axis = 22;
+  const width = 600, left = 90, right = 24, lane = 30, top = 4, axis = 22;
   const end = Math.max(body.audio.duration_s, ...body.segments.map((s) => s.end_s), 0.1);
   const x = (t) => left + (t / end) * (width - left - right);
   const height = top + speakers.length * lane + axis;
