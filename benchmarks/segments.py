@@ -84,6 +84,10 @@ def main() -> None:
             serve_handle.put(app)
             serve_handle.wait_for(app_name, ("RUNNING",), timeout_s=900)
             time.sleep(2)  # a reconfigure lands in place; let it settle
+            if run == args.runs.split(",")[0]:
+                print(f"{'(before)':>9} {'':>5} {'':>8} {'':>8} {'':>6} {'':>6} {'':>6} {'':>6} "
+                      f"{peak_rss_mb(router_title) or 0:9.0f} "
+                      f"{peak_rss_mb(variant_title) or 0:10.0f}", flush=True)
             result = one_run(serve_handle.url, data, args.variant, args.timeout)
             segments, vad_s = len(result["segments"]), result["timings_ms"]["vad"] / 1000
             total = result["elapsed_s"]
