@@ -220,6 +220,7 @@ def test_segment_settings_defaults_and_bounds():
 # -- scoring with a bound on segments in flight -----------------------------------------
 def test_segments_in_flight_are_bounded_and_failures_cancel_the_rest():
     import asyncio
+    import time
 
     from serve_app.errors import ApiError
     from serve_app.segments.runner import RecordingSlots, score_all
@@ -234,6 +235,8 @@ def test_segments_in_flight_are_bounded_and_failures_cancel_the_rest():
             await asyncio.sleep(0.01 * (span.start // 1000 % 3))
             if span.start == 7000 and fail:
                 raise ApiError(504, "model_timeout", "slow")
+            if span.start > 7000 and fail:
+                await asyncio.sleep(30)  # still running when segment 7 fails
             return span.end - span.start
         except asyncio.CancelledError:
             cancelled.append(span.start)
@@ -249,8 +252,10 @@ def test_segments_in_flight_are_bounded_and_failures_cancel_the_rest():
     assert sorted(index for index, _ in results) == list(range(12))
     assert all(value == 800 for _, value in results) and peak[0] == 3
     fail = True
+    started = time.monotonic()
     with pytest.raises(ApiError, match="slow"):
         asyncio.run(collect())
+    assert time.monotonic() - started < 10  # the slow ones were cancelled, not waited for
     assert cancelled and not running  # nothing left running after the failure
     slots = RecordingSlots()
     with slots.hold(1):
