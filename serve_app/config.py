@@ -260,6 +260,9 @@ class RouterSettings(_Strict):
     # The quotas are per minute; a key may spend this many seconds' worth of them at once
     # (60: a whole minute's). Shorter windows smooth bursts (and make tests quick).
     quota_window_s: float = Field(default=60.0, ge=1.0, le=3600.0)
+    # Router replicas exchange what each key spent this often (serve_app/traffic/quota_share.py):
+    # a key may overshoot by what the other replicas admit in one interval, then waits it out.
+    quota_sync_s: float = Field(default=0.5, ge=0.05, le=30.0)
 
     @field_validator("aliases")
     @classmethod
@@ -330,6 +333,11 @@ class VariantResources(_Strict):
         return {name: amount for name, amount in wanted.items() if amount > 0}
 
 
+# Ray gives the head node this resource (1 of it): a replica asking for a sliver lands there.
+HEAD_RESOURCE = "node:__internal_head__"
+HEAD_SLIVER = 0.001
+
+
 class AppArgs(_Strict):
     """The application builder's args."""
 
@@ -341,6 +349,13 @@ class AppArgs(_Strict):
     # events): about 0.3-0.5 s of one CPU per minute of audio. None: not deployed (then
     # those need given segments).
     vad_num_cpus: float | None = Field(default=0.1, ge=0)
+    # Router replicas (set here, not as the Router's num_replicas in `deployments`: the
+    # resource check counts them) and where they run (docs/high-availability.md):
+    # "head": beside a HeadOnly proxy, so losing a worker never takes the router;
+    # "spread": at most one per node, so losing a node takes at most one;
+    # "any": wherever Ray finds room.
+    router_replicas: int = Field(default=1, ge=1, le=64)
+    router_placement: Literal["head", "spread", "any"] = "any"
     # Off for autoscaling clusters (KubeRay) where GPUs appear on demand.
     check_resources: bool = True
 
@@ -353,10 +368,32 @@ class AppArgs(_Strict):
                 raise ValueError(f"variant name {name!r}: use lowercase letters, digits, - and _")
         return self
 
+    def router_demand(self) -> dict[str, float]:
+        """What one Router replica asks of its node (the head's own resource for "head")."""
+        demand = VariantResources(num_cpus=self.router_num_cpus,
+                                  resources=self.router_resources).demand()
+        if self.router_placement == "head":
+            demand[HEAD_RESOURCE] = HEAD_SLIVER
+        return demand
+
+    def router_options(self) -> dict:
+        """The Router deployment's options: its replicas, their resources and placement."""
+        resources = {k: v for k, v in self.router_demand().items() if k != "CPU"}
+        options = {"num_replicas": self.router_replicas,
+                   "ray_actor_options": {"num_cpus": self.router_num_cpus,
+                                         "resources": resources}}
+        if self.router_placement == "spread":
+            options["max_replicas_per_node"] = 1
+        return options
+
     def demands(self) -> dict[str, dict[str, float]]:
         """One replica of every deployment: deployment name -> what it needs from its node."""
-        router = VariantResources(num_cpus=self.router_num_cpus, resources=self.router_resources)
         vad = {} if self.vad_num_cpus is None else {
             VAD_NAME: VariantResources(num_cpus=self.vad_num_cpus).demand()}
-        return {ROUTER_NAME: router.demand(), **vad,
+        return {ROUTER_NAME: self.router_demand(), **vad,
                 **{name: res.demand() for name, res in self.variants.items()}}
+
+    def replicas(self) -> dict[str, int]:
+        """How many replicas of every deployment the builder asks for."""
+        vad = {} if self.vad_num_cpus is None else {VAD_NAME: 1}
+        return {ROUTER_NAME: self.router_replicas, **vad, **dict.fromkeys(self.variants, 1)}

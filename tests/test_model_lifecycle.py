@@ -288,6 +288,17 @@ def test_idle_release_then_the_next_request_reloads():
     run(scenario)
 
 
+def test_idle_time_counts_from_the_load_not_from_the_start():
+    async def scenario(r: Rig) -> None:
+        r.clock.now += IDLE_S * 3  # the replica took long to get its config (or to load)
+        await r.lifecycle.configure(model("a", idle_unload_s=IDLE_S))
+        assert not await r.lifecycle.release_if_idle()
+        r.clock.now += IDLE_S
+        assert await r.lifecycle.release_if_idle()
+
+    run(scenario)
+
+
 def test_requests_in_flight_are_counted_and_block_release():
     async def scenario(r: Rig) -> None:
         await r.lifecycle.configure(model("a", idle_unload_s=IDLE_S))

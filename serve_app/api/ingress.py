@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.api import responses as results
 from serve_app.api import upload
 from serve_app.api.pipeline import Pipeline
+from serve_app.api.quota_board import GcsBoard, share_quotas
 from serve_app.api.segments import SegmentsRoute
 from serve_app.api.segments_upload import SEGMENTS_OPENAPI
 from serve_app.api.stream import StreamHooks, Streams, refuse
@@ -32,6 +33,7 @@ from serve_app.api.variant_client import Variants
 from serve_app.config import RouterSettings, without_inputs
 from serve_app.errors import ApiError
 from serve_app.metrics import RouterMetrics, SegmentMetrics, StreamMetrics
+from serve_app.traffic.quota_share import QuotaShare
 from serve_app.wire import VariantAnswer
 
 # The web page (serve_app/web, installed as package data): served as files, no build step.
@@ -72,6 +74,7 @@ class Router:
                                  RouterSettings(default_version=next(iter(variants))))
         self.segments = SegmentsRoute(self.pipeline, vad, SegmentMetrics())
         self.streams = Streams(self.pipeline.variants, StreamMetrics(), self.segments.finder)
+        self.quota_share, self._quota_task = QuotaShare(self.pipeline.access), None
 
     async def reconfigure(self, user_config: dict) -> None:
         try:
@@ -79,6 +82,15 @@ class Router:
         except ValidationError as exc:
             raise ValueError(f"Router user_config: {without_inputs(exc)}") from None
         await self.pipeline.configure(settings)
+        self._share_quotas()
+
+    def _share_quotas(self) -> None:
+        """Start exchanging quota notes with the other Router replicas (once)."""
+        if self._quota_task is None:
+            context = serve.get_replica_context()
+            board = GcsBoard(context.app_name, context.replica_id.unique_id)
+            self._quota_task = asyncio.create_task(share_quotas(
+                self.quota_share, board, lambda: self.pipeline.settings.quota_sync_s))
 
     @api.get("/", response_class=HTMLResponse,
              summary="The web page: try the models in a browser")

@@ -10,6 +10,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from serve_app.audio.waveform import upload_too_large
 from serve_app.errors import ApiError
 from serve_app.wire import Granularity, InferenceOptions
 
@@ -79,8 +80,7 @@ def parse_options(params: dict[str, str]) -> InferenceOptions:
 
 async def read_capped(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes `limit` bytes."""
-    too_large = ApiError(413, "payload_too_large",
-                         f"the upload is larger than the limit of {limit} bytes")
+    too_large = upload_too_large(limit)
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_large
@@ -121,8 +121,7 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, dict[str
             raise ApiError(422, "missing_file", "send the audio in the form field 'file'")
         data = await upload.read()
         if len(data) > max_bytes:
-            raise ApiError(413, "payload_too_large",
-                           f"the upload is larger than the limit of {max_bytes} bytes")
+            raise upload_too_large(max_bytes)
         params.update({key: value for key, value in form.items() if isinstance(value, str)})
     elif content_type.startswith("application/x-www-form-urlencoded"):
         raise ApiError(422, "missing_file", "send the audio as multipart/form-data in the field "

@@ -62,6 +62,11 @@ def too_long(max_duration_s: float, seconds: float | None = None) -> ApiError:
                     f"the audio {lasts}; the limit is {max_duration_s:g} s")
 
 
+def upload_too_large(limit_bytes: int) -> ApiError:
+    return ApiError(413, "payload_too_large",
+                    f"the upload is larger than the limit of {limit_bytes} bytes")
+
+
 class Budget:
     """What one decode has produced so far; refuses as soon as a limit is passed."""
 

@@ -208,6 +208,7 @@ class ModelLifecycle:
         self.engine, self.settings = engine, settings
         self.load_count += 1
         self.loaded_at = self._wall_clock()
+        self._last_used = self._clock()  # idle is counted from the load: a slow load is no idling
         self.state, self.error = State.READY, None
         self._metrics.set_loaded(True)
 

@@ -10,8 +10,10 @@ stream calls it with its WebSocket's headers and `api_key` query parameter.
   A request needs a request token and a positive audio balance. Audio is charged after
   decoding: the request that crosses the audio quota is served in full, and its excess is a
   debt the key's next requests wait out (429 with Retry-After). A refused request costs nothing.
-- The buckets live in each router replica: with N router replicas a key can get up to N times
-  its quotas. A redeploy keeps a key's buckets while its limits stay the same.
+- The buckets live in each router replica, which also counts what each key spent there
+  (`spent`); serve_app/traffic/quota_share.py takes the other replicas' spending from them
+  (`debit`), so that a key's quotas hold across N replicas instead of N times over. A redeploy
+  keeps a key's buckets while its limits stay the same.
 """
 
 from __future__ import annotations
@@ -167,6 +169,8 @@ class AccessControl:
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._buckets: dict[str, list[Bucket]] = {}
+        # (key id, resource) -> all that this replica has charged the key, since it started
+        self.spent: dict[tuple[str, str], float] = {}
         self.configure(RouterSettings())  # open (no keys) until the router's config names some
 
     @property
@@ -254,6 +258,7 @@ class AccessControl:
         for bucket in buckets:
             if bucket.resource == "requests":
                 bucket.level -= 1
+                self._count(key_id, "requests", 1.0)
         tightest = min(buckets, key=lambda b: b.level / b.capacity, default=None)
         return Admission(key_id, tightest.headers() if tightest else {})
 
@@ -269,6 +274,29 @@ class AccessControl:
         for bucket in self._refilled(key_id):
             if bucket.resource == "audio_seconds":
                 bucket.level -= seconds
+                self._count(key_id, "audio_seconds", seconds)
+
+    def _count(self, key_id: str, resource: str, amount: float) -> None:
+        self.spent[key_id, resource] = self.spent.get((key_id, resource), 0.0) + amount
+
+    def debit(self, key_id: str, resource: str, amount: float) -> None:
+        """What the key spent elsewhere (another router replica), taken from its bucket here;
+        the level may go below zero: a debt later requests wait out."""
+        for bucket in self._refilled(key_id):
+            if bucket.resource == resource:
+                bucket.level -= amount
+
+    def levels(self) -> dict[tuple[str, str], float]:
+        """Each quota's current level: (key id, resource) -> tokens left (may be negative)."""
+        return {(key_id, bucket.resource): bucket.level
+                for key_id in self._buckets for bucket in self._refilled(key_id)}
+
+    def lower_to(self, key_id: str, resource: str, level: float) -> None:
+        """Lower a quota's level to `level` if it is above (a replica that starts late takes
+        the others' balance instead of a full bucket)."""
+        for bucket in self._refilled(key_id):
+            if bucket.resource == resource:
+                bucket.level = min(bucket.level, level)
 
     def _refilled(self, key_id: str | None) -> list[Bucket]:
         buckets = self._buckets.get(key_id, []) if key_id is not None else []
