@@ -64,10 +64,10 @@ def test_check_resources_counts_every_node_and_each_replica_needs_one():
 
 
 def test_check_resources_counts_every_router_replica_and_its_placement():
-    def args(replicas: int, placement: str) -> AppArgs:
+    def args(replicas: int, placement: str) -> AppArgs:  # no VAD: the Routers' CPUs alone
         return AppArgs.model_validate({"variants": {"base": {"num_cpus": 1}},
                                        "router_num_cpus": 1, "router_replicas": replicas,
-                                       "router_placement": placement})
+                                       "router_placement": placement, "vad_num_cpus": None})
 
     head = {"CPU": 2, HEAD_RESOURCE: 1.0}
     spread = args(2, "spread")
