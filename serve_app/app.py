@@ -1,7 +1,8 @@
 """The application builder named by the configs: `import_path: serve_app.app:build_app`.
 
 It wires one EmotionModel deployment per variant behind the Router, with each variant's
-resources from the args, and refuses at deploy time a config that the cluster cannot hold:
+resources from the args, and the VAD's deployment (VoiceActivity, for POST /v1/segments and the
+stream's utterances); and refuses at deploy time a config that the cluster cannot hold:
 otherwise Serve leaves such replicas pending forever. The check counts every alive node of
 the cluster: a config may fit only across several nodes, but each replica must fit on one.
 """
@@ -14,6 +15,7 @@ from ray.serve import Application
 from serve_app.api.ingress import Router
 from serve_app.config import HEAD_RESOURCE, AppArgs
 from serve_app.variant import EmotionModel
+from serve_app.voice_activity import VoiceActivity
 
 _EPS = 1e-9
 
@@ -116,4 +118,7 @@ def build_app(args: dict) -> Application:
         ).bind(name)
         for name, res in app_args.variants.items()
     }
-    return Router.options(**app_args.router_options()).bind(handles)
+    vad = None
+    if app_args.vad_num_cpus is not None:
+        vad = VoiceActivity.options(ray_actor_options={"num_cpus": app_args.vad_num_cpus}).bind()
+    return Router.options(**app_args.router_options()).bind(handles, vad)

@@ -31,6 +31,7 @@ from serve_app.wire import MIN_SAMPLES, TARGET_SR
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ROUTER_NAME = "Router"
+VAD_NAME = "VoiceActivity"  # the VAD's deployment (serve_app/voice_activity.py)
 # WS /v1/stream: the range a stream's window_s and hop_s may take (per stream or as defaults).
 STREAM_WINDOW_S = (0.5, 30.0)
 STREAM_HOP_S = (0.1, 10.0)
@@ -153,6 +154,56 @@ class ApiKeySpec(_Strict):
 ApiKeys = dict[Annotated[str, AfterValidator(_key_id)], ApiKeySpec]
 
 
+class VadSettings(_Strict):
+    """How the speech in a recording is found (silero-vad; serve_app/inference/vad.py) when
+    the caller gives no segments, for POST /v1/segments and the stream's utterance events."""
+
+    # Speech probability per 32 ms frame above which a frame is speech (silero's own scale);
+    # below threshold - 0.15 it is silence again.
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+    min_speech_s: float = Field(default=0.25, ge=0.1, le=10.0,
+                                description="drop speech shorter than this")
+    # Pauses inside a sentence (commas, breaths) are shorter than this: an utterance is what
+    # lies between longer silences.
+    min_silence_s: float = Field(default=0.5, ge=0.05, le=10.0)
+    pad_s: float = Field(default=0.1, ge=0, le=2.0, description="speech padded each side")
+    # Longer speech is cut into pieces at its quietest point near this length.
+    max_segment_s: float = Field(default=15.0, ge=1.0, le=60.0)
+
+
+# The decoder's caps for a recording, from its duration cap: a 48 kHz stereo recording of
+# the longest duration accepted decodes within max_decoded_bytes; decoding is allowed
+# RECORDING_DECODE_S_PER_S wall seconds per second of the longest recording (FFmpeg decodes
+# AAC and Opus at several hundred times real time here).
+RECORDING_DECODED_BYTES_PER_S = 48_000 * 2 * 4
+RECORDING_DECODE_S_PER_S = 0.05
+
+
+class SegmentSettings(_Strict):
+    """POST /v1/segments: whole recordings, scored utterance by utterance."""
+
+    max_recording_s: float = Field(default=1800.0, gt=0, le=6 * 3600)
+    max_recording_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    max_segments: int = Field(default=2000, ge=1, le=100_000,
+                              description="given, or found by VAD (beyond: 413)")
+    max_concurrent_recordings: int = Field(default=4, ge=1, le=1024,
+                                           description="per router replica (beyond: 503)")
+    # Segments of one recording at the variant at once: a recording never floods its
+    # variant's queue (max_ongoing_requests + max_queued_requests), and a variant that
+    # batches gathers them into padded passes.
+    segments_in_flight: int = Field(default=4, ge=1, le=64)
+    vad: VadSettings = Field(default_factory=VadSettings)
+    vad_timeout_s: float = Field(default=120.0, gt=0, description="wait on the VAD")
+
+    def decode_limits(self, predict: Limits) -> Limits:
+        """The decoder's limits for a recording, from predict's: they scale with
+        max_recording_s, never below predict's."""
+        return Limits(self.max_recording_s, predict.min_duration_s,
+                      max(predict.max_decoded_bytes,
+                          int(self.max_recording_s * RECORDING_DECODED_BYTES_PER_S)),
+                      max(predict.max_decode_s, self.max_recording_s * RECORDING_DECODE_S_PER_S))
+
+
 class RouterSettings(_Strict):
     """The Router deployment's user_config."""
 
@@ -198,6 +249,8 @@ class RouterSettings(_Strict):
     stream_max_message_bytes: int = Field(default=1024 * 1024, ge=1024,
                                           le=PROXY_MAX_MESSAGE_BYTES)
     max_streams: int = Field(default=16, ge=1, description="open streams per router replica")
+    # POST /v1/segments (serve_app/segments): its own limits, VAD and concurrency.
+    segments: SegmentSettings = Field(default_factory=SegmentSettings)
 
     @model_validator(mode="after")
     def _stream_hop(self) -> RouterSettings:
@@ -296,6 +349,10 @@ class AppArgs(_Strict):
     router_num_cpus: float = Field(default=0.25, ge=0)
     # Custom resources for the Router, e.g. to keep it (and output_dir) on one node.
     router_resources: CustomResources = Field(default_factory=dict)
+    # The VAD's deployment (POST /v1/segments without given segments, the stream's utterance
+    # events): about 0.3-0.5 s of one CPU per minute of audio. None: not deployed (then
+    # those need given segments).
+    vad_num_cpus: float | None = Field(default=0.1, ge=0)
     # Router replicas (set here, not as the Router's num_replicas in `deployments`: the
     # resource check counts them) and where they run (docs/high-availability.md):
     # "head": beside a HeadOnly proxy, so losing a worker never takes the router;
@@ -335,9 +392,12 @@ class AppArgs(_Strict):
 
     def demands(self) -> dict[str, dict[str, float]]:
         """One replica of every deployment: deployment name -> what it needs from its node."""
-        return {ROUTER_NAME: self.router_demand(),
+        vad = {} if self.vad_num_cpus is None else {
+            VAD_NAME: VariantResources(num_cpus=self.vad_num_cpus).demand()}
+        return {ROUTER_NAME: self.router_demand(), **vad,
                 **{name: res.demand() for name, res in self.variants.items()}}
 
     def replicas(self) -> dict[str, int]:
         """How many replicas of every deployment the builder asks for."""
-        return {ROUTER_NAME: self.router_replicas, **dict.fromkeys(self.variants, 1)}
+        vad = {} if self.vad_num_cpus is None else {VAD_NAME: 1}
+        return {ROUTER_NAME: self.router_replicas, **vad, **dict.fromkeys(self.variants, 1)}

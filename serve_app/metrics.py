@@ -121,3 +121,41 @@ class StreamMetrics:
 
     def event_lag(self, variant: str, lag_ms: float) -> None:
         self.lag.observe(lag_ms, tags={"variant": variant})
+
+
+class SegmentMetrics:
+    """Recorded by the router for POST /v1/segments (its requests also count in
+    RouterMetrics, as every request does) and for the stream's utterance events."""
+
+    def __init__(self) -> None:
+        self.recordings = metrics.Counter(
+            "emotion2vec_recordings_total", description="Recordings segmented, by variant, "
+            "segmentation (vad, given) and outcome (ok, or the error code)",
+            tag_keys=("variant", "segmentation", "outcome"))
+        self.segments = metrics.Counter(
+            "emotion2vec_segments_total", description="Segments scored (recordings and "
+            "streams' utterances)", tag_keys=("variant", "segmentation"))
+        self.audio_seconds = metrics.Counter(
+            "emotion2vec_segmented_audio_seconds_total", description="Seconds of recordings "
+            "segmented", tag_keys=("variant",))
+        self.vad_latency = metrics.Histogram(
+            "emotion2vec_vad_latency_ms", description="VAD time per call (a recording, a "
+            "channel of one, or a stream's open region)", boundaries=_LATENCY_MS)
+        self.active = metrics.Gauge(
+            "emotion2vec_recordings_active", description="Recordings in progress in this "
+            "router replica")
+
+    def recording(self, variant: str, segmentation: str, outcome: str, audio_s: float) -> None:
+        self.recordings.inc(tags={"variant": variant, "segmentation": segmentation,
+                                  "outcome": outcome})
+        if outcome == "ok":
+            self.audio_seconds.inc(audio_s, tags={"variant": variant})
+
+    def scored(self, variant: str, segmentation: str, count: int = 1) -> None:
+        self.segments.inc(count, tags={"variant": variant, "segmentation": segmentation})
+
+    def vad(self, latency_ms: float) -> None:
+        self.vad_latency.observe(latency_ms)
+
+    def set_active(self, count: int) -> None:
+        self.active.set(count)

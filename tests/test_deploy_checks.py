@@ -41,8 +41,8 @@ def test_check_resources_names_the_fix():
     check_resources(args, [{"CPU": 8, "GPU": 2}])
     with pytest.raises(ResourceError, match=r"2 GPUs .* cluster has 1\b.*single-gpu.yaml"):
         check_resources(args, [{"CPU": 8, "GPU": 1}])
-    with pytest.raises(ResourceError, match=r"2.25 CPUs but the cluster has 2\b.*threads"):
-        check_resources(args, [{"CPU": 2, "GPU": 2}])
+    with pytest.raises(ResourceError, match=r"2.35 CPUs but the cluster has 2\b.*threads"):
+        check_resources(args, [{"CPU": 2, "GPU": 2}])  # router 0.25, VAD 0.1, 2 variants
 
 
 def test_check_resources_counts_every_node_and_each_replica_needs_one():
@@ -50,7 +50,7 @@ def test_check_resources_counts_every_node_and_each_replica_needs_one():
     args = AppArgs.model_validate({
         "variants": {"base": {"num_cpus": 1, "num_gpus": 1, "resources": {"gpu_pod": 1}},
                      "large": {"num_cpus": 1, "num_gpus": 1, "resources": {"gpu_pod": 1}}},
-        "router_num_cpus": 1})
+        "router_num_cpus": 1, "vad_num_cpus": None})  # no VAD deployment: 3 CPUs in all
     gpu_node = {"CPU": 1, "GPU": 1, "gpu_pod": 1}
     check_resources(args, [{"CPU": 1}, gpu_node, gpu_node])  # fits only across three nodes
     with pytest.raises(ResourceError, match=r"2 GPUs .* cluster has 1\b"):
@@ -64,10 +64,10 @@ def test_check_resources_counts_every_node_and_each_replica_needs_one():
 
 
 def test_check_resources_counts_every_router_replica_and_its_placement():
-    def args(replicas: int, placement: str) -> AppArgs:
+    def args(replicas: int, placement: str) -> AppArgs:  # no VAD: the Routers' CPUs alone
         return AppArgs.model_validate({"variants": {"base": {"num_cpus": 1}},
                                        "router_num_cpus": 1, "router_replicas": replicas,
-                                       "router_placement": placement})
+                                       "router_placement": placement, "vad_num_cpus": None})
 
     head = {"CPU": 2, HEAD_RESOURCE: 1.0}
     spread = args(2, "spread")

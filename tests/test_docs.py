@@ -307,6 +307,8 @@ def documented_default(field: pydantic.fields.FieldInfo) -> str:
     if field.is_required():
         return "(required)"
     value = field.get_default(call_default_factory=True)
+    if isinstance(value, pydantic.BaseModel):  # nested settings: their own table's defaults
+        value = value.model_dump(exclude_defaults=True)
     return f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
 
 
@@ -320,6 +322,8 @@ def default_matches(field: pydantic.fields.FieldInfo, cell: str) -> bool:
         return False
     given = yaml.safe_load(match.group(2))
     value = field.get_default(call_default_factory=True)
+    if isinstance(value, pydantic.BaseModel):
+        return isinstance(given, dict) and type(value).model_validate(given) == value
     return (given == value and type(given) is type(value)) or (
         isinstance(value, float) and isinstance(given, int) and given == value)
 

@@ -116,5 +116,6 @@ def test_replayable_requests():
     assert failover.replayable(scope("GET", "/v1/models"))
     assert failover.replayable(scope("POST", "/v1/predict"))
     assert failover.replayable(scope("POST", "/app/v1/predict/"))
+    assert failover.replayable(scope("POST", "/v1/segments"))
     assert not failover.replayable(scope("POST", "/v1/predictions"))
     assert not failover.replayable(scope("DELETE", "/v1/predict"))

@@ -56,12 +56,15 @@ def test_tour_notebook_runs(service, client, tmp_path, monkeypatch):
     markdown = "\n".join(out.data["text/markdown"] for out in outputs
                          if "text/markdown" in out.get("data", {}))
     images = [out for out in outputs if "image/png" in out.get("data", {})]
-    assert len(images) == 2  # the scores per variant, the timeline
+    assert len(images) == 3  # the scores per variant, the timeline, the conversation
     for variant in ("base", "large", "turbo"):
         assert f"| {variant} | ready | random |" in markdown
         assert f"| low_tone.wav | {variant} |" in markdown
     assert "WARNING: some variants serve random weights" in text
     assert "max |large - turbo|" in text
     assert "leading emotion per window:" in text
+    assert "| speaker | utterances | speech s | emotion | confidence |" in markdown
+    assert "| agent | 3 |" in markdown and "| customer | 3 |" in markdown
+    assert "VAD found " in text and "(the script has 6 turns)" in text
     assert "before: fast -> turbo; answered by turbo" in text
     assert "after:  fast -> base; answered by base" in text

@@ -7,9 +7,9 @@ Server Error`. (Requests not yet accepted by a replica are routed again by Serve
 docs/high-availability.md.) This middleware wraps the proxy: it keeps a copy of each request
 body while the request runs, and when the proxy ends a request without having started a
 response, it sends the request through the proxy once more, which now routes it to a replica
-that is alive, if the request is safe to repeat (GET, HEAD, OPTIONS, and POST .../v1/predict:
-inference has no side effects). Otherwise, or when the second try is lost too, it answers
-`503 {"error": {"code": "replica_lost", ...}}` with Retry-After.
+that is alive, if the request is safe to repeat (GET, HEAD, OPTIONS, and POST .../v1/predict
+and .../v1/segments: inference has no side effects). Otherwise, or when the second try is lost
+too, it answers `503 {"error": {"code": "replica_lost", ...}}` with Retry-After.
 
 Enable it on every node before Ray starts there (the proxy reads it once, at its start):
 
@@ -33,7 +33,8 @@ ATTEMPTS = 2            # the first try and one replay
 MAX_REPLAY_BYTES = 16 * 1024 * 1024  # bodies kept for a replay; a larger one is not replayed
 RETRY_AFTER_S = 1
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS")
-IDEMPOTENT_POSTS = ("/v1/predict",)  # path endings: the app may sit under a route prefix
+# Path endings: the app may sit under a route prefix.
+IDEMPOTENT_POSTS = ("/v1/predict", "/v1/segments")
 
 
 def replayable(scope: dict) -> bool:

@@ -25,18 +25,21 @@ from serve_app.api import hf, kserve, upload
 from serve_app.api import responses as results
 from serve_app.api.pipeline import Pipeline
 from serve_app.api.quota_board import GcsBoard, share_quotas
+from serve_app.api.segments import SegmentsRoute
+from serve_app.api.segments_upload import SEGMENTS_OPENAPI
 from serve_app.api.stream import StreamHooks, Streams, refuse
 from serve_app.api.stream_protocol import StreamError, parse_params
 from serve_app.api.variant_client import Variants
 from serve_app.config import RouterSettings, without_inputs
 from serve_app.errors import ApiError
-from serve_app.metrics import RouterMetrics, StreamMetrics
+from serve_app.metrics import RouterMetrics, SegmentMetrics, StreamMetrics
 from serve_app.traffic.quota_share import QuotaShare
 from serve_app.wire import VariantAnswer
 
 # The web page (serve_app/web, installed as package data): served as files, no build step.
 WEB_DIR = Path(__file__).resolve().parent / "web"
-WEB_ASSETS = {"app.js": "text/javascript", "live.js": "text/javascript", "style.css": "text/css"}
+WEB_ASSETS = {"app.js": "text/javascript", "live.js": "text/javascript",
+              "conversation.js": "text/javascript", "style.css": "text/css"}
 _NO_CACHE = {"Cache-Control": "no-cache"}  # a redeploy with a new page shows at once
 
 api = FastAPI(
@@ -65,10 +68,12 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 )
 @serve.ingress(api)
 class Router:
-    def __init__(self, variants: dict[str, DeploymentHandle]):
+    def __init__(self, variants: dict[str, DeploymentHandle],
+                 vad: DeploymentHandle | None = None):
         self.pipeline = Pipeline(Variants(variants), RouterMetrics(),
                                  RouterSettings(default_version=next(iter(variants))))
-        self.streams = Streams(self.pipeline.variants, StreamMetrics())
+        self.segments = SegmentsRoute(self.pipeline, vad, SegmentMetrics())
+        self.streams = Streams(self.pipeline.variants, StreamMetrics(), self.segments.finder)
         self.quota_share, self._quota_task = QuotaShare(self.pipeline.access), None
 
     async def reconfigure(self, user_config: dict) -> None:
@@ -122,6 +127,11 @@ class Router:
             result["timings_ms"] = call.timings_ms(answer)
             await call.save(result, answer.embedding if options.extract_embedding else None)
             return call.respond(JSONResponse(result))
+
+    @api.post("/v1/segments", summary="Emotion per utterance and per speaker over a whole "
+              "recording (docs/segments.md)", openapi_extra=SEGMENTS_OPENAPI)
+    async def segments_route(self, request: Request) -> Response:
+        return await self.segments.handle(request)
 
     @api.websocket("/v1/stream")
     async def live(self, websocket: WebSocket) -> None:

@@ -143,10 +143,11 @@ class Call:
         self.trace.update(variant=route.variant, route=route.name)
         return route
 
-    async def decode(self, data: bytes) -> DecodedAudio:
-        """An uploaded file's bytes -> 16 kHz mono, within the router's decode limits."""
+    async def decode(self, data: bytes, limits: audio.Limits | None = None) -> DecodedAudio:
+        """An uploaded file's bytes -> 16 kHz mono, within the router's decode limits (or a
+        route's own: POST /v1/segments takes recordings)."""
         started = time.perf_counter()
-        decoded = await self.pipeline.decoder.decode(data, self.settings.decode_limits())
+        decoded = await self.pipeline.decoder.decode(data, limits or self.settings.decode_limits())
         return self._took(decoded, started)
 
     async def accept(self, samples: np.ndarray, sample_rate: int,

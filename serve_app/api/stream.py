@@ -36,6 +36,7 @@ from serve_app.api.stream_protocol import (
     pcm_to_float32,
     session_limit_s,
 )
+from serve_app.api.stream_utterances import LiveUtterances
 from serve_app.audio.waveform import to_target_rate
 from serve_app.config import RouterSettings
 from serve_app.errors import ApiError
@@ -50,6 +51,7 @@ from serve_app.wire import (
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
 
+    from serve_app.api.segments import SpeechFinder
     from serve_app.api.variant_client import Variants
     from serve_app.metrics import StreamMetrics
     from serve_app.traffic.routing import Route
@@ -85,9 +87,11 @@ class Streams:
     """The open streams of one router replica: the cap on them, their metrics, and the loop
     that serves each."""
 
-    def __init__(self, variants: Variants, metrics: StreamMetrics):
+    def __init__(self, variants: Variants, metrics: StreamMetrics,
+                 finder: SpeechFinder | None = None):
         self.variants = variants
         self.metrics = metrics
+        self.finder = finder  # the VAD, for segments=true
         self.active: dict[str, int] = {}
         self._proxy_timeout: float | None = None
         self._proxy_timeout_known = False
@@ -126,6 +130,11 @@ class Streams:
                 TRY_LATER, "too_many_streams",
                 f"this router replica has {settings.max_streams} streams open; retry later"))
             return
+        if params.segments and (self.finder is None or self.finder.handle is None):
+            await refuse(websocket, StreamError(
+                POLICY, "vad_not_deployed", "segments=true needs the VAD deployment, which "
+                "this application does not have"))
+            return
         session = _Session(websocket, self, route, params, settings, request_id, limits,
                            started, hooks)
         self.active[variant] = self.active.get(variant, 0) + 1
@@ -158,6 +167,7 @@ class _Session:
         self.deadline = started + limits.session_s
         self.buffer = SampleBuffer()
         self.schedule = WindowSchedule(params.sample_rate, params.window_s, params.hop_s)
+        self.utterances = self._utterances() if params.segments else None
         self.windows = self.skipped = 0
         self._unreported_s = 0.0
 
@@ -190,14 +200,18 @@ class _Session:
             trace.update(close_code=close_code,
                          audio_s=round(len(self.buffer) / self.params.sample_rate, 3),
                          windows=self.windows, skipped=self.skipped,
+                         utterances=self.utterances.count if self.utterances else None,
                          total_ms=round((time.monotonic() - self.started) * 1000, 1))
             access_log.info(json.dumps(trace))
 
     async def _stream(self) -> None:
         """Receive audio and emit windows until `end` and the last due window; at most one
-        window inference runs at a time (the backpressure: later windows wait or skip)."""
+        window inference runs at a time (the backpressure: later windows wait or skip). With
+        segments=true, utterance work (VAD on the open region, then scoring) runs beside it,
+        one piece at a time, and ends with the stream."""
         receive: asyncio.Future | None = asyncio.ensure_future(self.ws.receive())
         inference: asyncio.Future | None = None
+        utterances: asyncio.Future | None = None
         last_message = time.monotonic()
         try:
             while True:
@@ -205,12 +219,14 @@ class _Session:
                     window = self.schedule.take()
                     if window is not None:
                         inference = asyncio.ensure_future(self._window_event(window))
-                if receive is None and inference is None:
+                if utterances is None and self.utterances is not None:
+                    utterances = self.utterances.start(self.buffer, final=receive is None)
+                if receive is None and inference is None and utterances is None:
                     return
                 deadline = self.deadline if receive is None else \
                     min(self.deadline, last_message + self.limits.idle_timeout_s)
                 done, _ = await asyncio.wait(
-                    [task for task in (receive, inference) if task is not None],
+                    [task for task in (receive, inference, utterances) if task is not None],
                     timeout=max(0.0, deadline - time.monotonic()),
                     return_when=asyncio.FIRST_COMPLETED)
                 if not done:
@@ -222,14 +238,35 @@ class _Session:
                         await self._send(event)
                         self.streams.metrics.event_lag(self.variant,
                                                        (time.monotonic() - due_at) * 1000)
+                if utterances in done:
+                    events, utterances = utterances.result(), None
+                    for event in events:
+                        await self._send(event)
                 if receive in done:
                     last_message = time.monotonic()
                     ended = self._receive(receive.result(), last_message)
                     receive = None if ended else asyncio.ensure_future(self.ws.receive())
         finally:
-            for task in (receive, inference):
+            for task in (receive, inference, utterances):
                 if task is not None and not task.done():
                     task.cancel()
+
+    def _utterances(self) -> LiveUtterances:
+        finder, segments = self.streams.finder, self.settings.segments
+
+        async def find(waveform: np.ndarray) -> list[tuple[int, int]]:
+            try:
+                spans, _ = await finder.find(waveform, segments.vad, segments.vad_timeout_s)
+            except ApiError as exc:
+                raise StreamError.from_api(exc) from None
+            return spans
+
+        async def score(samples: np.ndarray) -> tuple[list[str], list[float]]:
+            _, answer = await self._predict(samples)
+            finder.metrics.scored(self.variant, "stream")
+            return answer.labels, answer.scores
+
+        return LiveUtterances(self.params.sample_rate, segments.vad, find, score)
 
     def _timeout_error(self) -> StreamError:
         if time.monotonic() >= self.deadline - 1e-3:
@@ -290,6 +327,7 @@ class _Session:
         return {"type": "ready", "request_id": self.request_id, "model_version": self.variant,
                 "routed_by": self.routed_by, "sample_rate": params.sample_rate,
                 "encoding": params.encoding,
+                **({"segments": True} if params.segments else {}),
                 "window_s": params.window_s, "hop_s": params.hop_s,
                 "limits": {"max_stream_s": limits.max_samples / params.sample_rate,
                            "max_session_s": round(limits.session_s, 3),
@@ -338,6 +376,8 @@ class _Session:
             granularity=Granularity.UTTERANCE,
             audio=results.audio_fields(duration, rate, 1, self.params.encoding),
             extract_embedding=False)
+        if self.utterances is not None:
+            body["utterances"] = self.utterances.count
         return {"type": "result", **body, "windows": self.windows,
                 "skipped": self.skipped + self.schedule.carried}
 

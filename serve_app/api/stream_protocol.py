@@ -26,7 +26,7 @@ SAMPLE_RATES = (8_000, 96_000)
 # checks the key (serve_app/traffic/access.py) and routes by the session key
 # (serve_app/traffic/routing.py).
 PARAMS = ("model_version", "sample_rate", "encoding", "window_s", "hop_s", "api_key",
-          "session_key", "labels")
+          "session_key", "labels", "segments")
 # Close codes (RFC 6455): normal, policy (bad parameters or input), message too big,
 # internal error, try again later (overloaded).
 NORMAL, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1000, 1008, 1009, 1011, 1013
@@ -74,6 +74,7 @@ class StreamParams:
     hop_s: float
     session_key: str | None = None
     labels: tuple[str, ...] | None = None  # a label set (serve_app/labels.py); None: all
+    segments: bool = False  # utterance events (serve_app/api/stream_utterances.py)
 
 
 def _number(name: str, value: str, low: float, high: float, integer: bool = False) -> float:
@@ -112,7 +113,17 @@ def parse_params(query: Mapping[str, str], settings: RouterSettings) -> StreamPa
         sample_rate=int(_number("sample_rate", query.get("sample_rate", str(TARGET_SR)),
                                 *SAMPLE_RATES, integer=True)),
         encoding=encoding, window_s=window_s, hop_s=hop_s,
-        session_key=query.get("session_key") or None, labels=labels)
+        session_key=query.get("session_key") or None, labels=labels,
+        segments=_flag("segments", query.get("segments")))
+
+
+def _flag(name: str, value: str | None) -> bool:
+    text = (value or "").strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise StreamError(POLICY, "invalid_parameter", f"{name} must be true or false, not {value!r}")
 
 
 def session_limit_s(max_session_s: float, proxy_timeout_s: float | None,

@@ -148,8 +148,13 @@ async def _kill(worker: asyncio.subprocess.Process) -> None:
 def _answer(meta: dict, payload: bytes) -> DecodedAudio:
     if not meta.get("ok"):
         raise ApiError(meta["status"], meta["code"], meta["message"])
-    return DecodedAudio(np.frombuffer(payload, dtype=np.float32), meta["duration_s"],
-                        meta["sample_rate"], meta["channels"], meta["format"])
+    samples = np.frombuffer(payload, dtype=np.float32)
+    apart = None
+    if meta.get("kept_channels"):  # the mono waveform, then each channel's
+        samples = samples.reshape(meta["channels"] + 1, -1)
+        samples, apart = samples[0], samples[1:]
+    return DecodedAudio(samples, meta["duration_s"], meta["sample_rate"], meta["channels"],
+                        meta["format"], apart)
 
 
 def _busy() -> ApiError:

@@ -29,6 +29,8 @@ class Limits:
     min_duration_s: float = MIN_DURATION_S
     max_decoded_bytes: int = MAX_DECODED_BYTES
     max_decode_s: float = MAX_DECODE_S
+    # Also each channel on its own at TARGET_SR (POST /v1/segments with channels=split).
+    keep_channels: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -41,6 +43,8 @@ class DecodedAudio:
     sample_rate: int      # of the upload
     channels: int         # of the upload
     format: str
+    # channels x samples, float32 at TARGET_SR: when Limits.keep_channels and channels > 1
+    channel_waveforms: np.ndarray | None = None
 
 
 def check_format(rate: int, channels: int) -> None:
@@ -90,20 +94,36 @@ def check_time(limits: Limits, started: float) -> None:
 
 def to_waveform(blocks: list[np.ndarray], rate: int, channels: int, fmt: str,
                 limits: Limits) -> DecodedAudio:
-    """(frames, channels) float32 blocks -> checked, downmixed, resampled DecodedAudio."""
+    """(frames, channels) float32 blocks -> checked, downmixed, resampled DecodedAudio.
+    The blocks are consumed (the list is emptied as they are downmixed): a long recording is
+    not held twice."""
     total = sum(len(block) for block in blocks)
     if total == 0:
         raise ApiError(422, "empty_audio", "the audio holds no samples")
-    samples = np.concatenate(blocks)
-    if not np.isfinite(samples).all():
+    if not all(np.isfinite(block).all() for block in blocks):
         raise ApiError(422, "invalid_samples", "the audio contains NaN or infinite samples")
     duration = total / rate
     if duration < limits.min_duration_s:
         raise ApiError(422, "audio_too_short",
                        f"the audio lasts {duration * 1000:.0f} ms; at least "
                        f"{limits.min_duration_s * 1000:.0f} ms are needed")
-    mono = samples.mean(axis=1, dtype=np.float32) if channels > 1 else samples[:, 0]
-    return DecodedAudio(to_target_rate(mono, rate), duration, rate, channels, fmt)
+    keep = limits.keep_channels and channels > 1
+    mono = np.empty(total, np.float32)
+    apart = np.empty((channels, total), np.float32) if keep else None
+    position = 0
+    blocks.reverse()
+    while blocks:
+        block = blocks.pop()
+        # Row by row, as the mean over the whole array would be: the same samples.
+        end = position + len(block)
+        mono[position:end] = block.mean(axis=1, dtype=np.float32) if channels > 1 \
+            else block[:, 0]
+        if apart is not None:
+            apart[:, position:end] = block.T
+        position = end
+    separate = None if apart is None else np.stack(
+        [to_target_rate(channel, rate) for channel in apart])
+    return DecodedAudio(to_target_rate(mono, rate), duration, rate, channels, fmt, separate)
 
 
 def from_samples(samples: np.ndarray, rate: int, fmt: str, limits: Limits) -> DecodedAudio:

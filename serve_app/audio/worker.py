@@ -4,9 +4,10 @@ this process only.
 
 Protocol on stdin/stdout, one message each way per decode: an 8-byte header (two little-endian
 uint32: JSON length, payload length), the JSON, the payload. Request: the limits as JSON, the
-file's bytes as payload. Answer: {"ok": true, duration_s, sample_rate, channels, format} with
-the 16 kHz mono float32 waveform as payload, or {"ok": false, status, code, message}. The
-worker writes one empty-payload {"ready": true} message once it has imported its libraries.
+file's bytes as payload. Answer: {"ok": true, duration_s, sample_rate, channels, format,
+kept_channels} with the 16 kHz mono float32 waveform as payload (then each channel's, when
+kept_channels), or {"ok": false, status, code, message}. The worker writes one empty-payload
+{"ready": true} message once it has imported its libraries.
 """
 
 from __future__ import annotations
@@ -79,9 +80,12 @@ def main() -> None:
             limits = Limits(**json.loads(meta))
             _cap_memory(baseline, limits.max_decoded_bytes)
             decoded = audio_av.decode(data, limits)
+            apart = decoded.channel_waveforms
+            payload = decoded.waveform.tobytes() + (b"" if apart is None else apart.tobytes())
             answer = pack({"ok": True, "duration_s": decoded.duration_s,
                            "sample_rate": decoded.sample_rate, "channels": decoded.channels,
-                           "format": decoded.format}, decoded.waveform.tobytes())
+                           "format": decoded.format, "kept_channels": apart is not None},
+                          payload)
         except ApiError as exc:
             answer = pack({"ok": False, "status": exc.status, "code": exc.code,
                            "message": exc.message})

@@ -10,6 +10,8 @@ One JSON line (or CSV row) per file, in the order of the inputs, then a summary 
 exit status is 1 if any file failed. The API key: --api-key, or the environment variable
 EMOTION2VEC_API_KEY.
 
+`emotion2vec-serve segments FILE...`: whole recordings, emotion per utterance and per speaker
+(serve_app/tools/segments_cli.py).
 `emotion2vec-serve keys new KEY_ID`: make an API key for the service's config.
 `emotion2vec-serve batch INPUT... --out DIR`: score archives on Ray Data (see `batch --help`).
 """
@@ -108,7 +110,7 @@ def backoff_delay(attempt: int, retry_after: str | None, base_s: float, max_s: f
     return min(max_s, max(base_s * 2 ** attempt, retry_after_s(retry_after)))
 
 
-def _error_text(response: httpx.Response) -> str:
+def error_text(response: httpx.Response) -> str:
     try:
         error = response.json()["error"]
         return f"{response.status_code} {error['code']}: {error['message']}"
@@ -149,7 +151,7 @@ async def predict_file(client: httpx.AsyncClient, path: Path, params: dict[str, 
                     setattr(outcome, key, body.get(key))
                 outcome.timeline = body.get("timeline")
                 return outcome
-            outcome.error = _error_text(response)
+            outcome.error = error_text(response)
             if response.status_code not in RETRY_STATUSES:
                 return outcome
             retry_after = response.headers.get("retry-after")
@@ -360,6 +362,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="seconds to wait for the service at each step")
     predict.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                          help=f"the service's API key (default: ${API_KEY_ENV})")
+    from serve_app.tools import segments_cli  # it uses this module's helpers
+
+    segments_cli.add_parser(commands, os.environ.get(API_KEY_ENV), API_KEY_ENV)
     batch_job.add_parser(commands)
     keys = commands.add_parser("keys", help="API keys for the service's config")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -383,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         return stream_main(args)
     if args.command == "keys":
         return _keys_new(args, parser)
+    if args.command == "segments":
+        from serve_app.tools import segments_cli
+
+        return segments_cli.main(args, parser)
     if args.command == "batch":
         return batch_job.main(args, parser)
     if args.concurrency < 1 or args.tries < 1 or args.timeout <= 0:

@@ -25,6 +25,7 @@ PACES = ("realtime", "lockstep")
 class StreamRun:
     ready: dict | None = None
     windows: list[dict] = field(default_factory=list)  # each with the client's "lag_ms"
+    utterances: list[dict] = field(default_factory=list)  # segments=true
     result: dict | None = None
     error: dict | None = None                           # the error event's "error"
     close_code: int | None = None
@@ -82,6 +83,8 @@ async def stream_audio(url: str, samples: np.ndarray, rate: int, *, params: dict
                         if at < len(sent):
                             event["lag_ms"] = round((time.perf_counter() - sent[at][1]) * 1000, 1)
                         run.windows.append(event)
+                    elif event["type"] == "utterance":
+                        run.utterances.append(event)
                     elif event["type"] == "result":
                         run.result = event
                     elif event["type"] == "error":

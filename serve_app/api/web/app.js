@@ -147,6 +147,7 @@ function aliasTarget(target) {
 async function submit(event) {
   event.preventDefault();
   if (!audio) return;
+  if (conversationMode()) return submitConversation();  // conversation.js
   const form = new FormData();
   form.append("file", audio.blob, audio.name);
   if ($("model-version").value) form.append("model_version", $("model-version").value);
@@ -270,6 +271,7 @@ function drawModel(body) {
 }
 
 function render(body) {
+  $("conversation").hidden = true;
   $("result").hidden = false;
   $("emotion").textContent = body.emotion;
   $("confidence").textContent = `(${(body.confidence * 100).toFixed(1)} %)`;
