@@ -114,6 +114,28 @@ def test_rttm_and_json_give_the_speakers_back(service, client, call):
             assert all(abs(row["scores"][k] - v) < EXACT for k, v in expected.items())
 
 
+def test_a_label_set_scores_every_segment_and_speaker_over_those_labels(service, client, call):
+    """labels=angry,happy,neutral,sad: each segment equals predict with the same label set on
+    its samples; the speakers' means are over those four; an unknown name is a 400."""
+    subset = "angry,happy,neutral,sad"
+    response = segments(client, float_wav(call.mono), rttm=call.rttm(), model_version="base",
+                        labels=subset)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    for row in body["segments"][:2]:
+        assert set(row["scores"]) == set(subset.split(","))
+        start, end = round(row["start_s"] * 16_000), round(row["end_s"] * 16_000)
+        expected = client.post("/v1/predict", files={"file": ("s.wav", float_wav(
+            call.mono[start:end]))}, data={"model_version": "base", "labels": subset})
+        assert expected.status_code == 200, expected.text
+        assert_scores_equal(row, expected.json())
+    assert all(set(s["scores"]) == set(subset.split(",")) for s in body["speakers"].values())
+    assert_speakers_are_weighted_means(body)
+    refused = segments(client, float_wav(call.mono), rttm=call.rttm(), labels="happy,bored")
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["code"] == "unknown_label"
+
+
 @pytest.mark.parametrize("fields, rttm, status, code, where", [
     ({"segments": '[{"start_s": 2, "end_s": 1}]'}, None, 422, "invalid_segments",
      {"index": 0}),

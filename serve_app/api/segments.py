@@ -35,6 +35,7 @@ from serve_app.api.segments_upload import SegmentsUpload, read_segments_upload
 from serve_app.audio.waveform import TARGET_SR, DecodedAudio
 from serve_app.config import RouterSettings, SegmentSettings, VadSettings
 from serve_app.errors import ApiError
+from serve_app.labels import parse_label_set
 from serve_app.metrics import SegmentMetrics
 from serve_app.segments.runner import RecordingSlots, score_all
 from serve_app.segments.spec import Span, in_order, parse_json, parse_rttm, to_spans
@@ -124,8 +125,10 @@ class SegmentsRoute:
                                                           limits.max_segments)
         route = call.resolve(sent.params.get("model_version"),
                              request.headers.get("x-session-key"))
-        options = InferenceOptions(extract_embedding=upload.parse_bool(
-            "extract_embedding", sent.params.get("extract_embedding")))
+        options = InferenceOptions(
+            extract_embedding=upload.parse_bool("extract_embedding",
+                                                sent.params.get("extract_embedding")),
+            labels=parse_label_set(sent.params.get("labels")))  # a label set for every segment
         specs = None  # checked on their own first: a bad segment costs no decode
         if sent.segments is not None:
             specs = parse_json(sent.segments, limits.max_segments, settings.min_duration_s)

@@ -20,8 +20,7 @@ from serve_app.api import upload
 from serve_app.errors import ApiError
 from serve_app.segments.spec import InvalidSegments
 
-# `labels` joins these when predict takes it (a label subset for every segment).
-PARAMS = ("model_version", "extract_embedding", "channels", "segments")
+PARAMS = ("model_version", "extract_embedding", "labels", "channels", "segments")
 FORM_FIELDS = ("file", "rttm", *PARAMS)
 CHANNELS = ("mix", "split")
 BYTES_PER_SEGMENT = 256  # generous for a JSON object or an RTTM line
@@ -34,6 +33,7 @@ _FIELD_SCHEMAS = {
                       "POST /v1/predict; default: the router's default_version"},
     "extract_embedding": {"type": "boolean", "default": False,
                           "description": "each segment carries its utterance embedding"},
+    "labels": upload.PARAM_SCHEMAS["labels"],
     "channels": {"type": "string", "enum": list(CHANNELS), "default": "mix",
                  "description": "split: score each channel of a multi-channel call on its "
                  "own (speakers ch0, ch1, ...); mix: channels averaged, as predict"},

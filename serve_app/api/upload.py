@@ -22,7 +22,7 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 # The route reads the request itself (a form, or the raw body): its schema is given here.
-_PARAM_SCHEMAS = {
+PARAM_SCHEMAS = {
     "model_version": {"type": "string", "description": "a variant (base, large, turbo) or an "
                       "alias (see GET /v1/models); default: the router's default_version"},
     "granularity": {"type": "string", "enum": [str(g) for g in Granularity],
@@ -38,7 +38,7 @@ _PARAM_SCHEMAS = {
 PREDICT_OPENAPI = {
     "parameters": [{"name": name, "in": "query", "required": False, "schema": schema,
                     "description": "with a raw body only: " + schema["description"]}
-                   for name, schema in _PARAM_SCHEMAS.items()] + [
+                   for name, schema in PARAM_SCHEMAS.items()] + [
         {"name": "X-Session-Key", "in": "header", "required": False,
          "schema": {"type": "string"}, "description": "a user or conversation id: a weighted "
          "alias gives the same key the same variant (see GET /v1/rollouts)"}],
@@ -48,7 +48,7 @@ PREDICT_OPENAPI = {
             "properties": {"file": {"type": "string", "format": "binary",
                                     "description": "the audio: wav, flac, ogg, mp3, m4a, "
                                     "mp4/mov/3gp, webm/mkv, aac, wma, amr"},
-                           **_PARAM_SCHEMAS}}},
+                           **PARAM_SCHEMAS}}},
         "application/octet-stream": {"schema": {
             "type": "string", "format": "binary",
             "description": "the audio file's bytes as the body; the fields as query parameters"}},
