@@ -225,70 +225,6 @@ window's audio as soon as the previous window's event has come back (no window i
 Exit status 1 if the service answered with an error."""
 
 
-def format_event(event: dict) -> str | None:
-    """One line for a person: a window, the result, or an error; None for the rest."""
-    if event["type"] == "window":
-        line = (f"{event['start_s']:7.2f}-{event['end_s']:7.2f} s  {event['emotion']:<10} "
-                f"{event['confidence']:.3f}")
-        if "lag_ms" in event:
-            line += f"  lag {event['lag_ms']:.0f} ms"
-        return line + (f"  ({event['skipped']} skipped)" if event.get("skipped") else "")
-    if event["type"] == "ready":
-        return (f"streaming to {event['model_version']}: {event['sample_rate']} Hz, "
-                f"{event['window_s']:g} s windows every {event['hop_s']:g} s")
-    if event["type"] == "result":
-        return (f"result: {event['emotion']} {event['confidence']:.3f} over "
-                f"{event['audio']['duration_s']:g} s ({event['model_version']}; "
-                f"{event['windows']} windows, {event['skipped']} skipped)")
-    if event["type"] == "error":
-        return f"error: {event['error']['code']}: {event['error']['message']}"
-    return None
-
-
-def stream_main(args: argparse.Namespace) -> int:
-    import numpy as np
-    import soundfile
-
-    from serve_app.tools.stream_client import stream_audio
-
-    try:
-        samples, rate = soundfile.read(args.file, dtype="float32", always_2d=True)
-        mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
-    except (RuntimeError, ValueError):  # not libsndfile's: FFmpeg, as the service decodes it
-        from serve_app.audio import sndfile
-        from serve_app.errors import ApiError
-
-        try:
-            decoded = sndfile.decode(Path(args.file).read_bytes(), max_duration_s=3600,
-                                   min_duration_s=0.0)
-        except ApiError as exc:
-            print(f"error: cannot decode {args.file}: {exc.message}", file=sys.stderr)
-            return 1
-        mono, rate = decoded.waveform, sndfile.TARGET_SR
-
-    def show(event: dict) -> None:
-        line = json.dumps(event) if args.jsonl else format_event(event)
-        if line is not None:
-            print(line, flush=True)
-
-    params = {"model_version": args.model_version, "window_s": args.window_s,
-              "hop_s": args.hop_s, "labels": args.labels}
-    try:
-        run = asyncio.run(stream_audio(
-            args.url, mono, int(rate), params=params, on_event=show,
-            pace="lockstep" if args.fast else "realtime", chunk_s=args.chunk_s,
-            timeout_s=args.timeout, api_key=args.api_key))
-    except (OSError, TimeoutError) as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    if run.result is None:
-        if run.error is None:
-            print(f"error: the stream closed with code {run.close_code} and no result",
-                  file=sys.stderr)
-        return 1
-    return 0
-
-
 def new_key(key_id: str, rpm: int | None, audio_spm: float | None) -> tuple[str, str]:
     """(a new API key, its line for the Router's api_keys or the api_keys_file)."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -385,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no such file: {args.file}")
         if args.chunk_s <= 0 or args.timeout <= 0:
             parser.error("--chunk-s and --timeout must be positive")
+        from serve_app.tools.stream_client import stream_main
+
         return stream_main(args)
     if args.command == "keys":
         return _keys_new(args, parser)
