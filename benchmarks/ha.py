@@ -75,6 +75,7 @@ def ha_app(root: Path, routers: int, keys: Keys, placement: str = "spread") -> d
     app["args"] = {
         "router_num_cpus": 0.05, "router_resources": {"router_slot": 0.01},
         "router_replicas": routers, "router_placement": placement,
+        "vad_num_cpus": None,  # no VAD: nothing here segments a recording
         "variants": {v: {"num_cpus": 0.2, "resources": {"model_slot": 1}} for v in VARIANTS}}
     app["deployments"] = [d for d in app["deployments"] if d["name"] in {*VARIANTS, "Router"}]
     for deployment in app["deployments"]:

@@ -51,6 +51,8 @@ def make_app(root: Path, name: str = APP, prefix: str = "/", args: dict | None =
     app["args"] = args or {
         "router_num_cpus": 0.05, "router_resources": {"ingress": 0.01},
         "variants": {v: {"num_cpus": 0.2, "resources": {"model_slot": 1}} for v in VARIANTS}}
+    # No VAD deployment: these tests place exact CPUs per node, and none segments a recording.
+    app["args"].setdefault("vad_num_cpus", None)
     variants = set(app["args"]["variants"])
     app["deployments"] = [d for d in app["deployments"] if d["name"] in {*variants, "Router"}]
     for deployment in app["deployments"]:
