@@ -83,12 +83,23 @@ class ModelMetrics:
         self.queue = metrics.Gauge(
             "emotion2vec_queue_length", description="Requests in this replica waiting for or "
             "running on the model", tag_keys=("variant",))
+        self.backend = metrics.Gauge(
+            "emotion2vec_backend", description="1 for the backend that runs this replica's "
+            "encoder (backend) and the one configured (requested); they differ after a fallback",
+            tag_keys=("variant", "backend", "requested"))
+        self._backend_tags: dict | None = None
 
     def load(self, kind: str, ok: bool) -> None:
         self.loads.inc(tags={**self.tags, "kind": kind, "result": "ok" if ok else "failed"})
 
     def set_loaded(self, loaded: bool) -> None:
         self.loaded.set(1 if loaded else 0, tags=self.tags)
+
+    def set_backend(self, backend: str, requested: str) -> None:
+        if self._backend_tags is not None:
+            self.backend.set(0, tags=self._backend_tags)
+        self._backend_tags = {**self.tags, "backend": backend, "requested": requested}
+        self.backend.set(1, tags=self._backend_tags)
 
     def set_queue(self, length: int) -> None:
         self.queue.set(length, tags=self.tags)

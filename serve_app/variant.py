@@ -211,6 +211,7 @@ class EmotionModel:
         self.loaded_at = time.time()
         self.state, self.error = "ready", None
         self.metrics.set_loaded(True)
+        self.metrics.set_backend(engine.info.backend, settings.backend)
 
     async def _reload(self) -> EmotionEngine:
         """Load the configured model again after an idle unload (the request waits)."""
@@ -276,7 +277,7 @@ class EmotionModel:
             "max_batch_size": self.settings.max_batch_size if self.settings else None,
             "largest_batch": self.largest_batch,
             **{key: model.get(key) for key in ("source", "weights", "device", "dtype",
-                                               "threads", "load_s")},
+                                               "threads", "load_s", "backend", "backend_info")},
         }
 
     # -- inference -----------------------------------------------------------------------

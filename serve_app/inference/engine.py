@@ -25,7 +25,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +33,13 @@ import numpy as np
 from serve_app.checkpoints import generate, hub, weights
 from serve_app.checkpoints.weights import ModelLoadError
 from serve_app.config import ModelSettings
-from serve_app.inference import padded
+from serve_app.inference import backends, padded
 from serve_app.inference.timeline import emotion_timeline
 
 logger = logging.getLogger(__name__)
+DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 
 MIN_SAMPLES = 400  # the conv stem fails below 25 ms at 16 kHz
-
-
 
 
 @dataclass
@@ -63,6 +62,8 @@ class ModelInfo:
     load_s: float
     sha256: str | None = None  # of model.pt: which weights exactly
     random_weights: dict | None = field(default=None)
+    backend: str = "torch"     # what runs the encoder (backends.py)
+    backend_info: dict | None = None  # requested, precision, note (why not), build_s, cache
 
 
 def _sha256(path: Path) -> str | None:
@@ -120,6 +121,7 @@ class EmotionEngine:
         self.labels: list[str] = []
         self.info: ModelInfo | None = None
         self._batchable = False
+        self._backend = None
 
     # -- loading -------------------------------------------------------------------------
     def _resolve_source(self) -> Path:
@@ -175,16 +177,21 @@ class EmotionEngine:
             logger.warning("%s: %s; predict_batch runs clip by clip", directory, exc)
             self._batchable = False
         source = str(directory) if self.settings.is_local else self.settings.source
+        sha256 = _sha256(weights_file)
+        self._backend, backend_info = backends.select(self.settings, model, self.device,
+                                                      self.threads, sha256, self._autocast)
         self.info = ModelInfo(
             source=source,
             directory=str(directory),
             weights="random" if random_info else "pretrained",
             device=self.device,
-            dtype=self._encoder_dtype(),
+            dtype=DTYPES[backend_info.precision],
             threads=self.threads,
             load_s=round(time.perf_counter() - started, 3),
-            sha256=_sha256(weights_file),
+            sha256=sha256,
             random_weights=random_info,
+            backend=backend_info.backend,
+            backend_info=asdict(backend_info),
         )
         if random_info:
             logger.warning("loaded %s: RANDOM weights (%s, seed %s); predictions carry no meaning",
@@ -223,12 +230,8 @@ class EmotionEngine:
         """What exactly this engine serves: where from, which weights, in which precision."""
         info = self.info
         return {"source": info.source, "sha256": info.sha256, "weights": info.weights,
-                "dtype": info.dtype, "precision": self.settings.precision}
-
-    def _encoder_dtype(self) -> str:
-        if self.settings.precision == "fp32":
-            return "float32"
-        return "float16" if self.device.startswith("cuda") else "bfloat16"
+                "dtype": info.dtype, "precision": self.settings.precision,
+                "backend": info.backend}
 
     def _autocast(self):
         import torch
@@ -248,7 +251,7 @@ class EmotionEngine:
     def unload(self) -> None:
         import torch
 
-        self.model = None
+        self.model = self._backend = None
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
@@ -324,10 +327,7 @@ class EmotionEngine:
 
     def _window_frames(self, waveform: np.ndarray):
         """1 x T x D float32 frame features of one clip (or window), FunASR's steps."""
-        source = self._source(waveform)
-        with self._autocast():
-            frames = self.model.extract_features(source.view(1, -1), padding_mask=None)["x"]
-        return frames.float()
+        return self._backend.single(self._source(waveform))
 
     def predict_batch(self, waveforms: list[np.ndarray], granularity: str,
                       extract_embedding: bool) -> list[Prediction]:
@@ -349,10 +349,7 @@ class EmotionEngine:
             return [self.predict(w, granularity, extract_embedding) for w in waveforms]
         started = self._start()
         with torch.inference_mode():
-            sources = [self._source(w) for w in waveforms]
-            with self._autocast():
-                frames, lengths = padded.padded_features(self.model, sources)
-            frames = frames.float()
+            frames, lengths = self._backend.batch([self._source(w) for w in waveforms])
             # Each clip's own frames only: padded frames carry no meaning.
             clips = [frames[i, :n] for i, n in enumerate(lengths.tolist())]
             scores = self._scores(torch.stack([clip.mean(dim=0) for clip in clips]))
