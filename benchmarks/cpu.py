@@ -141,7 +141,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def fidelity(archs: list[str], count: int, cache: str) -> None:
+def fidelity(archs: list[str], count: int, cache: str, backends: list[str]) -> None:
     from funasr import AutoModel
 
     clips = varied_clips(count)
@@ -157,7 +157,7 @@ def fidelity(archs: list[str], count: int, cache: str) -> None:
         ref_scores = [np.asarray(r["scores"]) for r in reference]
         margins = [float(np.sort(s)[-1] - np.sort(s)[-2]) for s in ref_scores]
         del auto
-        for combo in COMBOS:
+        for combo in [c for c in COMBOS if c[0] in backends]:
             loaded = engine(path, *combo, cache)
             got = [loaded.predict(audio, "utterance", True) for _, audio in clips]
             score_diff = max(float(np.abs(np.subtract(g.scores, r)).max())
@@ -229,6 +229,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--clips", type=int, default=20)
+    parser.add_argument("--fidelity-backends", default="torch,openvino",
+                        help="backends checked against FunASR (torch fp32 is FunASR's own path)")
     parser.add_argument("--cache", default="~/.cache/emotion2vec-serve/compiled")
     args = parser.parse_args()
     import torch
@@ -238,7 +240,7 @@ def main() -> None:
     if "speed" in stages:
         speed(archs, args.rounds, args.cache, args.batch)
     if "fidelity" in stages:
-        fidelity(archs, args.clips, args.cache)
+        fidelity(archs, args.clips, args.cache, args.fidelity_backends.split(","))
     if "cold" in stages:
         cold_start(archs)
 

@@ -25,6 +25,7 @@ eager PyTorch, with the reason in `note`: a replica never fails for it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -184,6 +185,28 @@ def _convert(model: torch.nn.Module, target: Path, key: dict) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """One converter per key at a time on this node (large and turbo share a checkpoint):
+    the others wait, then find the IR written. Without file locks, the atomic rename holds."""
+    with open(lock_path, "w") as handle:
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def release_encoder(model: torch.nn.Module) -> None:
+    """Free the torch encoder once a compiled backend holds its own copy of the weights: only
+    the head (copied out of the checkpoint's mapping, so that the mapping can go) is used
+    after load. Keeps a replica's RSS near one copy of the weights."""
+    for parameter in model.proj.parameters():
+        parameter.data = parameter.data.clone()
+    for name, child in model.named_children():
+        if name != "proj":
+            child.to("meta")
+    getattr(model, "alibi_biases", {}).clear()  # FunASR's ALiBi cache (the check clip's)
+
+
 def _ov_precision(core, precision: str) -> tuple[str, str | None]:
     """OpenVINO's inference precision for a setting, and a note when reduced is not there."""
     if precision == "fp32":
@@ -209,11 +232,15 @@ def build_openvino(model: torch.nn.Module, precision: str, threads: int,
     key = cache_key(checkpoint_sha256 or "unhashed", "openvino")
     folder = _key_dir(cache_root.expanduser(), key)
     hit = (folder / IR_NAME).is_file() and checkpoint_sha256 is not None
+    if checkpoint_sha256 is None:  # no file to key on: build in a private folder
+        folder = Path(tempfile.mkdtemp(prefix="e2v-openvino-")) / "ir"
     if not hit:
-        if checkpoint_sha256 is None:  # no file to key on: build in a private folder
-            folder = Path(tempfile.mkdtemp(prefix="e2v-openvino-"))
-        logger.info("openvino: converting the encoder to %s", folder)
-        _convert(model, folder, key)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(folder.with_name(folder.name + ".lock")):
+            hit = (folder / IR_NAME).is_file()  # written by another replica meanwhile
+            if not hit:
+                logger.info("openvino: converting the encoder to %s", folder)
+                _convert(model, folder, key)
     core = ov.Core()
     ov_precision, note = _ov_precision(core, precision)
     blobs = folder / f"blobs-{ov_precision}"
@@ -260,6 +287,7 @@ def select(settings, model: torch.nn.Module, device: str, threads: int,
         backend, info = build_openvino(model, settings.precision, threads, checkpoint_sha256,
                                        Path(settings.compiled_cache_dir))
         check_against_eager(backend, eager, model.proj, CHECK_TOLERANCE[settings.precision])
+        release_encoder(model)
         return backend, info
     except Exception as exc:  # any failure of an optional backend: serve on eager
         reason = f"{settings.backend} unavailable, running eager torch: {exc}"

@@ -17,6 +17,10 @@ around the encoder only.
 `predict_batch` runs several clips of any lengths through one padded forward pass
 (serve_app.inference.padded) and gives each clip what `predict` would give it alone, up to float
 rounding.
+
+The encoder runs on the configured backend (serve_app/inference/backends.py): eager PyTorch, or
+the same steps compiled by OpenVINO; the head, softmax, pooling, windows and timeline are this
+file's on every backend. A backend that cannot run leaves eager PyTorch, said in `info`.
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ class PaddedEncoder(nn.Module):
         self.norm = model.norm
         self.has_alibi = enc.get_alibi_bias is not None
         self.alibi_scale = enc.alibi_scale
+        # one learned scale for all layers, or one per layer (a shape: fixed per model)
+        self.scale_per_layer = enc.alibi_scale is not None and enc.alibi_scale.size(0) > 1
         if self.has_alibi:
             from funasr.models.emotion2vec.base import get_alibi
 
@@ -134,7 +136,7 @@ class PaddedEncoder(nn.Module):
             bias = F.pad(self.alibi(frames, x.device), (self.num_extra, 0, self.num_extra, 0))
             if self.alibi_scale is not None:
                 scales = self.alibi_scale.clamp_min(0).float()
-                if scales.size(0) == 1:
+                if not self.scale_per_layer:
                     bias, scales = bias * scales.squeeze(0), None
         else:
             bias = torch.zeros((), device=x.device)
@@ -150,8 +152,7 @@ class PaddedEncoder(nn.Module):
         if prenet.norm is not None and prenet.layer_norm_first:
             x = prenet.norm(x)
         for i, blk in enumerate(self.blocks):
-            x = self.block(blk, x, layer_bias(self.prenet_depth + i if scales is not None
-                                               and scales.size(0) > 1 else i))
+            x = self.block(blk, x, layer_bias(self.prenet_depth + i))
         if self.norm is not None:
             x = self.norm(x)
         return x[:, self.num_extra:].float()
