@@ -110,29 +110,36 @@ def speed(archs: list[str], rounds: int, cache: str, batch: int) -> None:
     clip = varied_clips(5)[4][1]  # 5 s
     clip = np.resize(clip, 80_000).astype(np.float32)
     print(f"\n== speed: 5 s clip, in-process, 2 threads, median of {rounds} interleaved rounds ==")
+    print("(cpu ms: the process's CPU time per call, both threads: on a shared machine the wall "
+          "time mostly measures waiting; spin-waits count as CPU)")
     print(f"{'arch':6} {'backend':9} {'precision':9} {'ms':>7} {'vs eager fp32':>14} "
+          f"{'cpu ms':>7} {'cpu vs eager':>13} "
           f"{f'batch {batch}: ms/clip':>18} {'batched/single':>15}")
     for arch in archs:
         path = checkpoint(arch)
         engines = {combo: engine(path, *combo, cache) for combo in COMBOS}
         times = {combo: [] for combo in COMBOS}
+        cpu = {combo: [] for combo in COMBOS}
         batched = {combo: [] for combo in COMBOS}
         clips = [np.roll(clip, 997 * i)[: 80_000 - 1_600 * i] for i in range(batch)]
         for _ in range(rounds):
             for combo, loaded in engines.items():
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 loaded.predict(clip, "utterance", False)
                 times[combo].append(time.perf_counter() - started)
-        for _ in range(max(1, rounds // 3)):
+                cpu[combo].append(time.process_time() - cpu_started)
+        for _ in range(max(2, rounds // 2)):
             for combo, loaded in engines.items():
                 started = time.perf_counter()
                 loaded.predict_batch(clips, "utterance", False)
                 batched[combo].append((time.perf_counter() - started) / batch)
         base = statistics.median(times[("torch", "fp32")])
+        cpu_base = statistics.median(cpu[("torch", "fp32")])
         for combo in COMBOS:
-            ms = statistics.median(times[combo])
+            ms, cpu_ms = statistics.median(times[combo]), statistics.median(cpu[combo])
             per_clip = statistics.median(batched[combo])
             print(f"{arch:6} {combo[0]:9} {combo[1]:9} {ms * 1000:7.0f} {ms / base:14.2f} "
+                  f"{cpu_ms * 1000:7.0f} {cpu_ms / cpu_base:13.2f} "
                   f"{per_clip * 1000:18.0f} {per_clip / ms:15.2f}", flush=True)
         del engines
 
