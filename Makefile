@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Keep Ray on loopback, and quiet.
-RAY_ENV := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
+# Keep Ray on loopback, and quiet; the proxy replays requests lost with a Router replica
+# (serve_app/api/failover.py).
+RAY_ENV := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 \
+	RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.api.failover.proxy_middlewares
 CONFIG ?= configs/cpu.yaml
 
 .PHONY: install serve test test-tools lint

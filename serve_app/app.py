@@ -12,7 +12,7 @@ import ray
 from ray.serve import Application
 
 from serve_app.api.ingress import Router
-from serve_app.config import AppArgs
+from serve_app.config import HEAD_RESOURCE, AppArgs
 from serve_app.variant import EmotionModel
 
 _EPS = 1e-9
@@ -26,11 +26,20 @@ def _fmt(resources: dict[str, float]) -> str:
     return "{" + ", ".join(f"{name}: {amount:g}" for name, amount in resources.items()) + "}"
 
 
+def _fits(node: dict[str, float], demand: dict[str, float], count: int = 1) -> bool:
+    return all(node.get(k, 0.0) + _EPS >= v * count for k, v in demand.items())
+
+
 def check_resources(args: AppArgs, nodes: list[dict[str, float]]) -> None:
-    """Raise ResourceError, naming the fix, if one replica of every deployment cannot fit on
-    these nodes (each node's total resources): the cluster as a whole must have enough, and
-    each replica needs a single node that has all it asks for."""
-    demands = args.demands()
+    """Raise ResourceError, naming the fix, if the replicas the args ask for (every Router
+    replica, one of every variant) cannot fit on these nodes (each node's total resources):
+    the cluster as a whole must have enough, each replica needs a single node that has all it
+    asks for, and the Router's placement must be possible."""
+    demands, replicas = args.demands(), args.replicas()
+
+    def asked(name: str) -> float:
+        return sum(demand.get(name, 0.0) * replicas[d] for d, demand in demands.items())
+
     have = {}
     for node in nodes:
         for name, amount in node.items():
@@ -43,27 +52,51 @@ def check_resources(args: AppArgs, nodes: list[dict[str, float]]) -> None:
             f"{have.get('GPU', 0.0):g}. Deploy configs/cpu.yaml on a machine without GPUs, "
             "configs/single-gpu.yaml to share one GPU, or lower num_gpus in the config's "
             "args.variants")
-    cpus = sum(demand.get("CPU", 0.0) for demand in demands.values())
-    if cpus > have.get("CPU", 0.0) + _EPS:
+    if asked("CPU") > have.get("CPU", 0.0) + _EPS:
         raise ResourceError(
-            f"the deployments ask for {cpus:g} CPUs but the cluster has {have.get('CPU', 0.0):g}. "
-            "Lower num_cpus in args.variants (threads can stay higher: set `threads` in the "
-            "variant's user_config)")
-    custom = {name for demand in demands.values() for name in demand} - {"CPU", "GPU"}
+            f"the deployments ask for {asked('CPU'):g} CPUs but the cluster has "
+            f"{have.get('CPU', 0.0):g}. Lower num_cpus in args.variants (threads can stay "
+            "higher: set `threads` in the variant's user_config), or router_replicas")
+    custom = {name for demand in demands.values() for name in demand} - {"CPU", "GPU",
+                                                                         HEAD_RESOURCE}
     for name in sorted(custom):
-        asked = sum(demand.get(name, 0.0) for demand in demands.values())
-        if asked > have.get(name, 0.0) + _EPS:
+        if asked(name) > have.get(name, 0.0) + _EPS:
             raise ResourceError(
-                f"the deployments ask for {asked:g} of the custom resource {name!r} but the "
-                f"cluster's nodes offer {have.get(name, 0.0):g}. Start nodes with it "
+                f"the deployments ask for {asked(name):g} of the custom resource {name!r} but "
+                f"the cluster's nodes offer {have.get(name, 0.0):g}. Start nodes with it "
                 f"(ray start --resources '{{\"{name}\": N}}') or change the resources in args")
     for deployment, demand in demands.items():
-        if not any(all(node.get(k, 0.0) + _EPS >= v for k, v in demand.items()) for node in nodes):
-            shapes = sorted({_fmt({k: node.get(k, 0.0) for k in demand}) for node in nodes})
+        if not any(_fits(node, demand) for node in nodes):
+            shapes = sorted({_fmt({k: node.get(k, 0.0) for k in _shown(demand)})
+                             for node in nodes})
             raise ResourceError(
-                f"one {deployment} replica asks for {_fmt(demand)} but no single node has that "
-                f"much (the nodes offer {', '.join(shapes[:5])}). Lower its resources in "
-                "args, or add a node large enough")
+                f"one {deployment} replica asks for {_fmt(_shown(demand))} but no single node "
+                f"has that much (the nodes offer {', '.join(shapes[:5])}). Lower its "
+                "resources in args, or add a node large enough")
+    _check_router_placement(args, nodes)
+
+
+def _shown(demand: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in demand.items() if k != HEAD_RESOURCE}
+
+
+def _check_router_placement(args: AppArgs, nodes: list[dict[str, float]]) -> None:
+    demand, count = args.router_demand(), args.router_replicas
+    if args.router_placement == "head":
+        heads = [node for node in nodes if HEAD_RESOURCE in node]
+        if heads and not _fits(heads[0], demand, count):
+            raise ResourceError(
+                f"router_placement: head puts the {count} Router replica(s) on the head node, "
+                f"which cannot hold {count} x {_fmt(_shown(demand))} (it has "
+                f"{_fmt({k: heads[0].get(k, 0.0) for k in _shown(demand)})}). Lower "
+                "router_replicas or router_num_cpus, or use router_placement: spread")
+    if args.router_placement == "spread":
+        room = sum(_fits(node, demand) for node in nodes)
+        if room < count:
+            raise ResourceError(
+                f"router_placement: spread puts the {count} Router replicas on {count} "
+                f"different nodes, but {room} node(s) can hold one ({_fmt(demand)}). Lower "
+                "router_replicas, or add nodes")
 
 
 def alive_nodes() -> list[dict[str, float]]:
@@ -83,6 +116,4 @@ def build_app(args: dict) -> Application:
         ).bind(name)
         for name, res in app_args.variants.items()
     }
-    return Router.options(ray_actor_options={
-        "num_cpus": app_args.router_num_cpus, "resources": dict(app_args.router_resources),
-    }).bind(handles)
+    return Router.options(**app_args.router_options()).bind(handles)

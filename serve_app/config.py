@@ -25,8 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from serve_app.audio.waveform import MAX_DECODE_S, MAX_DECODED_BYTES
-from serve_app.traffic.routing import RoutingTable
+from serve_app.audio.waveform import MAX_DECODE_S, MAX_DECODED_BYTES, MIN_DURATION_S, Limits
+from serve_app.wire import MIN_SAMPLES, TARGET_SR
 
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -39,6 +39,7 @@ PROXY_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # API key ids name keys in logs and metric labels: short, plain, and not the reserved labels.
 KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED_KEY_LABELS = ("anonymous", "invalid")
+MAX_BATCH_SIZE = 64  # the most clips one padded forward pass may gather
 
 
 def without_inputs(exc: ValidationError) -> str:
@@ -46,6 +47,11 @@ def without_inputs(exc: ValidationError) -> str:
     belongs must not reach a log."""
     return "; ".join(f"{'.'.join(map(str, error['loc'])) or 'value'}: {error['msg']}"
                      for error in exc.errors(include_input=False))
+
+
+def default_of(model: type[BaseModel], name: str):
+    """A settings field's default, for code that needs it before any config arrives."""
+    return model.model_fields[name].get_default(call_default_factory=True)
 
 
 class _Strict(BaseModel):
@@ -96,7 +102,7 @@ class ModelSettings(_Strict):
     # Dynamic batching (serve.batch): 1 = off. A batch runs as one padded forward pass whose
     # per-clip results equal single-clip inference; it is also capped by padded audio seconds
     # (clips x the longest: serve_app/inference/passes.py), which bounds its memory.
-    max_batch_size: int = Field(default=1, ge=1, le=64)
+    max_batch_size: int = Field(default=1, ge=1, le=MAX_BATCH_SIZE)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=1.0)
     max_batch_audio_s: float = Field(default=120.0, gt=0)
     idle_unload_s: float = Field(default=0.0, ge=0,
@@ -171,8 +177,8 @@ class RouterSettings(_Strict):
                                     description="shadow calls in flight; beyond: dropped")
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     max_duration_s: float = Field(default=120.0, gt=0)
-    # The conv stem needs 400 samples (25 ms) at 16 kHz; below 0.1 s there is no emotion.
-    min_duration_s: float = Field(default=0.1, ge=0.025)
+    # The conv stem needs MIN_SAMPLES (25 ms); below 0.1 s there is no emotion.
+    min_duration_s: float = Field(default=MIN_DURATION_S, ge=MIN_SAMPLES / TARGET_SR)
     model_timeout_s: float = Field(default=60.0, gt=0, description="wait on a variant")
     # Decoding limits, checked per decoded block whatever the header says.
     max_decoded_bytes: int = Field(default=MAX_DECODED_BYTES, ge=2**20,
@@ -210,6 +216,9 @@ class RouterSettings(_Strict):
     # The quotas are per minute; a key may spend this many seconds' worth of them at once
     # (60: a whole minute's). Shorter windows smooth bursts (and make tests quick).
     quota_window_s: float = Field(default=60.0, ge=1.0, le=3600.0)
+    # Router replicas exchange what each key spent this often (serve_app/traffic/quota_share.py):
+    # a key may overshoot by what the other replicas admit in one interval, then waits it out.
+    quota_sync_s: float = Field(default=0.5, ge=0.05, le=30.0)
 
     @field_validator("aliases")
     @classmethod
@@ -227,10 +236,10 @@ class RouterSettings(_Strict):
                 raise ValueError(f"aliases.{alias}: give at least one variant a weight above 0")
         return aliases
 
-    def resolve(self, requested: str | None, variants: list[str]) -> str | None:
-        """The variant for a requested model_version (alias or name), or None if unknown."""
-        route = RoutingTable(self.default_version, self.aliases, variants).resolve(requested)
-        return route.variant if route else None
+    def decode_limits(self) -> Limits:
+        """What a decode of one upload may produce and take."""
+        return Limits(self.max_duration_s, self.min_duration_s, self.max_decoded_bytes,
+                      self.max_decode_s)
 
     def check_against(self, variants: list[str]) -> None:
         if self.default_version not in variants and self.default_version not in self.aliases:
@@ -280,6 +289,11 @@ class VariantResources(_Strict):
         return {name: amount for name, amount in wanted.items() if amount > 0}
 
 
+# Ray gives the head node this resource (1 of it): a replica asking for a sliver lands there.
+HEAD_RESOURCE = "node:__internal_head__"
+HEAD_SLIVER = 0.001
+
+
 class AppArgs(_Strict):
     """The application builder's args."""
 
@@ -287,6 +301,13 @@ class AppArgs(_Strict):
     router_num_cpus: float = Field(default=0.25, ge=0)
     # Custom resources for the Router, e.g. to keep it (and output_dir) on one node.
     router_resources: CustomResources = Field(default_factory=dict)
+    # Router replicas (set here, not as the Router's num_replicas in `deployments`: the
+    # resource check counts them) and where they run (docs/high-availability.md):
+    # "head": beside a HeadOnly proxy, so losing a worker never takes the router;
+    # "spread": at most one per node, so losing a node takes at most one;
+    # "any": wherever Ray finds room.
+    router_replicas: int = Field(default=1, ge=1, le=64)
+    router_placement: Literal["head", "spread", "any"] = "any"
     # Off for autoscaling clusters (KubeRay) where GPUs appear on demand.
     check_resources: bool = True
 
@@ -299,8 +320,29 @@ class AppArgs(_Strict):
                 raise ValueError(f"variant name {name!r}: use lowercase letters, digits, - and _")
         return self
 
+    def router_demand(self) -> dict[str, float]:
+        """What one Router replica asks of its node (the head's own resource for "head")."""
+        demand = VariantResources(num_cpus=self.router_num_cpus,
+                                  resources=self.router_resources).demand()
+        if self.router_placement == "head":
+            demand[HEAD_RESOURCE] = HEAD_SLIVER
+        return demand
+
+    def router_options(self) -> dict:
+        """The Router deployment's options: its replicas, their resources and placement."""
+        resources = {k: v for k, v in self.router_demand().items() if k != "CPU"}
+        options = {"num_replicas": self.router_replicas,
+                   "ray_actor_options": {"num_cpus": self.router_num_cpus,
+                                         "resources": resources}}
+        if self.router_placement == "spread":
+            options["max_replicas_per_node"] = 1
+        return options
+
     def demands(self) -> dict[str, dict[str, float]]:
         """One replica of every deployment: deployment name -> what it needs from its node."""
-        router = VariantResources(num_cpus=self.router_num_cpus, resources=self.router_resources)
-        return {ROUTER_NAME: router.demand(),
+        return {ROUTER_NAME: self.router_demand(),
                 **{name: res.demand() for name, res in self.variants.items()}}
+
+    def replicas(self) -> dict[str, int]:
+        """How many replicas of every deployment the builder asks for."""
+        return {ROUTER_NAME: self.router_replicas, **dict.fromkeys(self.variants, 1)}

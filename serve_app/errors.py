@@ -1,4 +1,11 @@
-"""One error shape for the whole API: {"error": {"code", "message", ...}}."""
+"""The exceptions that cross packages or deployments, in one module (no Ray, no torch):
+
+- ApiError: a failure a client sees, {"error": {"code", "message", ...}} with its HTTP status;
+  AccessDenied, its 401/429 form from the key check (serve_app.traffic.access).
+- InvalidInput: a variant refusing the array it was sent. It travels back through Ray as
+  `RayTaskError.cause`, which the ingress recognises by isinstance (serve_app.api.variant_client).
+- ModelLoadError: a model that cannot be loaded (serve_app.checkpoints, serve_app.inference).
+"""
 
 from __future__ import annotations
 
@@ -19,3 +26,20 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message, **self.details}}
+
+
+class AccessDenied(ApiError):
+    """401 unauthorized or 429 rate_limited, with the key label to count it under."""
+
+    def __init__(self, status: int, code: str, message: str, key_label: str,
+                 headers: dict[str, str]):
+        super().__init__(status, code, message, headers=headers)
+        self.key_label = key_label
+
+
+class InvalidInput(ValueError):
+    """The array handed to a variant is not usable (the router should have caught it)."""
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model could not be loaded; the message says what to fix."""

@@ -10,6 +10,9 @@ import os
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# Custom metrics reach the Prometheus endpoint every 2 s instead of every 10 s: the tests that
+# read them wait less (Ray never reports more often than once a second).
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
 
 import json
 from dataclasses import dataclass
@@ -18,6 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from serve_app.tools.cluster import LocalServe, load_app, local_serve
 from tests import clips as clip_maker
@@ -27,6 +32,26 @@ APP_NAME = "emotion2vec"
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 # The published emotion2vec_plus_large's config.yaml, tokens.txt and configuration.json
 PUBLISHED = REPO / "tests" / "data" / "emotion2vec_plus_large"
+# Deployment options that only cost time in tests: a replica whose model breaks, or that dies,
+# is noticed after a 2 s health check period instead of Serve's 10 s.
+TEST_DEPLOYMENT_OPTIONS = {"health_check_period_s": 2}
+
+# Property-based tests run the same examples every time (derandomized, no example database)
+# and no deadline flakes on a busy machine; HYPOTHESIS_PROFILE=explore looks further, at random.
+hypothesis_settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, max_examples=100,
+    suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+hypothesis_settings.register_profile(
+    "explore", deadline=None, max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def tiny_app(checkpoint_root: Path | None = None, **router_overrides) -> dict:
+    """The tiny test config's application (see load_app), with TEST_DEPLOYMENT_OPTIONS."""
+    app = load_app(TINY_CONFIG, checkpoint_root, **router_overrides)
+    for deployment in app["deployments"]:
+        deployment.update(TEST_DEPLOYMENT_OPTIONS)
+    return app
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +74,7 @@ def service(cluster, tmp_path_factory) -> Service:
     """The tiny test config, deployed as a config file is (checkpoints generated on start)."""
     checkpoint_root = tmp_path_factory.mktemp("checkpoints")
     results_dir = tmp_path_factory.mktemp("results")
-    app = load_app(TINY_CONFIG, checkpoint_root, output_dir=str(results_dir))
+    app = tiny_app(checkpoint_root, output_dir=str(results_dir))
     cluster.put(app)
     status = cluster.wait_for(APP_NAME, ("RUNNING", "DEPLOY_FAILED", "UNHEALTHY"))
     assert status.status == "RUNNING", status
@@ -72,12 +97,14 @@ KEYED_APP, KEYED_PREFIX = "keys", "/keys"
 @pytest.fixture(scope="session")
 def keyed(cluster, service, tmp_path_factory) -> KeyedService:
     """The tiny config's base variant as a second app with API keys on, beside the open main
-    app: alpha (no limits), beta (requests), gamma and streamer (audio seconds), rotate, and cli
-    and web from a key file. Quotas in a 6 s window, so that tests wait seconds."""
+    app: alpha (no limits), beta and meter (requests), gamma and streamer (audio seconds),
+    rotate, and cli and web from a key file: each test that spends a quota or changes a key
+    has a key of its own. Quotas in a 6 s window, so that tests wait seconds."""
     from serve_app.tools.cli import new_key
 
     keys, lines = {}, {}
     for key_id, rpm, audio_spm in [("alpha", None, None), ("beta", 20, None),
+                                   ("meter", 20, None),
                                    ("gamma", None, 30), ("rotate", None, None),
                                    ("cli", None, None), ("web", None, None),
                                    ("streamer", None, 30)]:
@@ -85,7 +112,7 @@ def keyed(cluster, service, tmp_path_factory) -> KeyedService:
         lines.update(yaml.safe_load(line))
     key_file = tmp_path_factory.mktemp("keys") / "api-keys.json"
     key_file.write_text(json.dumps({k: lines.pop(k) for k in ("cli", "web")}))
-    app = load_app(TINY_CONFIG, service.checkpoints["base"].parent)
+    app = tiny_app(service.checkpoints["base"].parent)
     app.update(name=KEYED_APP, route_prefix=KEYED_PREFIX)
     app["args"]["variants"] = {"base": {"num_cpus": 0.05}}
     app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Router", "base")]

@@ -326,15 +326,22 @@ def test_rotation_by_redeploy_is_live(keyed, clips):
     router = next(d for d in rotated["deployments"] if d["name"] == "Router")
     router["user_config"]["api_keys"].update(yaml.safe_load(line))
     keyed.cluster.put(rotated)
-    keyed.app, keyed.keys["rotate"] = rotated, new
-    deadline = time.monotonic() + 60
-    while httpx.get(keyed.url + "/v1/models", headers=bearer(new),
+    try:
+        wait_until_accepted(keyed, new)
+        assert httpx.get(keyed.url + "/v1/models", headers=bearer(old_key),
+                         timeout=30).status_code == 401
+        assert routers() == before  # the same replica: reconfigured in place, not restarted
+    finally:  # the keys as the session's other tests know them
+        keyed.cluster.put(keyed.app)
+        wait_until_accepted(keyed, old_key)
+
+
+def wait_until_accepted(keyed, key: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(keyed.url + "/v1/models", headers=bearer(key),
                     timeout=30).status_code != 200:
-        assert time.monotonic() < deadline, "the new key was never accepted"
+        assert time.monotonic() < deadline, "the key was never accepted"
         time.sleep(0.25)
-    assert httpx.get(keyed.url + "/v1/models", headers=bearer(old_key),
-                     timeout=30).status_code == 401
-    assert routers() == before  # the same replica: reconfigured in place, not restarted
 
 
 def test_logs_and_metrics_name_key_ids_never_keys(keyed, clips):
@@ -344,6 +351,10 @@ def test_logs_and_metrics_name_key_ids_never_keys(keyed, clips):
             {"X-API-Key": keyed.keys["alpha"], "X-Request-ID": request_id})
     predict(keyed.url, clips["tone_16k_mono_wav"],
             {"X-API-Key": wrong, "X-Request-ID": request_id + "-bad"})
+    # meter's bucket holds 2 requests: the third within seconds is over its quota.
+    metered = [httpx.get(keyed.url + "/v1/models", headers=bearer(keyed.keys["meter"]),
+                         timeout=30).status_code for _ in range(3)]
+    assert metered[-1] == 429, metered
     pattern = os.path.join(keyed.cluster.temp_dir, "session_latest", "logs", "serve",
                            f"replica_{keyed.app['name']}_Router_*.log")
     deadline = time.monotonic() + 30
@@ -362,8 +373,8 @@ def test_logs_and_metrics_name_key_ids_never_keys(keyed, clips):
 
     wanted = [("_requests_total{", 'key="alpha"', 'outcome="admitted"'),
               ("_requests_total{", 'key="invalid"', 'outcome="unauthorized"'),
-              ("_requests_total{", 'key="beta"', 'outcome="rate_limited"'),
-              ("_audio_seconds_total{", 'key="gamma"')]
+              ("_requests_total{", 'key="meter"', 'outcome="rate_limited"'),
+              ("_audio_seconds_total{", 'key="alpha"')]
 
     def found(lines: list[str]) -> bool:
         return all(any(all(piece in line for piece in pieces) for line in lines)

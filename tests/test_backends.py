@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from serve_app.checkpoints import generate
 from serve_app.config import ModelSettings
-from serve_app.inference import backends
 from serve_app.inference.engine import EmotionEngine
 from serve_app.inference.graph import PaddedEncoder
 from tests import clips as clip_maker
@@ -153,19 +152,19 @@ def test_artefacts_are_cached_per_checkpoint_and_reused(engines, tiny, cache, tm
     assert different.info.backend_info["cache_dir"] != folder
 
 
-def test_a_backend_that_fails_leaves_eager_torch_with_the_reason(tiny, tmp_path, monkeypatch,
-                                                                  engines):
-    def broken(*args, **kwargs):
-        raise RuntimeError("conversion exploded")
-
-    monkeypatch.setattr(backends, "_convert", broken)
+def test_a_backend_that_cannot_run_leaves_eager_torch_with_the_reason(tiny, tmp_path, engines):
+    """Its cache cannot be written (a file where the folder should be): a real failure of the
+    conversion, and the engine still loads, on eager torch, saying why."""
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
     engine = EmotionEngine(ModelSettings(source=str(tiny), backend="openvino",
-                                         compiled_cache_dir=str(tmp_path / "empty")), "cpu", 1)
+                                         compiled_cache_dir=str(blocked / "compiled")), "cpu", 1)
     engine.load()
     engine.warmup()
     info = engine.info.backend_info
     assert engine.info.backend == "torch" and info["requested"] == "openvino"
-    assert "conversion exploded" in info["note"]
+    assert "openvino unavailable, running eager torch" in info["note"]
+    assert engine.identity()["backend"] == "torch"
     clip = _clips()[0]
     np.testing.assert_allclose(engine.predict(clip, "utterance", False).scores,
                                engines["torch", "fp32"].predict(clip, "utterance", False).scores,
@@ -180,39 +179,63 @@ def test_backend_is_a_setting_that_needs_a_reload():
         ModelSettings(source="/m", backend="tensorrt")
 
 
+def _metric_line(cluster, variant: str, backend: str) -> str:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = httpx.get(cluster.metrics_url, timeout=30).text
+        line = next((m for m in text.splitlines() if m.startswith("ray_emotion2vec_backend{")
+                     and f'deployment="{variant}"' in m and f'backend="{backend}"' in m), "")
+        if line:
+            return line
+        time.sleep(2)
+    return ""
+
+
 def test_the_service_reports_the_backend_that_runs(cluster, tiny, cache, engines):
-    """A variant on openvino, deployed: /v1/models and the metric say which backend runs;
-    the replica reuses the artefacts the engines above built (same checkpoint and cache)."""
+    """Two variants on openvino, deployed: one reuses the artefacts the engines above built
+    (same checkpoint and cache); the other cannot write its cache and runs on eager torch,
+    a running replica that says so. /v1/models and the metric say which backend runs."""
+    blocked = cache.parent / "blocked-cache"
+    blocked.write_text("")
     app = {"name": "compiled", "route_prefix": "/compiled",
            "import_path": "serve_app.app:build_app",
-           "args": {"router_num_cpus": 0.05, "variants": {"fast": {"num_cpus": 0.05}}},
+           "args": {"router_num_cpus": 0.05, "variants": {"fast": {"num_cpus": 0.05},
+                                                          "fallback": {"num_cpus": 0.05}}},
            "deployments": [
                {"name": "Router", "user_config": {"default_version": "fast"}},
                {"name": "fast", "user_config": {
                    "source": str(tiny), "backend": "openvino", "precision": "reduced",
-                   "threads": 1, "compiled_cache_dir": str(cache)}}]}
+                   "threads": 1, "compiled_cache_dir": str(cache)}},
+               {"name": "fallback", "user_config": {
+                   "source": str(tiny), "backend": "openvino", "threads": 1,
+                   "compiled_cache_dir": str(blocked / "compiled")}}]}
     cluster.put(app)
     try:
         status = cluster.wait_for("compiled", ("RUNNING", "DEPLOY_FAILED", "UNHEALTHY"))
         assert status.status == "RUNNING", status
         url = cluster.url + "/compiled"
-        info = httpx.get(f"{url}/v1/models", timeout=30).json()["variants"]["fast"]
+        variants = httpx.get(f"{url}/v1/models", timeout=30).json()["variants"]
+        info = variants["fast"]
         assert info["backend"] == "openvino" and info["dtype"] == "bfloat16"
         assert info["backend_info"]["requested"] == "openvino"
         assert info["backend_info"]["cache"] == "hit"
+        fallback = variants["fallback"]
+        assert fallback["state"] == "ready" and fallback["backend"] == "torch"
+        assert fallback["backend_info"]["requested"] == "openvino"
+        assert "running eager torch" in fallback["backend_info"]["note"]
         clip = _clips()[1]
         wav = clip_maker.write(cache.parent / "backend-clip.wav", clip, 16_000).read_bytes()
         body = httpx.post(f"{url}/v1/predict", files={"file": ("c.wav", wav)},
                           timeout=60).json()
         expected = engines["openvino", "reduced"].predict(clip, "utterance", False).scores
         np.testing.assert_allclose(list(body["scores"].values()), expected, atol=1e-3, rtol=0)
-        deadline = time.monotonic() + 60
-        line = ""
-        while time.monotonic() < deadline and not line:
-            text = httpx.get(cluster.metrics_url, timeout=30).text
-            line = next((m for m in text.splitlines() if m.startswith("ray_emotion2vec_backend{")
-                         and 'deployment="fast"' in m and 'backend="openvino"' in m), "")
-            time.sleep(0 if line else 2)
-        assert line.endswith(" 1.0"), line
+        body = httpx.post(f"{url}/v1/predict", files={"file": ("c.wav", wav)},
+                          data={"model_version": "fallback"},
+                          timeout=60).json()
+        expected = engines["torch", "fp32"].predict(clip, "utterance", False).scores
+        np.testing.assert_allclose(list(body["scores"].values()), expected, atol=1e-5, rtol=0)
+        for variant, runs in (("fast", "openvino"), ("fallback", "torch")):
+            line = _metric_line(cluster, variant, runs)
+            assert 'requested="openvino"' in line and line.endswith(" 1.0"), line
     finally:
         cluster.remove("compiled")

@@ -4,8 +4,6 @@ result."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import soundfile
@@ -13,17 +11,21 @@ import soundfile
 from serve_app.audio import sndfile
 from tests.test_lifecycle import Client, make_app, tiny
 from tests.test_stream import assert_scores_equal, lockstep, open_stream, predicted
+from tests.traffic import in_threads
 
 BATCHING = {"max_batch_size": 8, "batch_wait_timeout_s": 0.2}
+
+
+def batched_app(root, base_batching: dict = BATCHING) -> dict:
+    return make_app(root, name="batched", prefix="/batched", variants=("base", "large"),
+                    base={**tiny(root, 8), **base_batching}, large={**tiny(root, 9), **BATCHING})
 
 
 @pytest.fixture(scope="module")
 def batched(cluster, tmp_path_factory):
     """base and large with batching on: base for predict requests, large for streams."""
     root = tmp_path_factory.mktemp("batched")
-    app = make_app(root, name="batched", prefix="/batched", variants=("base", "large"),
-                   base={**tiny(root, 8), **BATCHING}, large={**tiny(root, 9), **BATCHING})
-    cluster.put(app)
+    cluster.put(batched_app(root))
     assert cluster.wait_for("batched", ("RUNNING", "DEPLOY_FAILED")).status == "RUNNING"
     yield root, Client(cluster.url, "/batched")
     cluster.remove("batched")
@@ -38,19 +40,13 @@ def test_concurrent_requests_are_batched_and_match_funasr(cluster, batched, funa
         path = root / f"clip{index}.wav"
         soundfile.write(path, samples, 16_000, subtype="FLOAT")
         clips.append(path)
-    answers: dict[int, dict] = {}
 
-    def send(index: int) -> None:
-        response = client.predict(clips[index], extract_embedding="true",
-                                  granularity="frame", model_version="base")
-        answers[index] = response.json() if response.status_code == 200 else {
-            "error": response.text}
+    def send(path):
+        response = client.predict(path, extract_embedding="true", granularity="frame",
+                                  model_version="base")
+        return response.json() if response.status_code == 200 else {"error": response.text}
 
-    senders = [threading.Thread(target=send, args=(i,)) for i in range(len(clips))]
-    for sender in senders:
-        sender.start()
-    for sender in senders:
-        sender.join(timeout=120)
+    answers = in_threads(*[lambda path=path: send(path) for path in clips], timeout_s=120)
     info = client.variant("base")
     assert info["largest_batch"] > 1, info
     model = funasr_models(root / "tiny-seed8")
@@ -65,11 +61,14 @@ def test_concurrent_requests_are_batched_and_match_funasr(cluster, batched, funa
         np.testing.assert_allclose(body["embedding"], expected["feats"], atol=1e-4, rtol=0)
 
     # Batch settings change live: no reload.
-    cluster.put(make_app(root, name="batched", prefix="/batched", variants=("base", "large"),
-                         base={**tiny(root, 8), "max_batch_size": 1},
-                         large={**tiny(root, 9), **BATCHING}))
-    changed = client.wait("base", lambda i: i["max_batch_size"] == 1, timeout_s=60)
-    assert changed["load_count"] == info["load_count"]
+    cluster.put(batched_app(root, {"max_batch_size": 1}))
+    try:
+        changed = client.wait("base", lambda i: i["max_batch_size"] == 1, timeout_s=60)
+        assert changed["load_count"] == info["load_count"]
+    finally:
+        cluster.put(batched_app(root))
+        client.wait("base", lambda i: i["max_batch_size"] == BATCHING["max_batch_size"],
+                    timeout_s=60)
 
 
 def test_windows_of_concurrent_streams_share_padded_batches(cluster, batched):
@@ -79,18 +78,13 @@ def test_windows_of_concurrent_streams_share_padded_batches(cluster, batched):
     assert client.variant("large")["largest_batch"] == 0  # nothing has run on large yet
     raws = [np.round(0.3 * np.sin(2 * np.pi * (170 + 30 * i) * np.arange(24_000) / 16_000)
                      * 32767).astype(np.int16) for i in range(4)]
-    events: dict[int, list[dict]] = {}
 
-    def run(index: int) -> None:
+    def run(raw: np.ndarray) -> list[dict]:
         with open_stream(cluster.url + "/batched", model_version="large", window_s=1.0,
                          hop_s=0.5) as (ws, _):
-            events[index] = lockstep(ws, raws[index], 16_000, 0.5)
+            return lockstep(ws, raw, 16_000, 0.5)
 
-    streams = [threading.Thread(target=run, args=(i,)) for i in range(len(raws))]
-    for thread in streams:
-        thread.start()
-    for thread in streams:
-        thread.join(timeout=120)
+    events = in_threads(*[lambda raw=raw: run(raw) for raw in raws], timeout_s=120)
     assert client.variant("large")["largest_batch"] > 1
     for index, raw in enumerate(raws):
         *windows, result = events[index]

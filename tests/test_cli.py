@@ -259,10 +259,12 @@ def test_backoff_delay():
 
 class FlakyServer:
     """Answers 429 once, then 503 (each with Retry-After: 1), `failures` times in all, then
-    200 with a result."""
+    200 with a result. `lost`: the first answers are instead those of a server that dies
+    mid-request: "500" (Serve's proxy, plain text), "502" (a load balancer) or "drop" (the
+    connection closed without an answer)."""
 
-    def __init__(self, failures: int):
-        self.failures = failures
+    def __init__(self, failures: int, lost: tuple[str, ...] = ()):
+        self.failures, self.lost = failures, lost
         self.times: list[float] = []
         server = self
 
@@ -270,6 +272,16 @@ class FlakyServer:
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("content-length", 0)))
                 server.times.append(time.monotonic())
+                if len(server.times) <= len(server.lost):
+                    how = server.lost[len(server.times) - 1]
+                    if how == "drop":
+                        self.close_connection = True
+                        return
+                    self.send_response(int(how))
+                    self.send_header("content-length", "21")
+                    self.end_headers()
+                    self.wfile.write(b"Internal Server Error")
+                    return
                 if len(server.times) == 1 and server.failures:
                     body, status = {"error": {"code": "rate_limited", "message": "quota"}}, 429
                 elif len(server.times) <= server.failures:
@@ -322,3 +334,14 @@ def test_retries_are_bounded(clips):
     (row,) = [json.loads(line) for line in done.stdout.splitlines()]
     assert row["status"] == "failed" and row["attempts"] == 2 and row["http_status"] == 503
     assert row["error"] == "503 overloaded: busy" and len(server.times) == 2
+
+
+def test_requests_lost_with_a_dying_server_are_sent_again(clips):
+    """Predict has no side effects: a plain 500, a 502 and a dropped connection are retried
+    (with the backoff); a 4xx is not (test_unknown_version_fails_with_a_non_zero_exit)."""
+    with FlakyServer(failures=0, lost=("500", "drop", "502")) as server:
+        done = run_cli(str(clips["tone_16k_mono_wav"]), "--url", server.url, "--tries", "4",
+                       "--backoff", "0.1", "--no-progress", timeout=60)
+    assert done.returncode == 0, done.stderr
+    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert row["status"] == "ok" and row["attempts"] == 4 and len(server.times) == 4

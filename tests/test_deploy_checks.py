@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serve_app.app import ResourceError, check_resources
-from serve_app.config import AppArgs
+from serve_app.config import HEAD_RESOURCE, AppArgs
 from serve_app.tools.cluster import load_app
 from tests.conftest import REPO
 
@@ -61,6 +61,45 @@ def test_check_resources_counts_every_node_and_each_replica_needs_one():
     with pytest.raises(ResourceError, match=r"one base replica asks for \{CPU: 1, GPU: 1, "
                                             r"gpu_pod: 1\} but no single node"):
         check_resources(args, [{"CPU": 3}, {"GPU": 1, "gpu_pod": 1}, {"GPU": 1, "gpu_pod": 1}])
+
+
+def test_check_resources_counts_every_router_replica_and_its_placement():
+    def args(replicas: int, placement: str) -> AppArgs:
+        return AppArgs.model_validate({"variants": {"base": {"num_cpus": 1}},
+                                       "router_num_cpus": 1, "router_replicas": replicas,
+                                       "router_placement": placement})
+
+    head = {"CPU": 2, HEAD_RESOURCE: 1.0}
+    spread = args(2, "spread")
+    check_resources(spread, [{"CPU": 2}, {"CPU": 1}])
+    with pytest.raises(ResourceError, match=r"ask for 3 CPUs but the cluster has 2\b"):
+        check_resources(spread, [{"CPU": 2}])  # enough for one Router, not two
+    with pytest.raises(ResourceError, match=r"spread puts the 2 Router replicas on 2 different "
+                                            r"nodes, but 1 node\(s\) can hold one"):
+        check_resources(spread, [{"CPU": 8}, {"CPU": 0.5}])
+    on_head = args(2, "head")
+    check_resources(on_head, [head, {"CPU": 1}])
+    with pytest.raises(ResourceError, match=r"head puts the 2 Router replica\(s\) on the head "
+                                            r"node, which cannot hold 2 x \{CPU: 1\}"):
+        check_resources(on_head, [{**head, "CPU": 1}, {"CPU": 8}])
+    # What the builder asks Serve for.
+    assert spread.router_options() == {
+        "num_replicas": 2, "max_replicas_per_node": 1,
+        "ray_actor_options": {"num_cpus": 1, "resources": {}}}
+    assert on_head.router_options()["ray_actor_options"]["resources"] == {HEAD_RESOURCE: 0.001}
+    assert "max_replicas_per_node" not in args(1, "any").router_options()
+
+
+def test_router_placement_of_the_shipped_configs():
+    """Production: two Router replicas on two nodes; offline: the Router beside the proxy."""
+    for path, replicas, placement in [("deploy.yaml", 2, "spread"),
+                                      ("configs/cpu.yaml", 1, "head"),
+                                      ("configs/single-gpu.yaml", 1, "head"),
+                                      ("configs/tiny.yaml", 1, "head")]:
+        args = AppArgs.model_validate(load_app(REPO / path)["args"])
+        assert (args.router_replicas, args.router_placement) == (replicas, placement), path
+        router = next(d for d in load_app(REPO / path)["deployments"] if d["name"] == "Router")
+        assert "num_replicas" not in router and "max_replicas_per_node" not in router, path
 
 
 def test_every_shipped_config_is_valid():

@@ -16,7 +16,7 @@ import av.logging
 import numpy as np
 import pytest
 import soundfile
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serve_app.audio import ffmpeg as audio_av
@@ -26,6 +26,7 @@ from serve_app.audio.waveform import Limits
 from serve_app.errors import ApiError
 from tests import media
 from tests.media import FORMATS, Spec
+from tests.traffic import Background
 
 SECONDS = 2.0
 LIMITS = Limits(max_duration_s=120)  # the router's default cap
@@ -268,15 +269,16 @@ def test_nothing_a_playlist_names_is_opened(tmp_path, monkeypatch):
 
     os.mkfifo(tmp_path / "pipe.wav")
     opened = threading.Event()
-    outcomes: list = []
 
-    def attempt() -> None:
+    def attempt() -> list[int]:
+        outcomes = []
         for body in _playlists("pipe.wav").values():
             try:
                 audio_av.decode(body, LIMITS)
                 outcomes.append(200)
             except ApiError as exc:
                 outcomes.append(exc.status)
+        return outcomes
 
     def poll() -> None:
         try:  # succeeds only while a reader has the FIFO open (and then lets it go on)
@@ -285,14 +287,13 @@ def test_nothing_a_playlist_names_is_opened(tmp_path, monkeypatch):
         except OSError as exc:
             assert exc.errno == errno.ENXIO
 
-    decoding = threading.Thread(target=attempt)
-    decoding.start()
+    decoding = Background(attempt)
     deadline = time.monotonic() + 60
-    while decoding.is_alive() and time.monotonic() < deadline:
+    while not decoding.done() and time.monotonic() < deadline:
         poll()
-        decoding.join(timeout=0.01)
+        time.sleep(0.01)
     poll()
-    assert not decoding.is_alive()
+    outcomes = decoding.result(timeout_s=0)
     assert not opened.is_set()
     assert outcomes == [415, 415, 415]
 
@@ -323,7 +324,7 @@ def _fuzz(fuzz_pool, seed: bytes, flips, cut) -> None:
     assert pool.failures == before, "a decode worker crashed or hung"
 
 
-_FUZZ = settings(max_examples=120, deadline=10_000, suppress_health_check=[HealthCheck.too_slow])
+_FUZZ = settings(max_examples=120)  # the rest from the profile (tests/conftest.py)
 _MUTATIONS = (st.lists(st.tuples(st.integers(0, 40_000), st.integers(0, 255)), max_size=16),
               st.integers(0, 20_000))
 _M4A = media.encode(FORMATS["m4a_aac"][0], 1.0)

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import struct
-import threading
 import time
 from pathlib import Path
 
@@ -17,12 +16,13 @@ import httpx
 import numpy as np
 import pytest
 import soundfile
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serve_app.audio import sndfile
 from serve_app.errors import ApiError
 from tests.test_lifecycle import Client, make_app, tiny
+from tests.traffic import Traffic, post_clip
 
 
 def encode(samples: np.ndarray, rate: int, fmt: str = "WAV", subtype: str | None = None) -> bytes:
@@ -150,7 +150,7 @@ def test_oversized_body_is_refused_before_it_is_read_whole(service):
     assert sent < 64 * 2**20, sent  # refused before the whole body was taken
 
 
-@settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150)  # the rest from the profile (tests/conftest.py)
 @given(st.binary(max_size=4096))
 def test_fuzz_decoder_on_random_bytes(data):
     _decode_or_4xx(data)
@@ -161,7 +161,7 @@ _SEEDS = [encode(tone(0.5), 16_000), encode(tone(0.5, 8_000), 8_000, "FLAC"),
           encode(tone(0.5, 16_000, 2), 16_000, subtype="PCM_24")]
 
 
-@settings(max_examples=250, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250)
 @given(st.sampled_from(_SEEDS), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
                                          max_size=12), st.integers(0, 12_000))
 def test_fuzz_decoder_on_mutated_files(seed, flips, cut):
@@ -201,25 +201,16 @@ def tight(cluster, tmp_path_factory):
 def test_overload_answers_503_with_retry_after(tight, cluster, tmp_path):
     clip = tmp_path / "25s.wav"
     soundfile.write(clip, tone(25.0), 16_000)  # ~0.5 s of inference on the tiny model
-    responses: list[httpx.Response] = []
-
-    def send() -> None:
-        with httpx.Client(base_url=cluster.url + "/tight", timeout=60) as http:
-            responses.append(http.post("/v1/predict",
-                                       files={"file": ("c.wav", clip.read_bytes())}))
-
-    senders = [threading.Thread(target=send) for _ in range(8)]
-    for sender in senders:
-        sender.start()
-    for sender in senders:
-        sender.join(timeout=90)
-    codes = sorted(r.status_code for r in responses)
-    assert len(codes) == 8 and set(codes) <= {200, 503, 504}, codes
+    # Eight requests at once, one each.
+    with Traffic(cluster.url + "/tight", post_clip(clip), senders=8, per_sender=1) as traffic:
+        traffic.join()
+    codes = sorted(o.status for o in traffic.outcomes)
+    assert len(codes) == 8 and set(codes) <= {200, 503, 504}, [str(o) for o in traffic.outcomes]
     assert 200 in codes and 503 in codes, codes
-    for response in responses:
-        if response.status_code == 503:
-            assert response.headers["retry-after"]
-            assert response.json()["error"]["code"] == "overloaded"
+    for outcome in traffic.outcomes:
+        if outcome.status == 503:
+            assert outcome.retry_after
+            assert json.loads(outcome.value)["error"]["code"] == "overloaded"
     assert tight.predict(clip).status_code == 200  # and it recovers
 
 
@@ -237,8 +228,13 @@ def test_slow_model_answers_504(tight, cluster, tmp_path):
             assert time.monotonic() < deadline, response.json()["timings_ms"]
         assert response.status_code == 504, response.text
         assert response.json()["error"]["code"] == "model_timeout"
-    finally:
+    finally:  # the usual timeout again, and seen: a 25 s clip is answered in time
         cluster.put(app)
+        short = tmp_path / "25s.wav"
+        soundfile.write(short, tone(25.0), 16_000)
+        deadline = time.monotonic() + 30
+        while tight.predict(short).status_code != 200:
+            assert time.monotonic() < deadline, "the router kept the short model timeout"
 
 
 def test_killed_replica_is_replaced_and_no_request_hangs(cluster, tmp_path_factory, clips):
@@ -251,34 +247,17 @@ def test_killed_replica_is_replaced_and_no_request_hangs(cluster, tmp_path_facto
         victim = client.variant("base")["pid"]
         clip = tmp_path_factory.mktemp("fault-clips") / "20s.wav"
         soundfile.write(clip, tone(20.0), 16_000)
-        outcomes: list[int | str] = []
-        stop = threading.Event()
-
-        def send() -> None:
-            with httpx.Client(base_url=cluster.url + "/fault", timeout=60) as http:
-                deadline = time.monotonic() + 90
-                while not stop.is_set() and time.monotonic() < deadline and len(outcomes) < 500:
-                    try:
-                        outcomes.append(http.post("/v1/predict", files={
-                            "file": ("c.wav", clip.read_bytes())}).status_code)
-                    except httpx.HTTPError as exc:  # a hang ends here, as a failure
-                        outcomes.append(type(exc).__name__)
-
-        senders = [threading.Thread(target=send) for _ in range(3)]
-        for sender in senders:
-            sender.start()
-        try:
-            time.sleep(1.5)
+        # A hang ends at the client's timeout, as a transport error: a failure.
+        with Traffic(cluster.url + "/fault", post_clip(clip), senders=3, per_sender=500,
+                     max_s=90) as traffic:
+            traffic.wait_for(3)
             os.kill(victim, signal.SIGKILL)  # a process of this test's own cluster
             replaced = client.wait("base", lambda i: i.get("pid") not in (None, victim)
                                    and i["state"] == "ready", timeout_s=90)
             time.sleep(1.0)
-        finally:
-            stop.set()
-            for sender in senders:
-                sender.join(timeout=90)
-        assert set(outcomes) <= {200, 503}, outcomes
-        assert outcomes.count(200) >= 3
+        counts = traffic.counts()
+        assert set(counts) <= {200, 503}, counts
+        assert counts.get(200, 0) >= 3
         assert replaced["load_count"] == 1
         health = client.http.get("/health").json()
         assert health["variants"]["base"] == "ready"

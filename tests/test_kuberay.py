@@ -142,9 +142,30 @@ def test_readiness_cache_and_exposure():
     assert mount["name"] == volume["name"]
     assert all(env[key].startswith(mount["mountPath"] + "/") for key in ("MODELSCOPE_CACHE",
                                                                           "HF_HOME"))
+    # Every pod's proxy replays requests lost with a Router replica.
+    head_env = {e["name"]: e["value"] for e in cluster["headGroupSpec"]["template"]["spec"][
+        "containers"][0]["env"]}
+    for values in (env, head_env):
+        assert values["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == \
+            "serve_app.api.failover.proxy_middlewares"
     # Dashboard and metrics on the cluster network only; Ray's token auth on; not root.
     head = cluster["headGroupSpec"]
     assert head["serviceType"] == "ClusterIP" and not head.get("enableIngress")
     assert cluster["authOptions"] == {"mode": "token"}
     for group in (head, workers):
         assert group["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_router_replicas_go_to_distinct_gpu_pods():
+    """Two Router replicas, spread: the GPU pods each have room for one; a placement the
+    manifest's cluster cannot hold is refused when the manifest is made."""
+    (app,) = yaml.safe_load(documents()["RayService"]["spec"]["serveConfigV2"])["applications"]
+    args = AppArgs.model_validate(app["args"])
+    assert (args.router_replicas, args.router_placement) == (2, "spread")
+    deploy = yaml.safe_load((REPO / "deploy.yaml").read_text())
+    for replicas, placement in [(1, "head"), (4, "spread")]:
+        broken = copy.deepcopy(deploy)
+        broken["applications"][0]["args"].update(router_replicas=replicas,
+                                                 router_placement=placement)
+        with pytest.raises(ValueError, match="router_placement"):
+            kuberay.manifest(broken, "image:1")

@@ -5,7 +5,6 @@ release and scale to zero. (A failed reload keeps the old model: test_checkpoint
 from __future__ import annotations
 
 import copy
-import threading
 import time
 from pathlib import Path
 
@@ -15,8 +14,8 @@ import pytest
 import soundfile
 
 from serve_app.audio import sndfile
-from serve_app.tools.cluster import load_app
-from tests.conftest import TINY_CONFIG
+from tests.conftest import tiny_app
+from tests.traffic import Traffic, post_clip
 
 APP = "lifecycle"
 PREFIX = "/lc"
@@ -26,7 +25,7 @@ def make_app(checkpoint_root: Path, name: str = APP, prefix: str = PREFIX,
              variants: tuple[str, ...] = ("base", "large"), router: dict | None = None,
              **model_overrides) -> dict:
     """The tiny config as another app; model_overrides: variant -> user_config updates."""
-    app = load_app(TINY_CONFIG, checkpoint_root)
+    app = tiny_app(checkpoint_root)
     app.update(name=name, route_prefix=prefix)
     app["args"]["variants"] = {v: app["args"]["variants"][v] for v in variants}
     app["deployments"] = [d for d in app["deployments"] if d["name"] in (*variants, "Router")]
@@ -71,13 +70,35 @@ def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lifecycle-checkpoints")
 
 
+def initial_app(root: Path) -> dict:
+    return make_app(root, base=tiny(root, 11), large=tiny(root, 12))
+
+
 @pytest.fixture(scope="module")
-def lifecycle(cluster, root):
-    app = make_app(root, base=tiny(root, 11), large=tiny(root, 12))
-    cluster.put(app)
+def lifecycle_app(cluster, root):
+    cluster.put(initial_app(root))
     assert cluster.wait_for(APP, ("RUNNING", "DEPLOY_FAILED")).status == "RUNNING"
     yield Client(cluster.url, PREFIX)
     cluster.remove(APP)
+
+
+@pytest.fixture
+def lifecycle(cluster, root, lifecycle_app):
+    """The module's app as initial_app deploys it, whatever the test changes: a test that
+    changed it gets it back (base seed 11, large seed 12, the router's default base)."""
+    yield lifecycle_app
+    initial = initial_app(root)
+    if cluster.apps[APP] == initial:
+        return
+    cluster.put(initial)
+    for name in ("base", "large"):
+        lifecycle_app.wait(name, lambda i, n=name: i["state"] == "ready" and (
+            i["identity"] or {}).get("source") == f"tiny-seed{11 if n == 'base' else 12}")
+    deadline = time.monotonic() + 60
+    while (models := lifecycle_app.http.get("/v1/models").json())["aliases"] or \
+            models["default_version"] != "base":
+        assert time.monotonic() < deadline, f"the router was not restored: {models}"
+        time.sleep(0.25)
 
 
 def expected_scores(funasr_models, directory: Path, clip: Path) -> list[float]:
@@ -93,35 +114,15 @@ def test_swap_under_load_fails_no_request(cluster, root, lifecycle, clips, funas
     clip = clips["tone_16k_mono_wav"]
     before = lifecycle.variant("base")
     old_scores = expected_scores(funasr_models, root / "tiny-seed11", clip)
-    results: list[tuple[float, int, list[float] | str]] = []
-    stop = threading.Event()
-
-    def send() -> None:
-        with httpx.Client(base_url=cluster.url + PREFIX, timeout=60) as http:
-            deadline = time.monotonic() + 120  # bounded: stops by itself
-            while not stop.is_set() and time.monotonic() < deadline and len(results) < 5000:
-                response = http.post("/v1/predict", files={"file": ("c.wav", clip.read_bytes())},
-                                     data={"model_version": "base"})
-                results.append((time.monotonic(), response.status_code,
-                                ordered(response.json()) if response.status_code == 200
-                                else response.text))
-
-    senders = [threading.Thread(target=send) for _ in range(3)]
-    for sender in senders:
-        sender.start()
-    try:
-        time.sleep(1.0)
+    with Traffic(cluster.url + PREFIX, post_clip(clip, model_version="base"), senders=3,
+                 read=lambda response: ordered(response.json())) as traffic:
+        traffic.wait_for(3)
         cluster.put(make_app(root, base=tiny(root, 21), large=tiny(root, 12)))
         swapped = lifecycle.wait(
             "base", lambda i: (i["last_swap"] or {}).get("result") == "ok")
         swap_seen_at = time.monotonic()
-        time.sleep(1.0)
-    finally:
-        stop.set()
-        for sender in senders:
-            sender.join(timeout=130)
-    failures = [r for r in results if r[1] != 200]
-    assert not failures, failures[:3]
+        traffic.wait_for(3, since=swap_seen_at)
+    assert not traffic.failures(), [str(f) for f in traffic.failures()[:3]]
     assert swapped["pid"] == before["pid"]  # swapped inside the same replica process
     assert swapped["load_count"] == before["load_count"] + 1
     assert swapped["identity"]["sha256"] != before["identity"]["sha256"]
@@ -129,12 +130,13 @@ def test_swap_under_load_fails_no_request(cluster, root, lifecycle, clips, funas
     new_scores = expected_scores(funasr_models, root / "tiny-seed21", clip)
     assert not np.allclose(old_scores, new_scores, atol=1e-3)
     # Every answer came from one model or the other, the old first, the new at the end.
-    for _, _, scores in results:
-        assert (np.allclose(scores, old_scores, atol=1e-5) or
-                np.allclose(scores, new_scores, atol=1e-5))
-    np.testing.assert_allclose(results[0][2], old_scores, atol=1e-5)
-    np.testing.assert_allclose(results[-1][2], new_scores, atol=1e-5)
-    assert sum(1 for t, _, _ in results if t < swap_seen_at) >= 3
+    results = sorted(traffic.outcomes, key=lambda outcome: outcome.ended)
+    for outcome in results:
+        assert (np.allclose(outcome.value, old_scores, atol=1e-5) or
+                np.allclose(outcome.value, new_scores, atol=1e-5))
+    np.testing.assert_allclose(results[0].value, old_scores, atol=1e-5)
+    np.testing.assert_allclose(results[-1].value, new_scores, atol=1e-5)
+    assert sum(1 for outcome in results if outcome.started < swap_seen_at) >= 3
     np.testing.assert_allclose(ordered(lifecycle.predict(clip, model_version="base").json()),
                                new_scores, atol=1e-5)
 
@@ -143,7 +145,7 @@ def test_reconfigure_with_the_same_config_loads_once(cluster, root, lifecycle):
     from ray import serve
 
     before = lifecycle.variant("base")
-    app = make_app(root, base=tiny(root, 21), large=tiny(root, 12))
+    app = copy.deepcopy(cluster.apps[APP])
     cluster.put(app)  # the same config again through the deploy path
     user_config = next(d for d in app["deployments"] if d["name"] == "base")["user_config"]
     handle = serve.get_deployment_handle("base", app_name=APP)
@@ -187,34 +189,16 @@ def test_restarting_change_has_no_stall(cluster, root, clips):
         assert cluster.wait_for("restart", ("RUNNING", "DEPLOY_FAILED")).status == "RUNNING"
         client = Client(cluster.url, "/restart")
         before = client.variant("base")
-        clip = clips["tone_16k_mono_wav"]
-        codes: list[int] = []
-        stop = threading.Event()
-
-        def send() -> None:
-            with httpx.Client(base_url=cluster.url + "/restart", timeout=60) as http:
-                deadline = time.monotonic() + 120
-                while not stop.is_set() and time.monotonic() < deadline and len(codes) < 5000:
-                    codes.append(http.post("/v1/predict",
-                                           files={"file": ("c.wav", clip.read_bytes())}
-                                           ).status_code)
-
-        senders = [threading.Thread(target=send) for _ in range(2)]
-        for sender in senders:
-            sender.start()
-        try:
-            time.sleep(1.0)
+        with Traffic(cluster.url + "/restart", post_clip(clips["tone_16k_mono_wav"]),
+                     senders=2) as traffic:
+            traffic.wait_for(2)
             restarted = copy.deepcopy(app)
             restarted["args"]["variants"]["base"]["num_cpus"] = 0.15
             cluster.put(restarted)
             client.wait("base", lambda i: i.get("pid") not in (None, before["pid"]))
             assert cluster.wait_for("restart", ("RUNNING",)).status == "RUNNING"
-            time.sleep(1.0)
-        finally:
-            stop.set()
-            for sender in senders:
-                sender.join(timeout=130)
-        assert codes and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+            traffic.wait_for(2, since=time.monotonic())  # answered by the new replica
+        assert traffic.outcomes and not traffic.failures(), traffic.counts()
     finally:
         cluster.remove("restart")
 

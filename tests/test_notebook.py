@@ -21,9 +21,12 @@ def test_tour_notebook_runs(service, client, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import ray
 
-    # The config the cluster runs, for the notebook's alias switch.
+    # The config the cluster runs, for the notebook's alias switch: every app it runs (a
+    # config deployed without one deletes it), the main app first (its Router is the one the
+    # notebook changes).
+    others = [app for name, app in service.cluster.apps.items() if name != service.app["name"]]
     config_file = tmp_path / "serve-config.yaml"
-    config_file.write_text(yaml.safe_dump({"applications": [service.app]}))
+    config_file.write_text(yaml.safe_dump({"applications": [service.app, *others]}))
     monkeypatch.setenv("EMOTION2VEC_URL", service.url)
     monkeypatch.setenv("EMOTION2VEC_SERVE_APP_CONFIG", str(config_file))
     monkeypatch.setenv("EMOTION2VEC_RAY_ADDRESS", ray.get_runtime_context().gcs_address)

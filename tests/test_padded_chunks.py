@@ -36,3 +36,9 @@ def test_every_clip_once_and_every_pass_within_bound():
         assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
         for chunk in chunks:
             assert len(chunk) == 1 or padded(lengths, chunk) <= bound
+
+
+def test_at_most_max_clips_per_pass_shortest_first():
+    lengths = [9, 1, 8, 2, 7, 3, 6]
+    chunks = padded_chunks(lengths, 1000, max_clips=3)
+    assert chunks == [[1, 3, 5], [6, 4, 2], [0]]

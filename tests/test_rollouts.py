@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,14 +20,18 @@ from tests.clips import tone
 from tests.test_lifecycle import Client, make_app, tiny
 from tests.test_routing import within_binomial
 from tests.test_stream import next_event, open_stream
+from tests.traffic import Background, Traffic
 
 APP = "rollouts"
 PREFIX = "/ro"
 VARIANTS = ["large", "large_ft"]
 
 
+BASELINE = {"default_version": "large"}  # no aliases, no shadow: what each test starts from
+
+
 @pytest.fixture(scope="module")
-def rollouts(cluster, tmp_path_factory):
+def rollouts_app(cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("rollout-checkpoints")
     app = make_app(root, name=APP, prefix=PREFIX, variants=("large",), large=tiny(root, 12))
     # The fine-tuned checkpoint is just another variant: its args and its deployment.
@@ -40,6 +43,14 @@ def rollouts(cluster, tmp_path_factory):
     assert cluster.wait_for(APP, ("RUNNING", "DEPLOY_FAILED")).status == "RUNNING"
     yield Client(cluster.url, PREFIX)
     cluster.remove(APP)
+
+
+@pytest.fixture
+def rollouts(cluster, rollouts_app):
+    """The module's app; the router back to BASELINE after each test (its shadow statistics
+    start over with the next shadow a test sets)."""
+    yield rollouts_app
+    set_router(cluster, rollouts_app, BASELINE)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +84,18 @@ def post(http: httpx.Client, wav: bytes, version: str | None = None,
     return http.post("/v1/predict", files={"file": ("c.wav", wav)},
                      data={"model_version": version} if version else {},
                      headers={"x-session-key": key} if key else {})
+
+
+def wait_for_metrics(cluster, wanted: list[str], timeout_s: float = 60) -> None:
+    """Wait until every piece appears in the Prometheus endpoint's text."""
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(cluster.metrics_url, timeout=10).text
+        if all(piece in text for piece in wanted):
+            return
+        time.sleep(1)
+    assert not [piece for piece in wanted if piece not in text]
 
 
 def test_weighted_split_sticky_sessions_and_routed_by(cluster, rollouts, short_clip):
@@ -120,64 +143,44 @@ def test_weighted_split_sticky_sessions_and_routed_by(cluster, rollouts, short_c
     parameters = rollouts.http.get("/openapi.json").json()["paths"]["/v1/predict"]["post"][
         "parameters"]
     assert ("X-Session-Key", "header") in {(p["name"], p["in"]) for p in parameters}
+    wait_for_metrics(cluster, ['route="canary"'])  # the requests count per route
 
 
 def test_canary_ramp_by_redeploys_under_load_fails_no_request(cluster, rollouts, short_clip):
     """default_version is the weighted alias; large_ft goes 0 -> 10 -> 50 -> 100 %."""
     keys = [f"user-{i}" for i in range(40)]
-    log: list[tuple[float, float, str | None, int | str, str | None]] = []
-    stop = threading.Event()
 
-    def send(worker: int) -> None:
-        with httpx.Client(base_url=cluster.url + PREFIX, timeout=60) as http:
-            deadline = time.monotonic() + 150  # bounded: stops by itself
-            count = 0
-            while not stop.is_set() and time.monotonic() < deadline and count < 3000:
-                key = keys[(worker + 3 * count) % len(keys)] if count % 2 else None
-                started = time.monotonic()
-                try:
-                    response = post(http, short_clip, key=key)
-                    outcome, variant = response.status_code, response.json().get(
-                        "model_version")
-                except (httpx.HTTPError, ValueError) as exc:  # recorded as a failure
-                    outcome, variant = type(exc).__name__, None
-                log.append((started, time.monotonic(), key, outcome, variant))
-                count += 1
+    def key_of(sender: int, number: int) -> str | None:
+        """Every other request carries a session key, the others none."""
+        return keys[(sender + 3 * number) % len(keys)] if number % 2 else None
 
     def router(share: int) -> dict:
         return {"default_version": "canary",
                 "aliases": {"canary": {"large": 100 - share, "large_ft": share}}}
 
     set_router(cluster, rollouts, router(0))
-    senders = [threading.Thread(target=send, args=(i,)) for i in range(3)]
-    for sender in senders:
-        sender.start()
     phases = []  # (share, seen_at, next_change_at)
-    try:
+    with Traffic(cluster.url + PREFIX, lambda http, sender, number: post(
+            http, short_clip, key=key_of(sender, number)), senders=3, per_sender=3000,
+                 max_s=150, read=lambda response: response.json()["model_version"]) as traffic:
         for share in (0, 10, 50, 100):
             if phases:
                 phases[-1][2] = time.monotonic()
             set_router(cluster, rollouts, router(share))
             seen_at = time.monotonic()
             phases.append([share, seen_at, None])
-            deadline = seen_at + 60  # at least 12 requests answered under each split
-            while sum(start > seen_at for start, *_ in log) < 15 and time.monotonic() < deadline:
-                time.sleep(0.2)
+            traffic.wait_for(15, since=seen_at)  # at least 12 answered under each split
         phases[-1][2] = time.monotonic()
-    finally:
-        stop.set()
-        for sender in senders:
-            sender.join(timeout=120)
-    failures = [entry for entry in log if entry[3] != 200]
-    assert not failures, failures[:3]
+    assert not traffic.failures(), [str(f) for f in traffic.failures()[:3]]
     for share, seen_at, changed_at in phases:
-        inside = [entry for entry in log if seen_at < entry[0] and entry[1] < changed_at]
+        inside = [o for o in traffic.since(seen_at) if o.ended < changed_at]
         assert len(inside) >= 12, (share, len(inside))
         table = RoutingTable("canary", router(share)["aliases"], VARIANTS)
-        for _, _, key, _, variant in inside:
+        for outcome in inside:
+            key = key_of(outcome.sender, outcome.number)
             if key is not None:
-                assert variant == table.resolve(None, key).variant, (share, key, variant)
-        served = {variant for *_, variant in inside}
+                assert outcome.value == table.resolve(None, key).variant, (share, key, outcome)
+        served = {outcome.value for outcome in inside}
         if share == 0:
             assert served == {"large"}
         if share == 100:
@@ -269,39 +272,27 @@ def test_a_full_shadow_queue_drops_and_counts(cluster, rollouts, short_clip, tmp
     before = wait_shadow(rollouts, "large", lambda s: True)
     long_clip = tmp_path / "60s.wav"
     soundfile.write(long_clip, tone(60.0, 16_000), 16_000)  # over a second on the tiny model
-    long_done = threading.Event()
 
-    def occupy_large_ft() -> None:
+    def occupy_large_ft() -> int:
         with httpx.Client(base_url=cluster.url + PREFIX, timeout=120) as http:
-            assert post(http, long_clip.read_bytes(), "large_ft").status_code == 200
-        long_done.set()
+            return post(http, long_clip.read_bytes(), "large_ft").status_code
 
-    occupier = threading.Thread(target=occupy_large_ft)
-    occupier.start()
+    occupier = Background(occupy_large_ft)
     try:
         rollouts.wait("large_ft", lambda info: info["in_flight"] >= 1, timeout_s=30)
         # The first shadow waits behind the long request; the next ones find no room.
         codes = [post(rollouts.http, short_clip).status_code for _ in range(4)]
-        assert not long_done.is_set(), "the long request ended too soon: inconclusive"
+        assert not occupier.done(), "the long request ended too soon: inconclusive"
     finally:
-        occupier.join(timeout=120)
+        long_status = occupier.result(timeout_s=120)
+    assert long_status == 200
     assert codes == [200] * 4
     stats = wait_shadow(rollouts, "large",
                         lambda s: s["compared"] + s["errors"] > before["compared"] +
                         before["errors"])
     assert stats["dropped"] - before["dropped"] == 3
     assert (stats["compared"] - before["compared"], stats["errors"]) == (1, before["errors"])
-
-
-def test_route_and_shadow_metrics_reach_prometheus(cluster, rollouts):
-    """Runs after the tests above recorded routes and shadow outcomes."""
-    wanted = ['route="canary"', 'ray_emotion2vec_shadow_requests_total{', 'outcome="dropped"',
-              'ray_emotion2vec_shadow_score_diff_bucket{', 'target="large_ft"']
-    deadline = time.monotonic() + 60
-    text = ""
-    while time.monotonic() < deadline:
-        text = httpx.get(cluster.metrics_url, timeout=10).text
-        if all(piece in text for piece in wanted):
-            break
-        time.sleep(2)
-    assert not [piece for piece in wanted if piece not in text]
+    # Shadow outcomes and score differences are exported, per target.
+    wait_for_metrics(cluster, ['ray_emotion2vec_shadow_requests_total{', 'outcome="dropped"',
+                               'ray_emotion2vec_shadow_score_diff_bucket{',
+                               'target="large_ft"'])

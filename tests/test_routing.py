@@ -15,6 +15,7 @@ from serve_app.config import RouterSettings
 from serve_app.errors import ApiError
 from serve_app.traffic.routing import Route, RoutingTable
 from serve_app.traffic.shadow import Shadow, ShadowStats, compare
+from serve_app.wire import Scores
 
 VARIANTS = ["base", "large", "large_ft"]
 KEYS = [f"user-{i}" for i in range(20_000)]
@@ -114,7 +115,8 @@ def test_mappings_are_checked_against_the_variants():
                                                                         "large_ft": 1}},
                           shadow={"large": "large_ft"})
     good.check_against(VARIANTS)
-    assert good.resolve("canary", VARIANTS) in ("large", "large_ft")
+    routes = RoutingTable(good.default_version, good.aliases, VARIANTS)
+    assert routes.resolve("canary").variant in ("large", "large_ft")
     bad = [
         ({"aliases": {"canary": {"large": 9, "xl": 1}}}, "alias 'canary' points to 'xl'"),
         ({"default_version": "nope"}, "default_version 'nope'"),
@@ -131,16 +133,16 @@ LABELS = ["生气/angry", "开心/happy", "中立/neutral", "难过/sad"]
 
 
 def test_comparisons_match_labels_by_english_name():
-    primary = {"labels": LABELS, "scores": [0.1, 0.6, 0.2, 0.1]}
+    primary = Scores(LABELS, [0.1, 0.6, 0.2, 0.1])
     # Another label set and order: "other" is not shared, "angry" is missing.
-    shadow = {"labels": ["neutral", "other", "happy", "sad"], "scores": [0.5, 0.2, 0.25, 0.05]}
+    shadow = Scores(["neutral", "other", "happy", "sad"], [0.5, 0.2, 0.25, 0.05])
     comparison = compare(primary, shadow)
     assert (comparison.primary_emotion, comparison.shadow_emotion) == ("happy", "neutral")
     assert not comparison.agree
     assert comparison.max_abs_diff == pytest.approx(0.35)
     assert comparison.mean_abs_diff == pytest.approx((0.35 + 0.3 + 0.05) / 3)
     with pytest.raises(ValueError, match="no labels in common"):
-        compare(primary, {"labels": ["other"], "scores": [1.0]})
+        compare(primary, Scores(["other"], [1.0]))
 
 
 def test_stats_accumulate_agreement_differences_and_confusion():
@@ -152,8 +154,7 @@ def test_stats_accumulate_agreement_differences_and_confusion():
                ([0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1]),   # angry / neutral, max 0.6
                ([0.1, 0.6, 0.2, 0.1], [0.2, 0.6, 0.1, 0.1])]   # happy / happy, max 0.1
     for ours, theirs in answers:
-        stats.add(compare({"labels": LABELS, "scores": ours},
-                          {"labels": LABELS, "scores": theirs}))
+        stats.add(compare(Scores(LABELS, ours), Scores(LABELS, theirs)))
     snapshot = stats.snapshot()
     assert snapshot["compared"] == 3
     assert snapshot["top1_agreement"] == pytest.approx(2 / 3)
@@ -169,12 +170,12 @@ class SlowVariants:
         self.release = asyncio.Event()
         self.calls: list[str] = []
 
-    async def predict(self, variant, waveform, granularity, extract_embedding, timeout_s):
+    async def predict(self, variant, request, timeout_s):
         self.calls.append(variant)
         await asyncio.wait_for(self.release.wait(), timeout_s)
         if variant == "broken":
             raise ApiError(503, "model_error", "failed")
-        return {"labels": LABELS, "scores": [0.1, 0.6, 0.2, 0.1]}
+        return Scores(LABELS, [0.1, 0.6, 0.2, 0.1])
 
 
 def test_shadow_queue_is_bounded_drops_are_counted_and_stats_reset():
@@ -183,7 +184,7 @@ def test_shadow_queue_is_bounded_drops_are_counted_and_stats_reset():
         shadow = Shadow(variants, lambda *args: recorded.append(args))
         shadow.configure(RouterSettings(shadow={"large": "large_ft", "base": "broken"},
                                         shadow_max_pending=2))
-        answer = {"labels": LABELS, "scores": [0.7, 0.1, 0.1, 0.1], "embedding": None}
+        answer = Scores(LABELS, [0.7, 0.1, 0.1, 0.1])
         for _ in range(4):
             shadow.submit("large", None, answer)
         shadow.submit("large_ft", None, answer)  # not a primary: nothing happens

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
 import pytest
 
 from serve_app.audio import sndfile
+from serve_app.errors import ApiError, InvalidInput
+from serve_app.wire import InferenceRequest, VariantAnswer
 
 EMOTIONS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised",
             "unknown"]
@@ -206,6 +209,47 @@ def test_bad_input_gets_clear_4xx(client, clips, tmp_path):
 
     # Nothing broke: a normal request still succeeds.
     assert predict(client, wav).status_code == 200
+
+
+def test_a_variant_refusing_its_input_is_a_422_through_ray(service):
+    """The variant's InvalidInput crosses Ray as RayTaskError.cause and is recognised by its
+    class (serve_app.errors), whatever Ray wraps it in."""
+    from ray import serve
+
+    from serve_app.api.variant_client import Variants
+
+    variants = Variants({"base": serve.get_deployment_handle("base", app_name="emotion2vec")})
+
+    async def call(waveform: np.ndarray):
+        return await variants.predict("base", InferenceRequest(waveform), timeout_s=60)
+
+    for waveform, message in [(np.zeros(100, np.float32), "at least 400 samples"),
+                              (np.zeros(16_000, np.float64), "1-D float32"),
+                              (np.full(16_000, np.nan, np.float32), "NaN")]:
+        with pytest.raises(ApiError) as caught:
+            asyncio.run(call(waveform))
+        assert (caught.value.status, caught.value.code) == (422, "invalid_audio")
+        assert message in caught.value.message
+    answer = asyncio.run(call(np.zeros(16_000, np.float32)))
+    assert isinstance(answer, VariantAnswer) and len(answer.scores) == len(EMOTIONS)
+    assert answer.model.variant == "base" and answer.timings.inference_ms > 0
+
+
+def test_errors_are_told_apart_by_class_not_by_name():
+    from ray.exceptions import RayTaskError
+
+    from serve_app.api.variant_client import task_error
+
+    class InvalidInput_(ValueError):  # another class: a name alone proves nothing
+        pass
+
+    InvalidInput_.__name__ = "InvalidInput"
+    ours = RayTaskError("predict", "traceback", InvalidInput("too short")).as_instanceof_cause()
+    theirs = RayTaskError("predict", "traceback", InvalidInput_("too short"))
+    assert (task_error("base", ours).status, task_error("base", ours).code) == \
+        (422, "invalid_audio")
+    assert (task_error("base", theirs).status, task_error("base", theirs).code) == \
+        (503, "model_error")
 
 
 def audio_module_write(path, samples, rate):

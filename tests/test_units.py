@@ -14,6 +14,7 @@ from serve_app.config import ModelSettings, RouterSettings
 from serve_app.errors import ApiError
 from serve_app.inference.engine import EmotionEngine, ModelLoadError
 from serve_app.labels import english_name
+from serve_app.traffic.routing import RoutingTable
 
 
 def encode(samples, rate, fmt="WAV", subtype=None):
@@ -25,10 +26,11 @@ def encode(samples, rate, fmt="WAV", subtype=None):
 def test_router_resolves_versions_and_rejects_bad_mappings():
     settings = RouterSettings(default_version="large", aliases={"latest": "large"})
     variants = ["base", "large", "turbo"]
-    assert settings.resolve(None, variants) == "large"
-    assert settings.resolve("latest", variants) == "large"
-    assert settings.resolve("base", variants) == "base"
-    assert settings.resolve("nope", variants) is None
+    routes = RoutingTable(settings.default_version, settings.aliases, variants)
+    assert routes.resolve(None).variant == "large"
+    assert routes.resolve("latest").variant == "large"
+    assert routes.resolve("base").variant == "base"
+    assert routes.resolve("nope") is None
     with pytest.raises(ValueError, match="points to 'xl'"):
         RouterSettings(aliases={"big": "xl"}).check_against(variants)
     with pytest.raises(ValueError, match="default_version 'xl'"):

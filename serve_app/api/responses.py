@@ -7,11 +7,13 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import asdict
 from pathlib import Path, PurePath
 
 import numpy as np
 
 from serve_app.labels import english_name
+from serve_app.wire import Granularity, TimelineWindow, VariantAnswer
 
 # An absolute, home or ./ path in a text (not a hub id like iic/emotion2vec_plus_large, nor a URL).
 _LOCAL_PATH = re.compile(r"(?<![\w.:/~-])(?:~|\.{1,2})?/[^\s'\"`,;:()\[\]{}<>]+")
@@ -49,11 +51,11 @@ def emotion_fields(labels: list[str], scores: list[float]) -> dict:
     }
 
 
-def timeline_window(labels: list[str], window: dict) -> dict:
+def timeline_window(labels: list[str], window: TimelineWindow) -> dict:
     """One timeline window in the response's shape: times, emotion, scores by English name."""
-    fields = emotion_fields(labels, window["scores"])
+    fields = emotion_fields(labels, window.scores)
     del fields["label"]
-    return {"start_s": window["start_s"], "end_s": window["end_s"], **fields}
+    return {"start_s": window.start_s, "end_s": window.end_s, **fields}
 
 
 def audio_fields(duration_s: float, sample_rate: int, channels: int, fmt: str) -> dict:
@@ -61,24 +63,25 @@ def audio_fields(duration_s: float, sample_rate: int, channels: int, fmt: str) -
             "channels": channels, "format": fmt}
 
 
-def prediction(out: dict, *, request_id: str, variant: str, granularity: str,
-               audio: dict, extract_embedding: bool, routed_by: str | None = None) -> dict:
+def prediction(answer: VariantAnswer, *, request_id: str, variant: str,
+               granularity: Granularity, audio: dict, extract_embedding: bool,
+               routed_by: str | None = None) -> dict:
     """The response body of a prediction (timings are added by the caller). routed_by: the
     weighted alias that chose the variant (None for a variant or plain alias)."""
     result = {
         "request_id": request_id,
         "model_version": variant,
         "routed_by": routed_by,
-        **emotion_fields(out["labels"], out["scores"]),
-        "granularity": granularity,
+        **emotion_fields(answer.labels, answer.scores),
+        "granularity": str(granularity),
         "audio": audio,
-        "model": without_paths(out["model"]),
+        "model": without_paths(asdict(answer.model)),
     }
-    if out.get("timeline") is not None:
-        result["timeline"] = [timeline_window(out["labels"], window)
-                              for window in out["timeline"]]
+    if answer.timeline is not None:
+        result["timeline"] = [timeline_window(answer.labels, window)
+                              for window in answer.timeline]
     if extract_embedding:
-        result["embedding"] = out["embedding"].tolist()
+        result["embedding"] = answer.embedding.tolist()
     return result
 
 

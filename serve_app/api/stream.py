@@ -39,6 +39,7 @@ from serve_app.api.stream_protocol import (
 from serve_app.audio.waveform import to_target_rate
 from serve_app.config import RouterSettings
 from serve_app.errors import ApiError
+from serve_app.wire import Granularity, InferenceRequest, TimelineWindow, VariantAnswer
 
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
@@ -58,10 +59,11 @@ class _Disconnected(Exception):
 class StreamHooks:
     """What the router adds to a stream: `charge(seconds)` for the audio as it arrives (may
     raise an ApiError, a key over its audio quota, which ends the stream), `on_result(waveform,
-    out)` once the whole stream was answered (the shadow), and fields for its access-log line."""
+    answer)` once the whole stream was answered (the shadow), and fields for its access-log
+    line."""
 
     charge: Callable[[float], None] = lambda seconds: None
-    on_result: Callable[[np.ndarray, dict], None] = lambda waveform, out: None
+    on_result: Callable[[np.ndarray, VariantAnswer], None] = lambda waveform, answer: None
     log_fields: dict = field(default_factory=dict)
 
 
@@ -288,19 +290,19 @@ class _Session:
                            "idle_timeout_s": limits.idle_timeout_s,
                            "max_message_bytes": limits.max_message_bytes}}
 
-    async def _predict(self, samples: np.ndarray) -> tuple[np.ndarray, dict]:
+    async def _predict(self, samples: np.ndarray) -> tuple[np.ndarray, VariantAnswer]:
         """The 16 kHz waveform of these samples, and the variant's answer for it."""
         waveform = await asyncio.to_thread(to_target_rate, samples, self.params.sample_rate)
         try:
             return waveform, await self.streams.variants.predict(
-                self.variant, waveform, "utterance", False, self.settings.model_timeout_s)
+                self.variant, InferenceRequest(waveform), self.settings.model_timeout_s)
         except ApiError as exc:
             raise StreamError.from_api(exc) from None
 
     async def _window_event(self, window: Window) -> tuple[dict, float] | None:
         """The window's event and when its last sample arrived; None if it was skipped."""
         try:
-            _, out = await self._predict(self.buffer.slice(window.start, window.end))
+            _, answer = await self._predict(self.buffer.slice(window.start, window.end))
         except StreamError as exc:
             if exc.code != "overloaded":
                 raise
@@ -309,8 +311,7 @@ class _Session:
         self.windows += 1
         self.skipped += window.skipped
         event = {"type": "window", **results.timeline_window(
-                     out["labels"], {"start_s": window.start_s, "end_s": window.end_s,
-                                     "scores": out["scores"]}),
+                     answer.labels, TimelineWindow(window.start_s, window.end_s, answer.scores)),
                  "skipped": window.skipped}
         return event, window.due_at
 
@@ -323,11 +324,11 @@ class _Session:
             raise StreamError(POLICY, "audio_too_short",
                               f"the stream lasted {duration * 1000:.0f} ms; at least "
                               f"{self.settings.min_duration_s * 1000:.0f} ms are needed")
-        waveform, out = await self._predict(self.buffer.slice(0, len(self.buffer)))
-        self.hooks.on_result(waveform, out)
+        waveform, answer = await self._predict(self.buffer.slice(0, len(self.buffer)))
+        self.hooks.on_result(waveform, answer)
         body = results.prediction(
-            out, request_id=self.request_id, variant=self.variant, routed_by=self.routed_by,
-            granularity="utterance",
+            answer, request_id=self.request_id, variant=self.variant, routed_by=self.routed_by,
+            granularity=Granularity.UTTERANCE,
             audio=results.audio_fields(duration, rate, 1, self.params.encoding),
             extract_embedding=False)
         return {"type": "result", **body, "windows": self.windows,

@@ -17,6 +17,7 @@ import numpy as np
 
 from serve_app.config import STREAM_HOP_S, STREAM_WINDOW_S, RouterSettings
 from serve_app.errors import ApiError
+from serve_app.wire import TARGET_SR
 
 ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 SAMPLE_RATES = (8_000, 96_000)
@@ -102,7 +103,7 @@ def parse_params(query: Mapping[str, str], settings: RouterSettings) -> StreamPa
                           f"hop_s ({hop_s:g}) must not exceed window_s ({window_s:g})")
     return StreamParams(
         model_version=query.get("model_version") or None,
-        sample_rate=int(_number("sample_rate", query.get("sample_rate", "16000"),
+        sample_rate=int(_number("sample_rate", query.get("sample_rate", str(TARGET_SR)),
                                 *SAMPLE_RATES, integer=True)),
         encoding=encoding, window_s=window_s, hop_s=hop_s,
         session_key=query.get("session_key") or None)

@@ -10,9 +10,10 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from serve_app.audio.waveform import upload_too_large
 from serve_app.errors import ApiError
+from serve_app.wire import Granularity, InferenceOptions
 
-GRANULARITIES = ("utterance", "frame")
 PARAMS = ("model_version", "granularity", "extract_embedding")
 FORM_FIELDS = ("file", *PARAMS)
 _FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields
@@ -23,7 +24,8 @@ _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 _PARAM_SCHEMAS = {
     "model_version": {"type": "string", "description": "a variant (base, large, turbo) or an "
                       "alias (see GET /v1/models); default: the router's default_version"},
-    "granularity": {"type": "string", "enum": list(GRANULARITIES), "default": "utterance",
+    "granularity": {"type": "string", "enum": [str(g) for g in Granularity],
+                    "default": str(InferenceOptions().granularity),
                     "description": "utterance: one embedding; frame: one per 20 ms frame, "
                     "and an emotion timeline"},
     "extract_embedding": {"type": "boolean", "default": False,
@@ -59,18 +61,26 @@ def parse_bool(name: str, value: str | None) -> bool:
     raise ApiError(422, "invalid_parameter", f"{name} must be true or false, not {value!r}")
 
 
-def parse_granularity(value: str | None) -> str:
-    granularity = value or "utterance"
-    if granularity not in GRANULARITIES:
-        raise ApiError(422, "invalid_granularity",
-                       f"granularity must be one of {list(GRANULARITIES)}, not {granularity!r}")
-    return granularity
+def parse_granularity(value: str | None) -> Granularity:
+    if not value:
+        return InferenceOptions().granularity
+    try:
+        return Granularity(value)
+    except ValueError:
+        raise ApiError(422, "invalid_granularity", f"granularity must be one of "
+                       f"{[str(g) for g in Granularity]}, not {value!r}") from None
+
+
+def parse_options(params: dict[str, str]) -> InferenceOptions:
+    """The inference options of a request's parameters (422 for a bad value)."""
+    return InferenceOptions(
+        granularity=parse_granularity(params.get("granularity")),
+        extract_embedding=parse_bool("extract_embedding", params.get("extract_embedding")))
 
 
 async def read_capped(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes `limit` bytes."""
-    too_large = ApiError(413, "payload_too_large",
-                         f"the upload is larger than the limit of {limit} bytes")
+    too_large = upload_too_large(limit)
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_large
@@ -111,8 +121,7 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, dict[str
             raise ApiError(422, "missing_file", "send the audio in the form field 'file'")
         data = await upload.read()
         if len(data) > max_bytes:
-            raise ApiError(413, "payload_too_large",
-                           f"the upload is larger than the limit of {max_bytes} bytes")
+            raise upload_too_large(max_bytes)
         params.update({key: value for key, value in form.items() if isinstance(value, str)})
     elif content_type.startswith("application/x-www-form-urlencoded"):
         raise ApiError(422, "missing_file", "send the audio as multipart/form-data in the field "

@@ -1,6 +1,6 @@
 """Calling the variant deployments from the ingress: one prediction with a deadline, a retry
 when a replica dies under it, Serve's errors mapped to API errors; and each variant's state.
-No torch here; the waveform is a 16 kHz mono float32 numpy array."""
+No torch here: an InferenceRequest goes out, a VariantAnswer comes back (serve_app/wire.py)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,28 @@ import asyncio
 import logging
 import time
 
-import numpy as np
 import ray
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.errors import ApiError
+from serve_app.errors import ApiError, InvalidInput
+from serve_app.wire import InferenceRequest, VariantAnswer
 
 logger = logging.getLogger("ray.serve")
+
+
+def task_error(variant: str, exc: ray.exceptions.RayTaskError) -> Exception:
+    """What a variant's exception (Ray's `cause`) means here: InvalidInput is the client's
+    422; a replica lost under the call is re-raised for the retry; anything else is 503."""
+    cause = exc.cause
+    if isinstance(cause, InvalidInput):
+        return ApiError(422, "invalid_audio", str(cause))
+    if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+        return cause
+    logger.error("variant %s failed: %s", variant, exc)
+    return ApiError(503, "model_error", f"variant {variant} failed on this request",
+                    headers={"Retry-After": "1"})
 
 
 class Variants:
@@ -29,14 +42,13 @@ class Variants:
     def names(self) -> list[str]:
         return list(self.handles)
 
-    async def predict(self, variant: str, waveform: np.ndarray, granularity: str,
-                      extract_embedding: bool, timeout_s: float) -> dict:
+    async def predict(self, variant: str, request: InferenceRequest,
+                      timeout_s: float) -> VariantAnswer:
         """The variant's answer, or an ApiError (503 unavailable/overloaded, 504, 422)."""
         deadline = time.monotonic() + timeout_s
         for attempt in (1, 2):
             try:
-                return await self._predict_once(variant, waveform, granularity,
-                                                 extract_embedding,
+                return await self._predict_once(variant, request,
                                                  max(0.1, deadline - time.monotonic()))
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                 # The replica died under the request. Inference has no side effects, so one
@@ -49,9 +61,9 @@ class Variants:
                 await asyncio.sleep(0.5)
         raise AssertionError("unreachable")
 
-    async def _predict_once(self, variant: str, waveform: np.ndarray, granularity: str,
-                            extract_embedding: bool, timeout_s: float) -> dict:
-        response = self.handles[variant].predict.remote(waveform, granularity, extract_embedding)
+    async def _predict_once(self, variant: str, request: InferenceRequest,
+                            timeout_s: float) -> VariantAnswer:
+        response = self.handles[variant].predict.remote(request)
         try:
             return await asyncio.wait_for(response, timeout=timeout_s)
         except TimeoutError:
@@ -62,14 +74,7 @@ class Variants:
             raise ApiError(503, "overloaded", f"variant {variant} is at capacity; retry later",
                            headers={"Retry-After": "1"}) from None
         except ray.exceptions.RayTaskError as exc:
-            if type(exc.cause).__name__ == "InvalidInput":
-                raise ApiError(422, "invalid_audio", str(exc.cause)) from None
-            if isinstance(exc.cause, (ray.exceptions.RayActorError,
-                                      ray.exceptions.ActorUnavailableError)):
-                raise exc.cause from None
-            logger.error("variant %s failed: %s", variant, exc)
-            raise ApiError(503, "model_error", f"variant {variant} failed on this request",
-                           headers={"Retry-After": "1"}) from None
+            raise task_error(variant, exc) from None
 
     async def _info(self, name: str, deployments: dict) -> dict:
         status = deployments.get(name)

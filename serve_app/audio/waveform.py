@@ -10,12 +10,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from serve_app.errors import ApiError
+from serve_app.wire import TARGET_SR
 
-TARGET_SR = 16_000
 MAX_CHANNELS = 32
 MIN_RATE, MAX_RATE = 1_000, 384_000
+# The defaults of RouterSettings' decode limits (serve_app/config.py), defined here, where
+# they are checked, because config imports this module (and not the other way round).
 MAX_DECODED_BYTES = 256 * 2**20  # decoded float32 samples, all channels
 MAX_DECODE_S = 10.0              # wall time of one decode
+MIN_DURATION_S = 0.1             # shorter audio carries no emotion (the conv stem needs 25 ms)
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,7 @@ class Limits:
     """Checked while decoding, whatever the file's header says."""
 
     max_duration_s: float
-    min_duration_s: float = 0.1
+    min_duration_s: float = MIN_DURATION_S
     max_decoded_bytes: int = MAX_DECODED_BYTES
     max_decode_s: float = MAX_DECODE_S
 
@@ -53,6 +56,11 @@ def too_long(max_duration_s: float, seconds: float | None = None) -> ApiError:
     lasts = f"lasts {seconds:.1f} s" if seconds is not None else "lasts over the limit"
     return ApiError(413, "audio_too_long",
                     f"the audio {lasts}; the limit is {max_duration_s:g} s")
+
+
+def upload_too_large(limit_bytes: int) -> ApiError:
+    return ApiError(413, "payload_too_large",
+                    f"the upload is larger than the limit of {limit_bytes} bytes")
 
 
 class Budget:
@@ -96,6 +104,28 @@ def to_waveform(blocks: list[np.ndarray], rate: int, channels: int, fmt: str,
                        f"{limits.min_duration_s * 1000:.0f} ms are needed")
     mono = samples.mean(axis=1, dtype=np.float32) if channels > 1 else samples[:, 0]
     return DecodedAudio(to_target_rate(mono, rate), duration, rate, channels, fmt)
+
+
+def from_samples(samples: np.ndarray, rate: int, fmt: str, limits: Limits) -> DecodedAudio:
+    """Audio that arrives already decoded (a waveform in a JSON or tensor request): 1-D mono or
+    (frames, channels), float or int16 (read as libsndfile reads 16-bit PCM), checked against
+    the same limits as a decoded file, then downmixed and resampled as a file of it would be."""
+    samples = np.asarray(samples)
+    if samples.ndim == 1:
+        samples = samples[:, None]
+    if samples.ndim != 2:
+        raise ApiError(422, "invalid_waveform", f"a waveform has 1 dimension (mono) or 2 "
+                       f"(frames, channels), not {samples.ndim}")
+    if samples.dtype == np.int16:
+        samples = samples.astype(np.float32) * np.float32(1 / 32768)
+    elif np.issubdtype(samples.dtype, np.floating):
+        samples = samples.astype(np.float32, copy=False)
+    else:
+        raise ApiError(422, "invalid_waveform",
+                       f"waveform samples must be float or int16, not {samples.dtype}")
+    check_format(rate, samples.shape[1])
+    Budget(limits, rate, samples.shape[1], time.monotonic()).add(len(samples))
+    return to_waveform([samples], rate, samples.shape[1], fmt, limits)
 
 
 def to_target_rate(mono: np.ndarray, rate: int) -> np.ndarray:

@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serve_app.checkpoints.weights import ModelLoadError, model_files
+from serve_app.checkpoints.weights import model_files
+from serve_app.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -25,11 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve_app.errors import ModelLoadError
+
 EXAMPLES = 3  # offending keys named in an error
-
-
-class ModelLoadError(RuntimeError):
-    """The configured model could not be loaded; the message says what to fix."""
 
 
 @dataclass(frozen=True)

@@ -35,15 +35,14 @@ from pathlib import Path
 import numpy as np
 
 from serve_app.checkpoints import generate, hub, weights
-from serve_app.checkpoints.weights import ModelLoadError
 from serve_app.config import ModelSettings
+from serve_app.errors import ModelLoadError
 from serve_app.inference import backends, padded
 from serve_app.inference.timeline import emotion_timeline
+from serve_app.wire import MIN_SAMPLES, TARGET_SR, Granularity
 
 logger = logging.getLogger(__name__)
 DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
-
-MIN_SAMPLES = 400  # the conv stem fails below 25 ms at 16 kHz
 
 
 @dataclass
@@ -248,9 +247,9 @@ class EmotionEngine:
 
     def warmup(self) -> None:
         """One forward pass so the first request does not pay for lazy initialisation."""
-        samples = max(MIN_SAMPLES, int(self.settings.warmup_s * 16_000))
+        samples = max(MIN_SAMPLES, int(self.settings.warmup_s * TARGET_SR))
         noise = np.random.default_rng(0).standard_normal(samples).astype(np.float32) * 0.05
-        self.predict(noise, granularity="utterance", extract_embedding=False)
+        self.predict(noise, granularity=Granularity.UTTERANCE, extract_embedding=False)
 
     def unload(self) -> None:
         import torch
@@ -290,20 +289,20 @@ class EmotionEngine:
                 logits[:, index] = -np.inf
         return torch.softmax(logits, dim=-1).tolist()
 
-    def _timeline(self, frames, granularity: str) -> list[dict] | None:
+    def _timeline(self, frames, granularity: Granularity) -> list[dict] | None:
         """granularity=frame: the head on frames pooled over windows (timeline.py)."""
-        if granularity != "frame":
+        if granularity != Granularity.FRAME:
             return None
         masked = [i for i, label in enumerate(self.labels) if label.startswith("unuse")]
         return emotion_timeline(frames, self.model.proj, masked,
                                 self.settings.timeline_window_s, self.settings.timeline_hop_s)
 
     @staticmethod
-    def _embedding(frames, granularity: str) -> np.ndarray:
+    def _embedding(frames, granularity: Granularity) -> np.ndarray:
         feats = frames.cpu().numpy()
-        return feats if granularity == "frame" else np.mean(feats, axis=0)
+        return feats if granularity == Granularity.FRAME else np.mean(feats, axis=0)
 
-    def predict(self, waveform: np.ndarray, granularity: str,
+    def predict(self, waveform: np.ndarray, granularity: Granularity,
                 extract_embedding: bool) -> Prediction:
         import torch
 
@@ -321,11 +320,11 @@ class EmotionEngine:
         """Clips longer than window_s run window by window: attention cost and FunASR's ALiBi
         cache then grow with the window, not the clip. A last piece shorter than a second
         joins the window before it."""
-        size = int(self.settings.window_s * 16_000)
+        size = int(self.settings.window_s * TARGET_SR)
         if len(waveform) <= size:
             return [waveform]
         starts = list(range(0, len(waveform), size))
-        if len(waveform) - starts[-1] < 16_000:
+        if len(waveform) - starts[-1] < TARGET_SR:
             starts.pop()
         return [waveform[a:b] for a, b in zip(starts, [*starts[1:], len(waveform)])]
 
@@ -333,7 +332,7 @@ class EmotionEngine:
         """1 x T x D float32 frame features of one clip (or window), FunASR's steps."""
         return self._backend.single(self._source(waveform))
 
-    def predict_batch(self, waveforms: list[np.ndarray], granularity: str,
+    def predict_batch(self, waveforms: list[np.ndarray], granularity: Granularity,
                       extract_embedding: bool) -> list[Prediction]:
         """`predict` for each clip, in input order, from one padded forward pass.
 
@@ -348,7 +347,7 @@ class EmotionEngine:
         short = [i for i, w in enumerate(waveforms) if len(w) < MIN_SAMPLES]
         if short:
             raise ValueError(f"clips {short} have fewer than {MIN_SAMPLES} samples")
-        if not self._batchable or any(len(w) > self.settings.window_s * 16_000
+        if not self._batchable or any(len(w) > self.settings.window_s * TARGET_SR
                                       for w in waveforms):
             return [self.predict(w, granularity, extract_embedding) for w in waveforms]
         started = self._start()

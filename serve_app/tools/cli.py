@@ -3,12 +3,15 @@
 
 Directories are searched (recursively) for audio files; requests go out concurrently; a
 variant that answers 503 (loading, overloaded), or 429 (the API key's quota is spent), is asked
-again after an exponential backoff that honours its Retry-After, a bounded number of times.
+again after an exponential backoff that honours its Retry-After, a bounded number of times. So
+is a request lost with a server that went away (500, 502 or 504, or a connection closed without
+an answer: docs/high-availability.md): predict has no side effects. A timeout is not retried.
 One JSON line (or CSV row) per file, in the order of the inputs, then a summary on stderr; the
 exit status is 1 if any file failed. The API key: --api-key, or the environment variable
 EMOTION2VEC_API_KEY.
 
 `emotion2vec-serve keys new KEY_ID`: make an API key for the service's config.
+`emotion2vec-serve batch INPUT... --out DIR`: score archives on Ray Data (see `batch --help`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import asyncio
 import csv
 import email.utils
+import glob
 import hashlib
 import json
 import os
@@ -30,11 +34,15 @@ from typing import Any, TextIO
 
 import httpx
 
+from serve_app.tools.batch import job as batch_job
+from serve_app.wire import Granularity, InferenceOptions
+
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au",
                   ".caf", ".w64", ".rf64",  # libsndfile's
                   ".m4a", ".mp4", ".mov", ".3gp", ".3g2", ".webm", ".mkv", ".mka", ".aac",
                   ".wma", ".amr"}  # FFmpeg's
-RETRY_STATUSES = {429, 503}
+# 500/502/504: what a proxy or load balancer answers for a replica or pod that died mid-request
+RETRY_STATUSES = {429, 500, 502, 503, 504}
 API_KEY_ENV = "EMOTION2VEC_API_KEY"
 KEY_PREFIX = "e2v_"  # makes a leaked key easy to recognise (secret scanners)
 FIELDS = ["path", "status", "http_status", "emotion", "confidence", "model_version", "error",
@@ -57,11 +65,17 @@ class Outcome:
 
 
 def expand(inputs: list[str]) -> list[Path]:
-    """Files as given (any name), and the audio files under each directory, sorted."""
+    """Files as given (any name), the audio files under each directory, sorted, and what a
+    glob pattern matches (its directories searched likewise)."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
+        if not path.exists() and glob.has_magic(item):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"no file matches {item}")
+            files.extend(expand(matches))
+        elif path.is_dir():
             files.extend(sorted(p for p in path.rglob("*")
                                 if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES))
         elif path.is_file():
@@ -116,7 +130,12 @@ async def predict_file(client: httpx.AsyncClient, path: Path, params: dict[str, 
                                          data=params)
         except httpx.ConnectError as exc:  # nothing was sent: safe to try again
             outcome.http_status, outcome.error = None, f"cannot connect: {exc}"
-        except httpx.HTTPError as exc:  # a timeout, a dropped answer: the server may be busy
+        except httpx.TimeoutException as exc:  # the server may be busy: not asked again
+            outcome.http_status, outcome.error = None, f"{type(exc).__name__}: {exc}"
+            return outcome
+        except httpx.TransportError as exc:  # the connection dropped: its server went away
+            outcome.http_status, outcome.error = None, f"{type(exc).__name__}: {exc}"
+        except httpx.HTTPError as exc:
             outcome.http_status, outcome.error = None, f"{type(exc).__name__}: {exc}"
             return outcome
         else:
@@ -301,7 +320,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--url", default="http://127.0.0.1:8000", help="the service")
     predict.add_argument("--model-version", default=None,
                          help="a variant or an alias; default: the service's default")
-    predict.add_argument("--granularity", choices=["utterance", "frame"], default="utterance",
+    predict.add_argument("--granularity", choices=[str(g) for g in Granularity],
+                         default=str(InferenceOptions().granularity),
                          help="frame adds the emotion timeline to the JSONL output")
     predict.add_argument("--out", default="-",
                          help="results file: .jsonl or .csv (default: JSON lines on stdout)")
@@ -334,6 +354,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="seconds to wait for the service at each step")
     predict.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                          help=f"the service's API key (default: ${API_KEY_ENV})")
+    batch_job.add_parser(commands)
     keys = commands.add_parser("keys", help="API keys for the service's config")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     new = keys_commands.add_parser("new", help="make a key: prints it once, and its config line")
@@ -356,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         return stream_main(args)
     if args.command == "keys":
         return _keys_new(args, parser)
+    if args.command == "batch":
+        return batch_job.main(args, parser)
     if args.concurrency < 1 or args.tries < 1 or args.timeout <= 0:
         parser.error("--concurrency and --tries must be at least 1, --timeout positive")
     if args.out != "-" and Path(args.out).suffix.lower() not in (".jsonl", ".csv"):

@@ -16,7 +16,11 @@ from pathlib import Path
 
 import yaml
 
+from serve_app.api import failover
+
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# The proxy replays requests lost with a Router replica (serve_app/api/failover.py).
+PROXY_ENV = {failover.ENV_VAR: failover.IMPORT_PATH}
 
 
 def free_port() -> int:
@@ -78,8 +82,10 @@ class LocalServe:
         raise TimeoutError(f"application {name} not in {statuses} after {timeout_s} s: {status}")
 
 
-def _loopback_env() -> None:
-    for key, value in LOOPBACK_ENV.items():
+def loopback_env() -> None:
+    """Keep the Ray that this process starts on 127.0.0.1 (unless the environment says
+    otherwise): before Ray is imported. The nodes' processes (the proxy too) inherit it."""
+    for key, value in {**LOOPBACK_ENV, **PROXY_ENV}.items():
         os.environ.setdefault(key, value)
 
 
@@ -105,7 +111,7 @@ def _serve_on_head(temp_dir: str, metrics_port: int, nodes=None) -> Iterator[Loc
 @contextmanager
 def local_serve(num_cpus: int | None = None, dashboard: bool = False) -> Iterator[LocalServe]:
     """A Ray cluster of this process's own (stopped on exit) with Serve on 127.0.0.1."""
-    _loopback_env()
+    loopback_env()
     import ray
 
     # Unix socket paths must stay under 107 bytes: a short temp dir directly under /tmp.
@@ -128,7 +134,7 @@ def local_cluster(head: dict, workers: list[dict],
     joined by this process, with Serve on them; `head` and each of `workers` are node
     arguments (num_cpus, resources, ...). The proxy runs on the head only: every node has the
     same address, so the HTTP port can hold one proxy. `.nodes` adds and removes nodes."""
-    _loopback_env()
+    loopback_env()
     import ray
     from ray.cluster_utils import Cluster
 

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from serve_app.api import failover
 from serve_app.config import AppArgs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,6 +35,8 @@ HEAD = {"cpu": "2", "memory": "8Gi"}  # GCS, Serve controller, dashboard: no rep
 SYSTEM_CPUS = 1  # per worker pod, beyond what Ray hands out: raylet, proxy, agent
 GENERATED_BY = "python -m serve_app.tools.kuberay > configs/kuberay/rayservice.yaml"
 KEYS_SECRET = f"{NAME}-api-keys"  # kubectl create secret generic ... --from-file=<file name>
+# Every pod's proxy replays requests lost with a Router replica (serve_app/api/failover.py).
+PROXY_ENV = [{"name": failover.ENV_VAR, "value": failover.IMPORT_PATH}]
 
 
 def k8s_serve_config(config: dict) -> dict:
@@ -78,6 +81,7 @@ def _head_group(image: str) -> dict:
                 "name": "ray-head",
                 "image": image,
                 "securityContext": container_security,
+                "env": copy.deepcopy(PROXY_ENV),
                 "resources": {"requests": dict(HEAD), "limits": dict(HEAD)},
                 "ports": [{"name": "gcs-server", "containerPort": 6379},
                           {"name": "dashboard", "containerPort": 8265},
@@ -103,6 +107,12 @@ def _worker_group(image: str, args: AppArgs, serve_port: int,
     gpus = sum(v.num_gpus for v in args.variants.values())
     pods = max(1, math.ceil(gpus - 1e-9))  # one GPU per pod
     per_pod = math.ceil(len(args.variants) / pods)
+    if args.router_placement == "head" or args.router_replicas > pods:
+        # Each pod has room for one Router replica; the head takes none (num-cpus 0).
+        raise ValueError(f"the manifest runs Router replicas on the {pods} GPU pods, one each "
+                         f"at most: set router_placement to spread (or any) and router_replicas "
+                         f"to {pods} or fewer (now {args.router_placement}, "
+                         f"{args.router_replicas})")
     # The pod's share of the variants, plus the router (the head takes none).
     ray_cpus = math.ceil(per_pod * max(v.num_cpus for v in args.variants.values())
                          + args.router_num_cpus - 1e-9)
@@ -131,7 +141,8 @@ def _worker_group(image: str, args: AppArgs, serve_port: int,
                 "image": image,
                 "securityContext": container_security,
                 "env": [{"name": "MODELSCOPE_CACHE", "value": f"{CACHE_MOUNT}/modelscope"},
-                        {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"}],
+                        {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"},
+                        *copy.deepcopy(PROXY_ENV)],
                 "volumeMounts": mounts,
                 "resources": {
                     "requests": {"cpu": cpu, "memory": memory, "nvidia.com/gpu": 1},

@@ -10,8 +10,10 @@ stream calls it with its WebSocket's headers and `api_key` query parameter.
   A request needs a request token and a positive audio balance. Audio is charged after
   decoding: the request that crosses the audio quota is served in full, and its excess is a
   debt the key's next requests wait out (429 with Retry-After). A refused request costs nothing.
-- The buckets live in each router replica: with N router replicas a key can get up to N times
-  its quotas. A redeploy keeps a key's buckets while its limits stay the same.
+- The buckets live in each router replica, which also counts what each key spent there
+  (`spent`); serve_app/traffic/quota_share.py takes the other replicas' spending from them
+  (`debit`), so that a key's quotas hold across N replicas instead of N times over. A redeploy
+  keeps a key's buckets while its limits stay the same.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from serve_app.config import ApiKeys, ApiKeySpec, RouterSettings, without_inputs
-from serve_app.errors import ApiError
+from serve_app.errors import AccessDenied
 
 logger = logging.getLogger("ray.serve")
 
@@ -42,15 +44,6 @@ AUDIO_ENTRY_S = 0.001    # "a positive audio balance": at least a millisecond le
 _KEY = re.compile(r"^[\x21-\x7e]{1,256}$")  # visible ASCII, as a header carries it
 _CHALLENGE = 'Bearer realm="emotion2vec-serve"'
 _KEYS_FILE = TypeAdapter(ApiKeys)
-
-
-class AccessDenied(ApiError):
-    """401 unauthorized or 429 rate_limited, with the key label to count it under."""
-
-    def __init__(self, status: int, code: str, message: str, key_label: str,
-                 headers: dict[str, str]):
-        super().__init__(status, code, message, headers=headers)
-        self.key_label = key_label
 
 
 @dataclass
@@ -175,13 +168,10 @@ class AccessControl:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
-        self._digests: dict[str, bytes] = {}
         self._buckets: dict[str, list[Bucket]] = {}
-        self._inline: dict[str, ApiKeySpec] = {}
-        self._file: Path | None = None
-        self._file_stamp: tuple | None = None
-        self._next_file_check = 0.0
-        self._window_s = 60.0
+        # (key id, resource) -> all that this replica has charged the key, since it started
+        self.spent: dict[tuple[str, str], float] = {}
+        self.configure(RouterSettings())  # open (no keys) until the router's config names some
 
     @property
     def enabled(self) -> bool:
@@ -268,6 +258,7 @@ class AccessControl:
         for bucket in buckets:
             if bucket.resource == "requests":
                 bucket.level -= 1
+                self._count(key_id, "requests", 1.0)
         tightest = min(buckets, key=lambda b: b.level / b.capacity, default=None)
         return Admission(key_id, tightest.headers() if tightest else {})
 
@@ -283,6 +274,29 @@ class AccessControl:
         for bucket in self._refilled(key_id):
             if bucket.resource == "audio_seconds":
                 bucket.level -= seconds
+                self._count(key_id, "audio_seconds", seconds)
+
+    def _count(self, key_id: str, resource: str, amount: float) -> None:
+        self.spent[key_id, resource] = self.spent.get((key_id, resource), 0.0) + amount
+
+    def debit(self, key_id: str, resource: str, amount: float) -> None:
+        """What the key spent elsewhere (another router replica), taken from its bucket here;
+        the level may go below zero: a debt later requests wait out."""
+        for bucket in self._refilled(key_id):
+            if bucket.resource == resource:
+                bucket.level -= amount
+
+    def levels(self) -> dict[tuple[str, str], float]:
+        """Each quota's current level: (key id, resource) -> tokens left (may be negative)."""
+        return {(key_id, bucket.resource): bucket.level
+                for key_id in self._buckets for bucket in self._refilled(key_id)}
+
+    def lower_to(self, key_id: str, resource: str, level: float) -> None:
+        """Lower a quota's level to `level` if it is above (a replica that starts late takes
+        the others' balance instead of a full bucket)."""
+        for bucket in self._refilled(key_id):
+            if bucket.resource == resource:
+                bucket.level = min(bucket.level, level)
 
     def _refilled(self, key_id: str | None) -> list[Bucket]:
         buckets = self._buckets.get(key_id, []) if key_id is not None else []

@@ -22,6 +22,7 @@ import numpy as np
 
 from serve_app.api.responses import emotion_fields
 from serve_app.config import RouterSettings
+from serve_app.wire import InferenceRequest, Scores
 
 logger = logging.getLogger("ray.serve")
 
@@ -38,10 +39,10 @@ class Comparison:
         return self.primary_emotion == self.shadow_emotion
 
 
-def compare(primary: dict, shadow: dict) -> Comparison:
-    """Two variants' answers ({labels, scores}) on the same audio, matched by English name."""
-    ours = emotion_fields(primary["labels"], primary["scores"])
-    theirs = emotion_fields(shadow["labels"], shadow["scores"])
+def compare(primary: Scores, shadow: Scores) -> Comparison:
+    """Two variants' answers on the same audio, matched by English name."""
+    ours = emotion_fields(primary.labels, primary.scores)
+    theirs = emotion_fields(shadow.labels, shadow.scores)
     shared = [name for name in ours["scores"] if name in theirs["scores"]]
     if not shared:
         raise ValueError(f"no labels in common: {sorted(ours['scores'])} vs "
@@ -94,13 +95,10 @@ class Shadow:
     def __init__(self, variants, record: Recorder | None = None):
         self.variants = variants
         self.record = record or (lambda *_: None)
-        self.pairs: dict[str, str] = {}
-        self.timeout_s = 30.0
-        self.max_pending = 8
         self.pending = 0
-        self.stats: dict[str, ShadowStats] = {}
         self._layout: tuple | None = None
         self._tasks: set[asyncio.Task] = set()  # strong references until each is done
+        self.configure(RouterSettings())  # no shadows until the router's config names some
 
     def configure(self, settings: RouterSettings) -> None:
         """Apply the router's settings; the stats start over when routes or shadows change."""
@@ -115,7 +113,7 @@ class Shadow:
     def snapshot(self) -> dict[str, dict]:
         return {primary: stats.snapshot() for primary, stats in self.stats.items()}
 
-    def submit(self, primary: str, waveform: np.ndarray, answer: dict) -> None:
+    def submit(self, primary: str, waveform: np.ndarray, answer: Scores) -> None:
         """After `primary` answered a request with `answer`: shadow it, if configured and
         there is room. Returns at once; call it from the event loop."""
         target = self.pairs.get(primary)
@@ -127,17 +125,16 @@ class Shadow:
             self.record(primary, target, "dropped", None)
             return
         self.pending += 1
-        answer = {"labels": answer["labels"], "scores": answer["scores"]}
+        answer = Scores(answer.labels, answer.scores)  # not the embedding: it may be large
         task = asyncio.get_running_loop().create_task(
             self._run(stats, primary, target, waveform, answer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, stats: ShadowStats, primary: str, target: str, waveform: np.ndarray,
-                   answer: dict) -> None:
+                   answer: Scores) -> None:
         try:
-            out = await self.variants.predict(target, waveform, "utterance", False,
-                                              self.timeout_s)
+            out = await self.variants.predict(target, InferenceRequest(waveform), self.timeout_s)
             comparison = compare(answer, out)
         except Exception as exc:  # the shadow's failure is counted, never raised
             stats.errors += 1

@@ -1,6 +1,7 @@
 """The service on several Ray nodes (ray.cluster_utils.Cluster, every node on 127.0.0.1):
 variants placed on worker nodes, requests across nodes, a hot swap on a worker node, the
-resource check over the whole cluster, and a node lost under load.
+resource check over the whole cluster, a batch job with engines on several nodes, and a node
+lost under load.
 
 Its own pytest process (one driver joins one cluster): `pytest tests/multinode`. One cluster
 for the module: a head with the proxy and the router, three workers with one model slot each
@@ -8,18 +9,22 @@ for the module: a head with the proxy and the router, three workers with one mod
 
 from __future__ import annotations
 
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import yaml
 
 from serve_app.audio import sndfile
-from serve_app.tools.cluster import load_app, local_cluster
+from serve_app.tools.batch.parts import read_rows
+from serve_app.tools.cluster import local_cluster
 from tests import clips as clip_maker
-from tests.conftest import TINY_CONFIG
+from tests.conftest import tiny_app
+from tests.traffic import Traffic
 
 APP = "emotion2vec"
 VARIANTS = ("base", "large")
@@ -41,7 +46,7 @@ def make_app(root: Path, name: str = APP, prefix: str = "/", args: dict | None =
              **sources: dict) -> dict:
     """The tiny config; by default base and large pinned to worker nodes and the router to the
     head. `sources`: variant -> user_config updates."""
-    app = load_app(TINY_CONFIG, root)
+    app = tiny_app(root)
     app.update(name=name, route_prefix=prefix)
     app["args"] = args or {
         "router_num_cpus": 0.05, "router_resources": {"ingress": 0.01},
@@ -96,12 +101,16 @@ def multi(tmp_path_factory):
     clip = clip_maker.write(tmp_path_factory.mktemp("clips") / "tone.wav",
                             clip_maker.tone(2.0, 16_000), 16_000)
     with local_cluster(HEAD, [WORKER] * 3, system_config=FAST_NODE_DEATH) as serve:
-        serve.put(make_app(root, base=tiny(root, 1), large=tiny(root, 2)))
+        serve.put(initial_app(root))
         status = serve.wait_for(APP, ("RUNNING", "DEPLOY_FAILED"))
         assert status.status == "RUNNING", status
         handle = MultiNode(serve, root, clip)
         yield handle
         handle.http.close()
+
+
+def initial_app(root: Path) -> dict:
+    return make_app(root, base=tiny(root, 1), large=tiny(root, 2))
 
 
 def funasr_scores(directory: Path, waveform: np.ndarray) -> list[float]:
@@ -138,13 +147,17 @@ def test_hot_swap_on_a_variant_on_a_worker_node(multi):
     assert before["node"]["id"] in multi.worker_ids
     old = multi.predict("large").json()["scores"]
     multi.serve.put(make_app(multi.root, base=tiny(multi.root, 1), large=tiny(multi.root, 22)))
-    after = multi.wait("large", lambda i: (i["last_swap"] or {}).get("result") == "ok")
-    # Swapped in place: same process on the same node, the new checkpoint written there.
-    assert (after["pid"], after["node"], after["load_count"]) == (
-        before["pid"], before["node"], before["load_count"] + 1)
-    assert after["source"] == "tiny-seed22"  # clients see the directory by name
-    new = multi.predict("large")
-    assert new.status_code == 200 and new.json()["scores"] != old
+    try:
+        after = multi.wait("large", lambda i: (i["last_swap"] or {}).get("result") == "ok")
+        # Swapped in place: same process on the same node, the new checkpoint written there.
+        assert (after["pid"], after["node"], after["load_count"]) == (
+            before["pid"], before["node"], before["load_count"] + 1)
+        assert after["source"] == "tiny-seed22"  # clients see the directory by name
+        new = multi.predict("large")
+        assert new.status_code == 200 and new.json()["scores"] != old
+    finally:  # large's first checkpoint again, for the other tests
+        multi.serve.put(initial_app(multi.root))
+        multi.wait("large", lambda i: i["state"] == "ready" and i["source"] == "tiny-seed2")
 
 
 def test_resource_check_counts_the_whole_cluster(multi):
@@ -170,50 +183,78 @@ def test_resource_check_counts_the_whole_cluster(multi):
         multi.serve.remove("across", "nowhere")
 
 
-def test_a_node_lost_under_load(multi):
+def test_a_batch_job_with_engines_on_several_nodes(multi, tmp_path):
+    """`emotion2vec-serve batch` joins this cluster: three engine actors that no node can hold
+    two of (0.6 CPU each, 1 CPU per node), the decoding in tasks beside them; rows equal the
+    service's answers."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"applications": [
+        make_app(multi.root, base=tiny(multi.root, 1), large=tiny(multi.root, 2))]}))
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    for index in range(24):
+        clip_maker.write(folder / f"{index:02d}.wav",
+                         clip_maker.tone(1.0 + index / 8, 16_000, 150 + 10 * index, index),
+                         16_000)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "serve_app.tools.cli", "batch", str(folder), "--out", str(out),
+         "--config", str(config), "--address", multi.serve.nodes.address, "--model-version",
+         "base", "--num-cpus", "0.6", "--concurrency", "3", "--decode-cpus", "0.2",
+         "--files-per-task", "2", "--no-progress"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = read_rows(out).to_pylist()
+    assert sorted(row["path"] for row in rows) == sorted(str(p) for p in folder.iterdir())
+    assert {row["status"] for row in rows} == {"ok"}
+    nodes = {row["node_id"] for row in rows}
+    assert len(nodes) >= 2, nodes  # the pool's actors ran on several nodes
+    for row in rows[:3]:
+        body = multi.predict("base", Path(row["path"])).json()
+        scores = [row[f"score_{name}"] for name in body["scores"]]
+        assert np.abs(np.subtract(scores, list(body["scores"].values()))).max() <= 1e-4
+
+
+@pytest.fixture
+def nodes_restored(multi):
+    """A test that removes worker nodes gets them replaced afterwards (as spares)."""
+    workers = len(multi.serve.nodes.worker_nodes)
+    yield
+    for _ in range(workers - len(multi.serve.nodes.worker_nodes)):
+        multi.serve.nodes.add_node(node_ip_address="127.0.0.1", include_dashboard=False,
+                                   **WORKER)
+
+
+def test_a_node_lost_under_load(multi, nodes_restored):
     """Only 200 or 503 (with Retry-After) while base's node goes away, none hangs, large is
     untouched, and base comes back on the spare worker."""
     infos = multi.variants()
     lost = infos["base"]["node"]["id"]
     spare = multi.worker_ids - {lost, infos["large"]["node"]["id"]}
-    results: dict[str, list] = {"base": [], "large": []}
-    errors: list[str] = []
-    stop = threading.Event()
+    variant_of = ("base", "base", "base", "large")  # what each sender asks for
 
-    def send(variant: str) -> None:
-        deadline = time.monotonic() + 240  # bounded: stops by itself
-        with httpx.Client(base_url=multi.serve.url, timeout=HTTP_TIMEOUT_S) as http:
-            while not stop.is_set() and time.monotonic() < deadline:
-                sent_at = time.monotonic()
-                try:
-                    response = http.post("/v1/predict", data={"model_version": variant},
-                                         files={"file": ("c.wav", multi.clip.read_bytes())})
-                except httpx.HTTPError as exc:  # a timeout included
-                    errors.append(f"{variant}: {exc!r}")
-                    return
-                results[variant].append((sent_at, response.status_code,
-                                         response.headers.get("retry-after")))
+    def send(http: httpx.Client, sender: int, _number: int) -> httpx.Response:
+        return http.post("/v1/predict", data={"model_version": variant_of[sender]},
+                         files={"file": ("c.wav", multi.clip.read_bytes())})
 
-    senders = [threading.Thread(target=send, args=(v,)) for v in ("base",) * 3 + ("large",)]
-    for sender in senders:
-        sender.start()
-    try:
-        time.sleep(2.0)
+    # A request that hangs ends at HTTP_TIMEOUT_S as a transport error: a failure.
+    with Traffic(multi.serve.url, send, senders=len(variant_of), max_s=240,
+                 timeout_s=HTTP_TIMEOUT_S) as traffic:
+        traffic.wait_for(4)
         removed_at = time.monotonic()
         multi.serve.nodes.remove_node(multi.worker(lost))
         back = multi.wait("base", lambda i: i.get("state") == "ready"
                           and i["node"]["id"] != lost, timeout_s=180)
         back_at = time.monotonic()
-        time.sleep(2.0)  # answers from the new replica
-    finally:
-        stop.set()
-        for sender in senders:
-            sender.join(timeout=HTTP_TIMEOUT_S + 10)
-    assert not errors, errors
+        traffic.wait_for(2, since=back_at,  # answers from the new replica
+                         where=lambda o: variant_of[o.sender] == "base")
+    assert not [o for o in traffic.outcomes if o.error], [str(o) for o in traffic.outcomes
+                                                          if o.error]
     assert {back["node"]["id"]} == spare
-    statuses = {v: [status for _, status, _ in answers] for v, answers in results.items()}
-    assert set(statuses["base"]) <= {200, 503}, statuses["base"]
-    assert all(retry for _, status, retry in results["base"] if status == 503)
-    assert statuses["large"] and set(statuses["large"]) == {200}, statuses["large"]
-    assert any(at > removed_at for at, _, _ in results["base"])  # the load ran through it
-    assert 200 in [status for at, status, _ in results["base"] if at > back_at], statuses["base"]
+    base = [o for o in traffic.outcomes if variant_of[o.sender] == "base"]
+    large = [o for o in traffic.outcomes if variant_of[o.sender] == "large"]
+    assert {o.status for o in base} <= {200, 503}, [str(o) for o in base if o.status != 200]
+    assert all(o.retry_after for o in base if o.status == 503)
+    assert large and {o.status for o in large} == {200}, [str(o) for o in large if not o.ok]
+    assert any(o.started > removed_at for o in base)  # the load ran through it
+    assert 200 in [o.status for o in base if o.started > back_at], [str(o) for o in base]

@@ -1,0 +1,210 @@
+"""One request pipeline for every prediction route: the steps a protocol adapter calls, so
+that each route is parse -> pipeline -> shape, and admission, routing, limits, metrics and the
+access log stay one copy. Torch-free, and no web framework beyond a connection's headers.
+
+    async with pipeline.request(connection) as call:   # admits (401/429); logs once at the end
+        route = call.resolve(model_version, session_key)  # variant, alias, weighted alias
+        audio = await call.decode(data)                   # or call.accept(samples, rate)
+        answer = await call.infer(route, audio.waveform, options)  # timeouts, retry, shadow
+        return call.respond(JSONResponse(shape(answer)))
+
+Whatever the outcome (an ApiError, a bug, a client error), the request writes exactly one
+access-log line (ids, variant, outcome, durations; never audio) and one set of metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
+
+import numpy as np
+from starlette.responses import Response
+
+from serve_app.api import responses as results
+from serve_app.api import upload
+from serve_app.api.variant_client import Variants
+from serve_app.audio import waveform as audio
+from serve_app.audio.pool import Decoder
+from serve_app.audio.waveform import DecodedAudio
+from serve_app.config import RouterSettings
+from serve_app.errors import AccessDenied, ApiError
+from serve_app.metrics import RouterMetrics
+from serve_app.traffic.access import AccessControl, Admission
+from serve_app.traffic.routing import Route, RoutingTable
+from serve_app.traffic.shadow import Shadow
+from serve_app.wire import InferenceOptions, InferenceRequest, VariantAnswer
+
+access_log = logging.getLogger("ray.serve.emotion2vec.access")
+
+
+class Connection(Protocol):
+    """An HTTP request or a WebSocket (Starlette's HTTPConnection): its headers are read."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
+class Pipeline:
+    """The router's parts every route shares, rebuilt from each RouterSettings."""
+
+    def __init__(self, variants: Variants, metrics: RouterMetrics, settings: RouterSettings):
+        self.variants = variants
+        self.metrics = metrics
+        self.settings = settings
+        self.access = AccessControl()
+        self.decoder = Decoder(settings.decode_workers)
+        self.routes = RoutingTable(settings.default_version, {}, variants.names)
+        self.shadow = Shadow(variants, metrics.shadow)
+
+    async def configure(self, settings: RouterSettings) -> None:
+        """Apply a new router config; one the variants cannot serve raises ValueError and
+        changes nothing."""
+        settings.check_against(self.variants.names)
+        self.access.configure(settings)  # a bad key file refuses the whole config
+        self.settings = settings
+        self.routes = RoutingTable(settings.default_version, settings.aliases,
+                                   self.variants.names)
+        self.shadow.configure(settings)
+        if settings.decode_workers != self.decoder.workers:
+            old, self.decoder = self.decoder, Decoder(settings.decode_workers)
+            await old.close()
+
+    # -- steps shared with the stream -----------------------------------------------------
+    def admit(self, connection: Connection, trace: dict,
+              query_api_key: str | None = None) -> Admission:
+        """The first step of every /v1 route, before anything is read: the caller's key and
+        quota (401, 429), counted per key id."""
+        try:
+            admission = self.access.admit(connection.headers, query_api_key)
+        except AccessDenied as exc:
+            trace["key"] = exc.key_label
+            self.metrics.access(exc.key_label, exc.code)
+            raise
+        trace["key"] = admission.label
+        self.metrics.access(admission.label, "admitted")
+        return admission
+
+    def resolve(self, requested: str | None, session_key: str | None = None) -> Route:
+        """The route for a requested model_version (None: the default); a session key makes
+        a weighted alias's choice sticky."""
+        route = self.routes.resolve(requested, session_key)
+        if route is None:
+            valid = self.routes.names
+            raise ApiError(400, "unknown_model_version",
+                           f"unknown model_version {requested!r}; valid: {valid}", valid=valid)
+        return route
+
+    def charge_audio(self, admission: Admission, seconds: float) -> None:
+        """Decoded audio counts against the key's audio quota."""
+        self.access.charge_audio(admission.key_id, seconds)
+        self.metrics.key_audio(admission.label, seconds)
+
+    @contextlib.asynccontextmanager
+    async def request(self, connection: Connection) -> AsyncIterator[Call]:
+        """One prediction request: admitted on entry; its access-log line and metrics
+        written once on exit, whatever happened."""
+        call = Call(self, connection)
+        try:
+            call.admission = self.admit(connection, call.trace)
+            yield call
+        except ApiError as exc:
+            call.status, call.trace["code"] = exc.status, exc.code
+            raise
+        except BaseException:
+            call.status = 500  # a bug, or the client gone (cancelled): never a 2xx
+            raise
+        finally:
+            call.finish()
+
+
+class Call:
+    """One request going through the pipeline: the settings it started with, its trace (the
+    access-log line) and its durations."""
+
+    def __init__(self, pipeline: Pipeline, connection: Connection):
+        self.pipeline = pipeline
+        self.settings = pipeline.settings  # one config for the whole request
+        self.started = time.perf_counter()
+        self.request_id = upload.request_id(connection)
+        self.trace: dict = {"request_id": self.request_id, "key": None, "variant": None}
+        self.status = 200  # a block that returns answered; respond() records another status
+        self.admission: Admission = Admission(None, {})
+        self.decode_ms = 0.0
+        self.model_ms = 0.0
+        self._finished = False
+
+    def resolve(self, requested: str | None, session_key: str | None = None) -> Route:
+        route = self.pipeline.resolve(requested, session_key)
+        self.trace.update(variant=route.variant, route=route.name)
+        return route
+
+    async def decode(self, data: bytes) -> DecodedAudio:
+        """An uploaded file's bytes -> 16 kHz mono, within the router's decode limits."""
+        started = time.perf_counter()
+        decoded = await self.pipeline.decoder.decode(data, self.settings.decode_limits())
+        return self._took(decoded, started)
+
+    async def accept(self, samples: np.ndarray, sample_rate: int,
+                     fmt: str = "waveform") -> DecodedAudio:
+        """Samples that arrived decoded (serve_app.audio.waveform.from_samples): the same
+        limits, downmix and resampling as a decoded file."""
+        started = time.perf_counter()
+        decoded = await asyncio.to_thread(audio.from_samples, samples, sample_rate, fmt,
+                                          self.settings.decode_limits())
+        return self._took(decoded, started)
+
+    def _took(self, decoded: DecodedAudio, started: float) -> DecodedAudio:
+        self.decode_ms += (time.perf_counter() - started) * 1000
+        self.trace.update(audio_s=round(decoded.duration_s, 3), decode_ms=round(self.decode_ms, 1))
+        self.pipeline.charge_audio(self.admission, decoded.duration_s)
+        return decoded
+
+    async def infer(self, route: Route, waveform: np.ndarray, options: InferenceOptions,
+                    shadow: bool = True) -> VariantAnswer:
+        """The route's variant on a 16 kHz waveform (deadline, retry, errors as ApiError);
+        then, in the background, the shadow of that variant if one is configured."""
+        started = time.perf_counter()
+        answer = await self.pipeline.variants.predict(
+            route.variant, InferenceRequest(waveform, options), self.settings.model_timeout_s)
+        self.model_ms += (time.perf_counter() - started) * 1000
+        self.trace["model_ms"] = round(self.model_ms, 1)
+        if shadow:
+            self.pipeline.shadow.submit(route.variant, waveform, answer)
+        return answer
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+    def timings_ms(self, answer: VariantAnswer) -> dict:
+        """The response's timings_ms: where the time went so far."""
+        return {"decode": round(self.decode_ms, 3),
+                "queue_and_inference": round(self.model_ms, 3),
+                "inference": answer.timings.inference_ms,
+                "total": round(self.elapsed_ms(), 3)}
+
+    async def save(self, result: dict, embedding: np.ndarray | None) -> None:
+        """Keep the result under output_dir, when one is configured."""
+        if self.settings.output_dir:
+            await asyncio.to_thread(results.save_result, self.settings.output_dir,
+                                    self.request_id, result, embedding)
+
+    def respond(self, response: Response) -> Response:
+        """The response, with the key's X-RateLimit-* headers; its status is logged."""
+        response.headers.update(self.admission.headers)
+        self.status = response.status_code
+        return response
+
+    def finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        trace = self.trace
+        trace.update(status=self.status, total_ms=round(self.elapsed_ms(), 1))
+        access_log.info(json.dumps(trace))
+        self.pipeline.metrics.record(trace["variant"], self.status, trace["total_ms"],
+                                     trace.get("audio_s"), trace.get("route"))

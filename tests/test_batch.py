@@ -1,0 +1,178 @@
+"""`emotion2vec-serve batch` as a user runs it: a subprocess joining the test cluster beside the
+tiny app (small --num-cpus), on generated files (speech, several formats, corrupt, empty, too
+short, a bomb), its rows compared with POST /v1/predict on the same files; a job killed
+mid-way and resumed; a cluster without room."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from serve_app.tools.batch.parts import read_rows
+from tests import clips as clip_maker
+from tests.media import FORMATS, bomb, encode
+
+# The job shares the session's 2-CPU cluster with the tiny app: a quarter CPU per stage.
+SMALL = ("--num-cpus", "0.25", "--decode-cpus", "0.25", "--no-progress")
+JOB_TIMEOUT_S = 600  # a hung job fails the test; a loaded machine imports torch slowly
+# file name -> the error code the service gives it
+BAD = {"corrupt.wav": "unsupported_audio", "empty.wav": "empty_audio",
+       "short.wav": "audio_too_short", "bomb.webm": "audio_too_long"}
+
+
+def run_batch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serve_app.tools.cli", "batch", *args],
+                          capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def address(cluster) -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="module")
+def config(service, tmp_path_factory) -> Path:
+    """The test service's own config: the job loads the checkpoints the service serves."""
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"applications": [service.app]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def archive(clips, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("archive")
+    (folder / "calls").mkdir()
+    for name, path in clips.items():  # wav, flac, ogg, mp3, 24-bit; speech with espeak-ng
+        shutil.copy(path, folder / "calls" / f"{name}{path.suffix}")
+    for name, kind in (("memo.m4a", "m4a_aac"), ("browser.webm", "webm_opus")):
+        (folder / name).write_bytes(encode(FORMATS[kind][0], 1.5))  # FFmpeg's formats
+    (folder / "corrupt.wav").write_bytes(b"RIFF" + np.random.default_rng(1).bytes(4000))
+    (folder / "empty.wav").write_bytes(b"")
+    clip_maker.write(folder / "short.wav", clip_maker.tone(0.05, 16_000), 16_000)
+    (folder / "bomb.webm").write_bytes(bomb(FORMATS["webm_opus"][0], 3600))  # 1 h of silence
+    (folder / "notes.txt").write_text("not audio: not listed")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def first_run(archive, config, address, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scored") / "out"
+    done = run_batch(str(archive), "--out", str(out), "--config", str(config),
+                     "--address", address, "--model-version", "base", "--embeddings",
+                     "--batch-size", "4", "--files-per-task", "3", "--part-rows", "4", *SMALL)
+    return out, done
+
+
+def test_rows_equal_predict_and_bad_files_are_error_rows(first_run, archive, client, service):
+    out, done = first_run
+    assert done.returncode == 1, done.stderr  # some files failed: exit status 1
+    table = read_rows(out)
+    rows = {row["path"]: row for row in table.to_pylist()}
+    files = sorted(p for p in archive.rglob("*") if p.is_file() and p.suffix != ".txt")
+    assert table.num_rows == len(files) and sorted(rows) == [str(p) for p in files]
+    parts = [pq.read_metadata(part).num_rows for part in out.glob("part-*.parquet")]
+    assert len(parts) >= -(-len(files) // 4) and max(parts) <= 4  # --part-rows 4
+    sha256 = hashlib.sha256((service.checkpoints["base"] / "model.pt").read_bytes()).hexdigest()
+    for path in files:
+        row = rows[str(path)]
+        response = client.post("/v1/predict", files={"file": (path.name, path.read_bytes())},
+                               data={"model_version": "base", "extract_embedding": "true"})
+        if path.name in BAD:
+            error = response.json()["error"]
+            assert (row["status"], row["error_code"], error["code"]) == (
+                "failed", BAD[path.name], BAD[path.name]), row
+            assert row["error"] == error["message"] and row["emotion"] is None
+            continue
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert (row["status"], row["error_code"], row["model_version"]) == ("ok", None, "base")
+        assert (row["model_sha256"], row["weights"]) == (sha256, "random")
+        assert row["duration_s"] == body["audio"]["duration_s"]
+        scores = [row[f"score_{name}"] for name in body["scores"]]
+        assert np.abs(np.subtract(scores, list(body["scores"].values()))).max() <= 1e-4
+        assert abs(row["confidence"] - body["confidence"]) <= 1e-4
+        top2 = sorted(body["scores"].values())[-2:]
+        if top2[1] - top2[0] > 2e-4:  # random weights: near ties may swap within 1e-4
+            assert row["emotion"] == body["emotion"]
+        assert len(row["embedding"]) == len(body["embedding"]) == 64
+        assert np.abs(np.subtract(row["embedding"], body["embedding"])).max() <= 1e-4
+    ok = len(files) - len(BAD)
+    assert f"{len(files)} files" in done.stderr and f"{ok} ok, {len(BAD)} failed" in done.stderr
+    assert "hours of audio per hour" in done.stderr
+
+
+def test_a_directory_with_results_is_refused_without_resume(first_run, archive, config):
+    out, _ = first_run
+    before = sorted(out.iterdir())
+    done = run_batch(str(archive), "--out", str(out), "--config", str(config), *SMALL)
+    assert done.returncode == 2 and "is not empty: pass --resume" in done.stderr
+    assert sorted(out.iterdir()) == before
+
+
+def test_a_killed_job_resumes_and_writes_each_path_once(config, address, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    clip = clip_maker.write(tmp_path / "clip.wav", clip_maker.tone(0.5, 16_000), 16_000)
+    count = 300
+    for index in range(count):
+        os.link(clip, folder / f"{index:03d}.wav")
+    out = tmp_path / "out"
+    args = [str(folder), "--out", str(out), "--config", str(config), "--address", address,
+            "--model-version", "large", "--files-per-task", "2", "--part-rows", "3", *SMALL]
+    job = subprocess.Popen([sys.executable, "-m", "serve_app.tools.cli", "batch", *args],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not list(out.glob("part-*.parquet")) and job.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert job.poll() is None, f"the job ended before it could be killed: {job.stderr}"
+        job.send_signal(signal.SIGKILL)
+    finally:
+        job.kill()
+        job.communicate(timeout=60)
+    kept = read_rows(out).num_rows  # complete parts only, each readable
+    assert 0 < kept < count
+    done = run_batch(*args, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert f"{count - kept} files" in done.stderr and f"{kept} already there" in done.stderr
+    paths = read_rows(out).column("path").to_pylist()
+    assert sorted(paths) == sorted(str(p) for p in folder.iterdir())  # each exactly once
+    assert not list(out.glob(".*"))  # no partial part left behind
+
+
+def test_a_cluster_without_room_is_named_and_the_job_exits(archive, config, address, tmp_path):
+    started = time.monotonic()
+    done = run_batch(str(archive / "calls"), "--out", str(tmp_path / "out"), "--config",
+                     str(config), "--address", address, "--num-cpus", "4",
+                     "--placement-timeout-s", "2", "--no-progress")
+    assert done.returncode == 2, done.stderr
+    assert "1 engine actor(s) x {CPU: 4}" in done.stderr and "missing {CPU:" in done.stderr
+    assert time.monotonic() - started < JOB_TIMEOUT_S
+
+
+def test_an_engine_that_cannot_load_stops_the_job_with_its_reason(service, archive, address,
+                                                                   tmp_path):
+    app = {**service.app, "deployments": [
+        {**d, "user_config": {"source": str(tmp_path / "no-model")}} if d["name"] == "base"
+        else d for d in service.app["deployments"]]}
+    config = tmp_path / "broken.yaml"
+    config.write_text(yaml.safe_dump({"applications": [app]}))
+    done = run_batch(str(archive / "calls"), "--out", str(tmp_path / "out"), "--config",
+                     str(config), "--address", address, "--model-version", "base", *SMALL)
+    assert done.returncode == 2, done.stderr
+    assert "error: the engines did not start" in done.stderr
+    assert f"model directory {tmp_path / 'no-model'} does not exist" in done.stderr
