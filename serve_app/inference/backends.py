@@ -207,12 +207,19 @@ def release_encoder(model: torch.nn.Module) -> None:
     getattr(model, "alibi_biases", {}).clear()  # FunASR's ALiBi cache (the check clip's)
 
 
+def has_bf16(core=None) -> bool:
+    """Whether OpenVINO runs bf16 on this CPU (AVX-512 bf16 or AMX units)."""
+    import openvino as ov
+
+    core = core or ov.Core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def _ov_precision(core, precision: str) -> tuple[str, str | None]:
     """OpenVINO's inference precision for a setting, and a note when reduced is not there."""
     if precision == "fp32":
         return "f32", None
-    capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    if "BF16" in capabilities:
+    if has_bf16(core):
         return "bf16", None
     return "f32", "this CPU has no bf16 units: reduced precision runs in f32"
 
