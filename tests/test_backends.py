@@ -187,14 +187,16 @@ def test_backend_is_a_setting_that_needs_a_reload():
 
 def _metric_line(cluster, variant: str, backend: str) -> str:
     deadline = time.monotonic() + 60
+    lines: list[str] = []
     while time.monotonic() < deadline:
         text = httpx.get(cluster.metrics_url, timeout=30).text
-        line = next((m for m in text.splitlines() if m.startswith("ray_emotion2vec_backend{")
-                     and f'deployment="{variant}"' in m and f'backend="{backend}"' in m), "")
+        lines = [m for m in text.splitlines() if m.startswith("ray_emotion2vec_backend{")]
+        line = next((m for m in lines if f'variant="{variant}"' in m
+                     and f'backend="{backend}"' in m), "")
         if line:
             return line
         time.sleep(2)
-    return ""
+    return f"no {variant}/{backend} line among {lines}"
 
 
 def test_the_service_reports_the_backend_that_runs(cluster, tiny, cache, engines):
