@@ -188,6 +188,7 @@ def test_backend_is_a_setting_that_needs_a_reload():
 def _metric_line(cluster, variant: str, backend: str) -> str:
     deadline = time.monotonic() + 60
     lines: list[str] = []
+    text = ""
     while time.monotonic() < deadline:
         text = httpx.get(cluster.metrics_url, timeout=30).text
         lines = [m for m in text.splitlines() if m.startswith("ray_emotion2vec_backend{")]
@@ -196,7 +197,8 @@ def _metric_line(cluster, variant: str, backend: str) -> str:
         if line:
             return line
         time.sleep(2)
-    return f"no {variant}/{backend} line among {lines}"
+    seen = sorted({m.split("{")[0] for m in text.splitlines() if m.startswith("ray_emotion2vec")})
+    return f"no {variant}/{backend} line among {lines}; metrics seen: {seen}"
 
 
 def test_the_service_reports_the_backend_that_runs(cluster, tiny, cache, engines):
