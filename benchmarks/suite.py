@@ -8,6 +8,8 @@ with a speech clip (espeak-ng; a voiced tone without it):
   4. this service, 8 concurrent clients, batching off vs on: throughput and latency;
   5. turbo vs large: latency ratio, and fidelity (top-1 agreement, max score difference,
      embedding cosine) over several speech clips.
+Each variant's row names the backend that serves it (configs/cpu.yaml: openvino; see
+docs/cpu.md), next to FunASR's eager in-process time on the same checkpoint.
 With --device auto and a GPU present, the variants get a GPU each share (same checkpoints).
 
     python benchmarks/suite.py
@@ -179,7 +181,11 @@ def main() -> None:
 
     with local_serve() as serve_handle:
         serve_handle.put(app)
-        serve_handle.wait_for(app["name"], ("RUNNING",), timeout_s=900)
+        serve_handle.wait_for(app["name"], ("RUNNING",), timeout_s=1800)
+        served = httpx.get(f"{serve_handle.url}/v1/models", timeout=30).json()["variants"]
+        for name in variants:  # what actually runs (a backend that cannot run falls back)
+            rows[name]["backend"] = (f"{served[name].get('backend') or 'torch'}/"
+                                     f"{served[name].get('dtype')}")
         for name in variants:
             times = http_latencies(serve_handle.url, name, wav, args.requests)
             rows[name]["http_p50"], rows[name]["http_p99"] = (np.percentile(times, 50),
@@ -202,13 +208,15 @@ def main() -> None:
     device = "GPU" if gpu else "CPU"
     print(f"\n== emotion2vec-serve benchmark ({device}, {args.config}, "
           f"{args.clip_seconds:g} s speech clip) ==")
-    print(f"{'variant':8} {'naive p50':>10} {'in-proc p50':>12} {'http p50':>9} {'http p99':>9}"
-          f" {'http/in-proc':>13} {'naive/http':>11}")
+    print("(in-proc: FunASR's AutoModel.generate, eager; http: the service on its backend)")
+    print(f"{'variant':8} {'backend':17} {'naive p50':>10} {'in-proc p50':>12} {'http p50':>9}"
+          f" {'http p99':>9} {'http/in-proc':>13} {'naive/http':>11}")
     for name, row in rows.items():
         naive = f"{row['naive'] * 1000:8.0f}ms" if "naive" in row else f"{'-':>10}"
         ratio = f"{row['naive'] / row['http_p50']:11.1f}" if "naive" in row else f"{'-':>11}"
-        print(f"{name:8} {naive} {row['inproc'] * 1000:10.0f}ms {row['http_p50'] * 1000:7.0f}ms"
-              f" {row['http_p99'] * 1000:7.0f}ms {row['http_p50'] / row['inproc']:13.2f} {ratio}")
+        print(f"{name:8} {row['backend']:17} {naive} {row['inproc'] * 1000:10.0f}ms "
+              f"{row['http_p50'] * 1000:7.0f}ms {row['http_p99'] * 1000:7.0f}ms "
+              f"{row['http_p50'] / row['inproc']:13.2f} {ratio}")
     print(f"\n{args.clients} concurrent clients, {args.concurrent_seconds:g} s each:")
     print(f"{'variant':8} {'batch':>5} {'clips/s':>8} {'audio s/s':>10} {'p50':>8} {'p99':>8}"
           f" {'failed':>7}")
@@ -218,6 +226,8 @@ def main() -> None:
     for name in ("base", "large"):
         ratio = concurrent[(name, args.clients)]["clips_s"] / concurrent[(name, 1)]["clips_s"]
         print(f"  {name}: batched/unbatched throughput {ratio:.2f}")
+    print(f"turbo served p50 / large eager in-process p50: "
+          f"{rows['turbo']['http_p50'] / rows['large']['inproc']:.2f}")
     print(f"\nturbo/large latency (http p50): "
           f"{rows['turbo']['http_p50'] / rows['large']['http_p50']:.2f}; in-process: "
           f"{rows['turbo']['inproc'] / rows['large']['inproc']:.2f}")

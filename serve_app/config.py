@@ -85,6 +85,14 @@ class ModelSettings(_Strict):
     loader: Literal["mmap", "funasr"] = "mmap"
     # reduced: bfloat16 autocast on CPU, float16 autocast on CUDA (what "turbo" means).
     precision: Literal["fp32", "reduced"] = "fp32"
+    # What runs the encoder (serve_app/inference/backends.py): torch, FunASR's modules in eager
+    # PyTorch; openvino, the same steps as one graph compiled for this CPU (any length and
+    # batch, fp32 equal to FunASR within float rounding; reduced: bf16). Where it cannot run,
+    # the variant serves on torch and says why in /v1/models.
+    backend: Literal["torch", "openvino"] = "torch"
+    # Compiled artefacts, one folder per checkpoint, backend version, CPU and code (reused by
+    # restarts and by swaps back to a known checkpoint).
+    compiled_cache_dir: str = "~/.cache/emotion2vec-serve/compiled"
     threads: int | None = Field(default=None, ge=1, le=256,
                                 description="torch threads; default: the replica's CPUs")
     warmup_s: float = Field(default=1.0, ge=0.05, le=30.0)
@@ -115,7 +123,8 @@ class ModelSettings(_Strict):
     def load_key(self) -> tuple:
         """The settings that need a model load when they change; the others apply live."""
         return (self.source, self.hub, self.revision, self.generate, self.loader,
-                self.precision, self.threads, self.warmup_s)
+                self.precision, self.backend, self.compiled_cache_dir, self.threads,
+                self.warmup_s)
 
     @property
     def is_local(self) -> bool:

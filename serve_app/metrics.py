@@ -4,10 +4,71 @@ adds the deployment, replica and application tags itself."""
 
 from __future__ import annotations
 
+import threading
+import time
+import weakref
+
+import ray
 from ray.serve import metrics
 
 _LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
 _SCORE_DIFF = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+
+
+class HeldGauge:
+    """A gauge whose values are recorded again every few seconds. Ray 2.60's metrics agent
+    drops a gauge series that no export refreshed within two report intervals, and a worker
+    exports only the values recorded since its last export: a value set once (a model loaded
+    an hour ago) would leave Prometheus seconds later."""
+
+    def __init__(self, name: str, description: str, tag_keys: tuple[str, ...]) -> None:
+        self._gauge = metrics.Gauge(name, description=description, tag_keys=tag_keys)
+        self._values: dict[tuple, float] = {}
+        self._lock = threading.Lock()
+        _refresher.hold(self)
+
+    def set(self, value: float, tags: dict[str, str]) -> None:
+        with self._lock:
+            self._values[tuple(sorted(tags.items()))] = value
+            self._gauge.set(value, tags=tags)
+
+    def refresh(self) -> None:
+        with self._lock:
+            for tags, value in self._values.items():
+                self._gauge.set(value, tags=dict(tags))
+
+
+class _Refresher:
+    """One daemon thread per process, re-recording every live HeldGauge at half Ray's report
+    interval (so each export carries every value even when one runs late)."""
+
+    def __init__(self) -> None:
+        self._gauges: weakref.WeakSet[HeldGauge] = weakref.WeakSet()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def hold(self, gauge: HeldGauge) -> None:
+        with self._lock:
+            self._gauges.add(gauge)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="gauge-refresh",
+                                                daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            period_s = max(0.5, ray._config.metrics_report_interval_ms() / 2000)
+        except Exception:  # outside a Ray worker: Ray's default interval, 10 s
+            period_s = 5.0
+        while True:
+            time.sleep(period_s)
+            with self._lock:
+                gauges = list(self._gauges)
+            for gauge in gauges:
+                gauge.refresh()
+
+
+_refresher = _Refresher()
 
 
 class RouterMetrics:
@@ -77,18 +138,29 @@ class ModelMetrics:
             "emotion2vec_model_loads_total", description="Model loads by kind "
             "(initial, swap, reload) and result (ok, failed)",
             tag_keys=("variant", "kind", "result"))
-        self.loaded = metrics.Gauge(
+        self.loaded = HeldGauge(
             "emotion2vec_model_loaded", description="1 while this replica holds a model",
             tag_keys=("variant",))
-        self.queue = metrics.Gauge(
+        self.queue = HeldGauge(
             "emotion2vec_queue_length", description="Requests in this replica waiting for or "
             "running on the model", tag_keys=("variant",))
+        self.backend = HeldGauge(
+            "emotion2vec_backend", description="1 for the backend that runs this replica's "
+            "encoder (backend) and the one configured (requested); they differ after a fallback",
+            tag_keys=("variant", "backend", "requested"))
+        self._backend_tags: dict | None = None
 
     def load(self, kind: str, ok: bool) -> None:
         self.loads.inc(tags={**self.tags, "kind": kind, "result": "ok" if ok else "failed"})
 
     def set_loaded(self, loaded: bool) -> None:
         self.loaded.set(1 if loaded else 0, tags=self.tags)
+
+    def set_backend(self, backend: str, requested: str) -> None:
+        if self._backend_tags is not None:
+            self.backend.set(0, tags=self._backend_tags)
+        self._backend_tags = {**self.tags, "backend": backend, "requested": requested}
+        self.backend.set(1, tags=self._backend_tags)
 
     def set_queue(self, length: int) -> None:
         self.queue.set(length, tags=self.tags)
@@ -102,7 +174,7 @@ class StreamMetrics:
     """Recorded by the router for WS /v1/stream."""
 
     def __init__(self) -> None:
-        self.active = metrics.Gauge(
+        self.active = HeldGauge(
             "emotion2vec_streams_active", description="Open streams in this router replica",
             tag_keys=("variant",))
         self.audio_seconds = metrics.Counter(

@@ -25,12 +25,18 @@ class FakeInfo:
     dtype: str = "float32"
     threads: int = 1
     load_s: float = 0.0
+    backend: str = "torch"
+    backend_info: dict | None = None
 
 
 class FakeEngine:
-    def __init__(self, settings: ModelSettings):
+    def __init__(self, settings: ModelSettings, compiles: bool = True):
         self.settings = settings
-        self.info = FakeInfo(settings.source)
+        # As the real engine does: the backend asked for, or eager torch and the reason why.
+        runs = settings.backend if compiles else "torch"
+        note = None if compiles else f"{settings.backend} cannot run here"
+        self.info = FakeInfo(settings.source, backend=runs,
+                             backend_info={"requested": settings.backend, "note": note})
         self.unloaded = False
 
     def identity(self) -> dict:
@@ -48,6 +54,7 @@ class Factory:
         self.started: list[str] = []  # every load begun, in order
         self.built: list[FakeEngine] = []
         self.failing: set[str] = set()
+        self.uncompilable: set[str] = set()  # sources whose compiled backend cannot run
         self.gates: dict[str, threading.Event] = {}
 
     def hold(self, source: str) -> threading.Event:
@@ -61,7 +68,7 @@ class Factory:
             raise TimeoutError(f"the test never opened the gate of {settings.source}")
         if settings.source in self.failing:
             raise ModelLoadError(f"cannot load {settings.source}")
-        engine = FakeEngine(settings)
+        engine = FakeEngine(settings, compiles=settings.source not in self.uncompilable)
         self.built.append(engine)
         return engine
 
@@ -79,6 +86,7 @@ class Metrics:
         self.loads: list[tuple[str, bool]] = []
         self.loaded: list[bool] = []
         self.queue: list[int] = []
+        self.backends: list[tuple[str, str]] = []
 
     def load(self, kind: str, ok: bool) -> None:
         self.loads.append((kind, ok))
@@ -88,6 +96,9 @@ class Metrics:
 
     def set_queue(self, length: int) -> None:
         self.queue.append(length)
+
+    def set_backend(self, backend: str, requested: str) -> None:
+        self.backends.append((backend, requested))
 
 
 def model(source: str, **fields) -> ModelSettings:
@@ -365,5 +376,36 @@ def test_a_new_config_while_released_is_what_the_next_request_loads():
         assert r.lifecycle.engine is None and r.factory.started == ["/models/a"]
         async with r.lifecycle.use() as engine:
             assert engine.settings.source == "/models/b"
+
+    run(scenario)
+
+
+# -- backends ---------------------------------------------------------------------------------
+def test_a_backend_that_cannot_run_is_a_ready_engine_on_torch_not_a_failure(caplog):
+    async def scenario(r: Rig) -> None:
+        r.factory.uncompilable.add("/models/a")
+        await r.lifecycle.configure(model("a", backend="openvino"))
+        info = r.lifecycle.info()
+        assert info["state"] == "ready" and r.lifecycle.health_problem() is None
+        assert info["backend"] == "torch"
+        assert info["backend_info"] == {"requested": "openvino",
+                                        "note": "openvino cannot run here"}
+        assert r.metrics.backends == [("torch", "openvino")]
+        assert r.metrics.loads == [("initial", True)]
+        assert "backend openvino asked for, torch runs" in caplog.text
+
+    run(scenario)
+
+
+def test_changing_the_backend_swaps_in_a_new_engine():
+    async def scenario(r: Rig) -> None:
+        await r.lifecycle.configure(model("a"))
+        first = r.lifecycle.engine
+        await r.lifecycle.configure(model("a", backend="openvino"))
+        await until(lambda: r.lifecycle.engine is not first)
+        assert r.lifecycle.info()["backend"] == "openvino"
+        assert r.lifecycle.last_swap["result"] == "ok"
+        assert r.metrics.backends == [("torch", "torch"), ("openvino", "openvino")]
+        assert r.factory.started == ["/models/a", "/models/a"]
 
     run(scenario)

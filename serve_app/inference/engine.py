@@ -22,6 +22,10 @@ A label set (`labels`: English names, serve_app/labels.py) scores a subset of th
 the others' logits are masked before the softmax (serve_app/inference/heads.py), per clip, after
 the forward pass, so clips batched together may ask for different sets. Predictions carry only
 the set's labels, with their softmax scores and raw float32 logits.
+
+The encoder runs on the configured backend (serve_app/inference/backends.py): eager PyTorch, or
+the same steps compiled by OpenVINO; the head, softmax, pooling, windows and timeline are this
+file's on every backend. A backend that cannot run leaves eager PyTorch, said in `info`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +44,13 @@ from serve_app import labels as label_sets
 from serve_app.checkpoints import generate, hub, weights
 from serve_app.config import ModelSettings
 from serve_app.errors import ModelLoadError
-from serve_app.inference import padded
+from serve_app.inference import backends, padded
 from serve_app.inference.heads import masked_scores
 from serve_app.inference.timeline import emotion_timeline
 from serve_app.wire import MIN_SAMPLES, TARGET_SR, Granularity
 
 logger = logging.getLogger(__name__)
+DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 
 
 @dataclass
@@ -73,6 +78,8 @@ class ModelInfo:
     embedding_dim: int = 0
     parameter_count: int = 0   # of the model as served (the pre-training decoder dropped)
     sample_rate: int = TARGET_SR  # what the model takes; the router resamples to it
+    backend: str = "torch"     # what runs the encoder (backends.py)
+    backend_info: dict | None = None  # requested, precision, note (why not), build_s, cache
 
 
 def _sha256(path: Path) -> str | None:
@@ -130,6 +137,7 @@ class EmotionEngine:
         self.labels: list[str] = []
         self.info: ModelInfo | None = None
         self._batchable = False
+        self._backend = None
 
     # -- loading -------------------------------------------------------------------------
     def _resolve_source(self) -> Path:
@@ -185,19 +193,25 @@ class EmotionEngine:
             logger.warning("%s: %s; predict_batch runs clip by clip", directory, exc)
             self._batchable = False
         source = str(directory) if self.settings.is_local else self.settings.source
+        sha256 = _sha256(weights_file)
+        parameter_count = sum(p.numel() for p in model.parameters())  # before a backend frees any
+        self._backend, backend_info = backends.select(self.settings, model, self.device,
+                                                      self.threads, sha256, self._autocast)
         self.info = ModelInfo(
             source=source,
             directory=str(directory),
             weights="random" if random_info else "pretrained",
             device=self.device,
-            dtype=self._encoder_dtype(),
+            dtype=DTYPES[backend_info.precision],
             threads=self.threads,
             load_s=round(time.perf_counter() - started, 3),
-            sha256=_sha256(weights_file),
+            sha256=sha256,
             random_weights=random_info,
             labels=label_sets.valid_names(self.labels),
             embedding_dim=int(model.proj.in_features),
-            parameter_count=sum(p.numel() for p in model.parameters()),
+            parameter_count=parameter_count,
+            backend=backend_info.backend,
+            backend_info=asdict(backend_info),
         )
         if random_info:
             logger.warning("loaded %s: RANDOM weights (%s, seed %s); predictions carry no meaning",
@@ -236,12 +250,8 @@ class EmotionEngine:
         """What exactly this engine serves: where from, which weights, in which precision."""
         info = self.info
         return {"source": info.source, "sha256": info.sha256, "weights": info.weights,
-                "dtype": info.dtype, "precision": self.settings.precision}
-
-    def _encoder_dtype(self) -> str:
-        if self.settings.precision == "fp32":
-            return "float32"
-        return "float16" if self.device.startswith("cuda") else "bfloat16"
+                "dtype": info.dtype, "precision": self.settings.precision,
+                "backend": info.backend}
 
     def _autocast(self):
         import torch
@@ -261,7 +271,7 @@ class EmotionEngine:
     def unload(self) -> None:
         import torch
 
-        self.model = None
+        self.model = self._backend = None
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
@@ -338,10 +348,7 @@ class EmotionEngine:
 
     def _window_frames(self, waveform: np.ndarray):
         """1 x T x D float32 frame features of one clip (or window), FunASR's steps."""
-        source = self._source(waveform)
-        with self._autocast():
-            frames = self.model.extract_features(source.view(1, -1), padding_mask=None)["x"]
-        return frames.float()
+        return self._backend.single(self._source(waveform))
 
     def predict_batch(self, waveforms: list[np.ndarray], granularity: Granularity,
                       extract_embedding: bool,
@@ -370,10 +377,7 @@ class EmotionEngine:
                     for w, names in zip(waveforms, sets)]
         started = self._start()
         with torch.inference_mode():
-            sources = [self._source(w) for w in waveforms]
-            with self._autocast():
-                frames, lengths = padded.padded_features(self.model, sources)
-            frames = frames.float()
+            frames, lengths = self._backend.batch([self._source(w) for w in waveforms])
             # Each clip's own frames only: padded frames carry no meaning.
             clips = [frames[i, :n] for i, n in enumerate(lengths.tolist())]
             rows = self._scores(torch.stack([clip.mean(dim=0) for clip in clips]), keeps)

@@ -11,7 +11,11 @@ thread) and an injectable clock, so that every transition is unit-tested with a 
   serving, then swapped in with one assignment; requests in flight finish on the engine they
   hold. A newer config supersedes an older load in progress (the latest wins). A failed swap
   keeps the current engine and is reported in `last_swap`.
-- A config with the same load key applies live (limits, batching, timeline, idle release).
+- A config with the same load key applies live (limits, batching, timeline, idle release);
+  the backend is part of the load key.
+- The engine picks its backend (serve_app/inference/backends.py) and falls back to eager
+  torch where the one asked for cannot run; the lifecycle reports the one that runs (metric,
+  log line, `info()`), so a fallback is never a failed load.
 - Requests hold the engine through `use()`, which counts them in flight; with idle_unload_s
   an engine unused that long, and used by nobody, is released, and the next `use()` loads it
   again (the request waits).
@@ -38,8 +42,9 @@ from serve_app.config import ModelSettings
 logger = logging.getLogger("ray.serve")
 
 IDLE_CHECK_MAX_S = 5.0  # the idle watch looks at least this often
-MODEL_FIELDS = ("source", "weights", "device", "dtype", "threads", "load_s", "labels",
-                "embedding_dim", "parameter_count", "sample_rate", "sha256")
+MODEL_FIELDS = ("source", "weights", "device", "dtype", "threads", "load_s", "backend",
+                "backend_info", "labels", "embedding_dim", "parameter_count", "sample_rate",
+                "sha256")
 
 
 class State(StrEnum):
@@ -56,7 +61,7 @@ class Engine(Protocol):
     """What the lifecycle needs of an engine (serve_app.inference.engine.EmotionEngine)."""
 
     settings: ModelSettings
-    info: Any  # a dataclass with MODEL_FIELDS
+    info: Any  # a dataclass with MODEL_FIELDS (backend: the one that runs)
 
     def identity(self) -> dict: ...
 
@@ -72,6 +77,8 @@ class LoadMetrics(Protocol):
 
     def set_queue(self, length: int) -> None: ...
 
+    def set_backend(self, backend: str, requested: str) -> None: ...
+
 
 class _NoMetrics:
     def load(self, kind: str, ok: bool) -> None:
@@ -81,6 +88,9 @@ class _NoMetrics:
         pass
 
     def set_queue(self, length: int) -> None:
+        pass
+
+    def set_backend(self, backend: str, requested: str) -> None:
         pass
 
 
@@ -212,6 +222,11 @@ class ModelLifecycle:
         self._last_used = self._clock()  # idle is counted from the load: a slow load is no idling
         self.state, self.error = State.READY, None
         self._metrics.set_loaded(True)
+        self._metrics.set_backend(engine.info.backend, settings.backend)
+        if engine.info.backend != settings.backend:
+            note = (engine.info.backend_info or {}).get("note")
+            logger.warning("variant %s: backend %s asked for, %s runs (%s)", self.name,
+                           settings.backend, engine.info.backend, note)
 
     # -- requests --------------------------------------------------------------------------
     @contextlib.asynccontextmanager
