@@ -118,6 +118,45 @@ def error_text(response: httpx.Response) -> str:
         return f"{response.status_code}: {response.text[:200]}"
 
 
+@dataclass
+class Sent:
+    """What posting one request, with retries, came to."""
+    response: httpx.Response | None  # the last answer; None when the last try got none
+    error: str | None                # why it did not succeed; None on a 200
+    attempts: int
+
+
+async def post_with_retries(client: httpx.AsyncClient, route: str, files: dict,
+                            data: dict[str, str], tries: int, base_s: float,
+                            max_s: float) -> Sent:
+    """POST, sent again (with backoff, honouring Retry-After) after 429/500/502/503/504, a
+    refused connection, or a connection dropped mid-answer (its server went away: predict and
+    segments have no side effects); never after a timeout (the server may still be working)."""
+    error = None
+    for attempt in range(tries):
+        response, retry_after = None, None
+        try:
+            response = await client.post(route, files=files, data=data)
+        except httpx.ConnectError as exc:  # nothing was sent: safe to try again
+            error = f"cannot connect: {exc}"
+        except httpx.TimeoutException as exc:  # the server may be busy: not asked again
+            return Sent(None, f"{type(exc).__name__}: {exc}", attempt + 1)
+        except httpx.TransportError as exc:  # the connection dropped: its server went away
+            error = f"{type(exc).__name__}: {exc}"
+        except httpx.HTTPError as exc:
+            return Sent(None, f"{type(exc).__name__}: {exc}", attempt + 1)
+        else:
+            if response.status_code == 200:
+                return Sent(response, None, attempt + 1)
+            error = error_text(response)
+            if response.status_code not in RETRY_STATUSES:
+                return Sent(response, error, attempt + 1)
+            retry_after = response.headers.get("retry-after")
+        if attempt + 1 < tries:
+            await asyncio.sleep(backoff_delay(attempt, retry_after, base_s, max_s))
+    return Sent(response, error, tries)
+
+
 async def predict_file(client: httpx.AsyncClient, path: Path, params: dict[str, str],
                        tries: int, base_s: float, max_s: float) -> Outcome:
     outcome = Outcome(path=str(path))
@@ -126,37 +165,16 @@ async def predict_file(client: httpx.AsyncClient, path: Path, params: dict[str, 
     except OSError as exc:
         outcome.error = f"cannot read: {exc}"
         return outcome
-    for attempt in range(tries):
-        outcome.attempts = attempt + 1
-        retry_after = None
-        try:
-            response = await client.post("/v1/predict", files={"file": (path.name, data)},
-                                         data=params)
-        except httpx.ConnectError as exc:  # nothing was sent: safe to try again
-            outcome.http_status, outcome.error = None, f"cannot connect: {exc}"
-        except httpx.TimeoutException as exc:  # the server may be busy: not asked again
-            outcome.http_status, outcome.error = None, f"{type(exc).__name__}: {exc}"
-            return outcome
-        except httpx.TransportError as exc:  # the connection dropped: its server went away
-            outcome.http_status, outcome.error = None, f"{type(exc).__name__}: {exc}"
-        except httpx.HTTPError as exc:
-            outcome.http_status, outcome.error = None, f"{type(exc).__name__}: {exc}"
-            return outcome
-        else:
-            outcome.http_status = response.status_code
-            if response.status_code == 200:
-                body = response.json()
-                outcome.status, outcome.error = "ok", None
-                for key in ("emotion", "confidence", "model_version", "request_id", "scores"):
-                    setattr(outcome, key, body.get(key))
-                outcome.timeline = body.get("timeline")
-                return outcome
-            outcome.error = error_text(response)
-            if response.status_code not in RETRY_STATUSES:
-                return outcome
-            retry_after = response.headers.get("retry-after")
-        if attempt + 1 < tries:
-            await asyncio.sleep(backoff_delay(attempt, retry_after, base_s, max_s))
+    sent = await post_with_retries(client, "/v1/predict", {"file": (path.name, data)}, params,
+                                   tries, base_s, max_s)
+    outcome.attempts, outcome.error = sent.attempts, sent.error
+    outcome.http_status = sent.response.status_code if sent.response is not None else None
+    if sent.error is None:
+        body = sent.response.json()
+        outcome.status = "ok"
+        for key in ("emotion", "confidence", "model_version", "request_id", "scores"):
+            setattr(outcome, key, body.get(key))
+        outcome.timeline = body.get("timeline")
     return outcome
 
 

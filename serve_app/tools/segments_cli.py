@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from serve_app.tools.cli import RETRY_STATUSES, backoff_delay, error_text, expand
+from serve_app.tools.cli import expand, post_with_retries
 
 ROW_FIELDS = ["path", "index", "start_s", "end_s", "speaker", "emotion", "confidence"]
 ERROR_FIELDS = ["error", "request_id"]
@@ -91,31 +91,14 @@ async def send(client: httpx.AsyncClient, recording: Recording, params: dict[str
     except (OSError, UnicodeDecodeError) as exc:
         outcome.error = f"cannot read: {exc}"
         return outcome
-    for attempt in range(tries):
-        outcome.attempts = attempt + 1
-        retry_after = None
-        try:
-            response = await client.post("/v1/segments", files=files, data=data)
-        except httpx.ConnectError as exc:  # nothing was sent: safe to try again
-            outcome.http_status, outcome.error = None, f"cannot connect: {exc}"
-        except httpx.HTTPError as exc:  # a timeout, a dropped answer: do not send it again
-            outcome.http_status, outcome.error = None, f"{type(exc).__name__}: {exc}"
-            return outcome
-        else:
-            outcome.http_status = response.status_code
-            if response.status_code == 200:
-                body = response.json()
-                outcome.status, outcome.error = "ok", None
-                for key in ("request_id", "model_version", "segmentation", "segments",
-                            "speakers"):
-                    setattr(outcome, key, body.get(key))
-                return outcome
-            outcome.error = error_text(response)
-            if response.status_code not in RETRY_STATUSES:
-                return outcome
-            retry_after = response.headers.get("retry-after")
-        if attempt + 1 < tries:
-            await asyncio.sleep(backoff_delay(attempt, retry_after, base_s, max_s))
+    sent = await post_with_retries(client, "/v1/segments", files, data, tries, base_s, max_s)
+    outcome.attempts, outcome.error = sent.attempts, sent.error
+    outcome.http_status = sent.response.status_code if sent.response is not None else None
+    if sent.error is None:
+        body = sent.response.json()
+        outcome.status = "ok"
+        for key in ("request_id", "model_version", "segmentation", "segments", "speakers"):
+            setattr(outcome, key, body.get(key))
     return outcome
 
 
