@@ -122,9 +122,11 @@ def run_job(args: list[str], timeout_s: float) -> tuple[float, dict[str, int], s
 
 
 def one_variant_app(config: Path, variant: str) -> dict:
-    """The config's app with only `variant` behind the Router (and no aliases)."""
+    """The config's app with only `variant` behind the Router (no aliases, no VAD: the job
+    beside it gets the CPUs the VAD would hold)."""
     app = load_app(config)
     app["args"]["variants"] = {variant: app["args"]["variants"][variant]}
+    app["args"]["vad_num_cpus"] = None
     app["deployments"] = [d for d in app["deployments"] if d["name"] in (variant, "Router")]
     router = next(d for d in app["deployments"] if d["name"] == "Router")
     router["user_config"] = {**router.get("user_config", {}), "default_version": variant,
