@@ -64,7 +64,7 @@ def test_openapi_describes_the_api(client):
     assert "model_version" in form["properties"]
     assert body["application/octet-stream"]["schema"]["format"] == "binary"
     assert {p["name"] for p in predict["parameters"] if p["in"] == "query"} == {
-        "model_version", "granularity", "extract_embedding"}
+        "model_version", "granularity", "extract_embedding", "labels"}
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
