@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
 
 from serve_app.api import upload
 from serve_app.errors import ApiError
@@ -122,21 +121,8 @@ async def read_segments_upload(request: Request, max_bytes: int,
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         receive = _capped(request, max_bytes + text_limit * 2 + _FORM_OVERHEAD)
-        try:
-            form = await Request(request.scope, receive).form(
-                max_files=2, max_fields=len(PARAMS), max_part_size=text_limit)
-        except ApiError:
-            raise
-        except (MultiPartException, ValueError, KeyError) as exc:
-            raise ApiError(400, "malformed_form",
-                           f"the multipart form is malformed: {exc}") from None
-        except Exception as exc:  # starlette raises HTTPException for over-limit forms
-            raise ApiError(400, "malformed_form",
-                           f"the multipart form was refused: {exc}") from None
-        unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
-        if unknown:
-            raise ApiError(422, "unknown_field", f"unknown form fields {unknown}; expected "
-                           f"{list(FORM_FIELDS)}")
+        form = await upload.read_form(request, receive, FORM_FIELDS, max_files=2,
+                                      max_part_size=text_limit)
         audio = form.get("file")
         if not isinstance(audio, UploadFile):
             raise ApiError(422, "missing_file", "send the recording in the form field 'file'")

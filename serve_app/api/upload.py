@@ -98,6 +98,28 @@ async def read_capped(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def read_form(request: Request, receive, fields: tuple[str, ...], max_files: int,
+                    max_part_size: int):
+    """The multipart form read through `receive`: 400 when malformed or over Starlette's
+    limits, 422 for a field not in `fields`."""
+    try:
+        form = await Request(request.scope, receive).form(
+            max_files=max_files, max_fields=len(fields) - max_files,
+            max_part_size=max_part_size)
+    except ApiError:
+        raise  # from `receive`: the body over its cap
+    except (MultiPartException, ValueError, KeyError) as exc:
+        raise ApiError(400, "malformed_form", f"the multipart form is malformed: {exc}") from None
+    except Exception as exc:  # starlette raises HTTPException for over-limit forms
+        raise ApiError(400, "malformed_form",
+                       f"the multipart form was refused: {exc}") from None
+    unknown = sorted(set(form.keys()) - set(fields))
+    if unknown:
+        raise ApiError(422, "unknown_field", f"unknown form fields {unknown}; expected "
+                       f"{list(fields)}")
+    return form
+
+
 async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, dict[str, str]]:
     """(audio bytes, parameters) from a multipart form or a raw body with query parameters."""
     params = dict(request.query_params)
@@ -108,19 +130,8 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, dict[str
         async def replay() -> dict:
             return {"type": "http.request", "body": body, "more_body": False}
 
-        try:
-            form = await Request(request.scope, replay).form(
-                max_files=1, max_fields=len(PARAMS), max_part_size=_FORM_OVERHEAD)
-        except (MultiPartException, ValueError, KeyError) as exc:
-            raise ApiError(400, "malformed_form",
-                           f"the multipart form is malformed: {exc}") from None
-        except Exception as exc:  # starlette raises HTTPException for over-limit forms
-            raise ApiError(400, "malformed_form",
-                           f"the multipart form was refused: {exc}") from None
-        unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
-        if unknown:
-            raise ApiError(422, "unknown_field", f"unknown form fields {unknown}; expected "
-                           f"{list(FORM_FIELDS)}")
+        form = await read_form(request, replay, FORM_FIELDS, max_files=1,
+                               max_part_size=_FORM_OVERHEAD)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise ApiError(422, "missing_file", "send the audio in the form field 'file'")
