@@ -10,9 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import yaml
@@ -20,6 +19,7 @@ import yaml
 from serve_app.config import RouterSettings
 from serve_app.tools.cli import API_KEY_ENV, backoff_delay, expand, main, retry_after_s
 from serve_app.traffic.access import AccessControl
+from tests.local_http import LocalServer, send_json
 
 EMOTIONS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised",
             "unknown"]
@@ -257,7 +257,7 @@ def test_backoff_delay():
     assert retry_after_s("soon") == 0.0 and retry_after_s(None) == 0.0
 
 
-class FlakyServer:
+class FlakyServer(LocalServer):
     """Answers 429 once, then 503 (each with Retry-After: 1), `failures` times in all, then
     200 with a result. `lost`: the first answers are instead those of a server that dies
     mid-request: "500" (Serve's proxy, plain text), "502" (a load balancer) or "drop" (the
@@ -289,30 +289,12 @@ class FlakyServer:
                 else:
                     body, status = {"emotion": "happy", "confidence": 0.9, "model_version": "x",
                                     "request_id": "r1", "scores": {"happy": 0.9, "sad": 0.1}}, 200
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                if status != 200:
-                    self.send_header("retry-after", "1")
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, body, None if status == 200 else "1")
 
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        super().__init__(Handler)
 
 
 def test_429_and_503_are_retried_after_retry_after(clips):

@@ -8,12 +8,12 @@ import csv
 import json
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from serve_app.tools.segments_cli import recordings
+from tests.local_http import LocalServer, send_json
 
 ANSWER = {
     "request_id": "r1", "model_version": "base", "routed_by": None, "segmentation": "given",
@@ -61,7 +61,7 @@ def test_recordings_pick_up_the_rttm_beside_them(folder):
         recordings([str(folder / "call.wav")], rttm=str(folder / "missing.rttm"))
 
 
-class RecordingServer:
+class RecordingServer(LocalServer):
     """Answers 503 (Retry-After: 0) to the first request, then ANSWER; keeps each body."""
 
     def __init__(self):
@@ -73,31 +73,14 @@ class RecordingServer:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 server.bodies.append((self.path, body))
                 status = 503 if len(server.bodies) == 1 else 200
-                data = json.dumps(ANSWER if status == 200 else {
-                    "error": {"code": "overloaded", "message": "busy"}}).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                if status != 200:
-                    self.send_header("retry-after", "0")
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, ANSWER if status == 200 else {
+                    "error": {"code": "overloaded", "message": "busy"}},
+                    None if status == 200 else "0")
 
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        super().__init__(Handler)
 
 
 def test_rows_per_segment_and_the_speakers_on_stderr(folder, tmp_path):
