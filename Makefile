@@ -8,7 +8,7 @@ RAY_ENV := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 \
 	RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.api.failover.proxy_middlewares
 CONFIG ?= configs/cpu.yaml
 
-.PHONY: install serve test test-tools lint
+.PHONY: install serve test test-fast test-tools lint
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,7 @@ lint: install
 test: install test-tools lint
 	$(RAY_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(RAY_ENV) $(BIN)/python -m pytest tests/multinode $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# The quick tier: ruff and the tests that start no Ray cluster.
+test-fast: install test-tools lint
+	$(RAY_ENV) $(BIN)/python -m pytest -m "not cluster" $(PYTEST_ARGS)

@@ -54,6 +54,13 @@ def tiny_app(checkpoint_root: Path | None = None, **router_overrides) -> dict:
     return app
 
 
+def pytest_collection_modifyitems(items):
+    """Mark every test that needs the session's cluster: `make test-fast` leaves them out."""
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
 @pytest.fixture(scope="session")
 def cluster():
     with local_serve(num_cpus=2) as serve_handle:

@@ -21,7 +21,10 @@ import yaml
 
 from serve_app.tools.batch.parts import read_rows
 from tests import clips as clip_maker
+from tests import conversation
+from tests.clips import espeak_available
 from tests.media import FORMATS, bomb, encode
+from tests.test_segments_service import segments
 
 # The job shares the session's 2-CPU cluster with the tiny app: a quarter CPU per stage.
 SMALL = ("--num-cpus", "0.25", "--decode-cpus", "0.25", "--no-progress")
@@ -176,3 +179,66 @@ def test_an_engine_that_cannot_load_stops_the_job_with_its_reason(service, archi
     assert done.returncode == 2, done.stderr
     assert "error: the engines did not start" in done.stderr
     assert f"model directory {tmp_path / 'no-model'} does not exist" in done.stderr
+
+
+@pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
+def test_by_segment_rows_equal_the_segments_route(config, address, client, tmp_path):
+    folder = tmp_path / "recordings"
+    folder.mkdir()
+    call = conversation.make()
+    call.write(folder / "call.wav")
+    (folder / "call.rttm").write_text(call.rttm())  # given turns
+    conversation.make(gaps=[0.5], script=[conversation.SCRIPT[1]]).write(folder / "memo.wav")
+    clip_maker.write(folder / "quiet.wav", np.zeros(32_000, np.float32), 16_000)  # no speech
+    call.write(folder / "late.wav")
+    late_rttm = "SPEAKER late 1 0.0 999.0 <NA> <NA> agent <NA> <NA>\n"  # past the audio's end
+    (folder / "late.rttm").write_text(late_rttm)
+    (folder / "corrupt.wav").write_bytes(b"RIFF" + bytes(100))
+    out = tmp_path / "out"
+    args = [str(folder), "--out", str(out), "--config", str(config), "--address", address,
+            "--model-version", "base", "--by-segment", "--files-per-task", "2"]
+    done = run_batch(*args, "--part-rows", "2", *SMALL)
+    assert done.returncode == 1, done.stderr  # late and corrupt failed
+    table = read_rows(out)
+    rows: dict[str, list[dict]] = {}
+    for row in table.to_pylist():
+        rows.setdefault(Path(row["path"]).name, []).append(row)
+    assert sorted(rows) == ["call.wav", "corrupt.wav", "late.wav", "memo.wav", "quiet.wav"]
+
+    for name, rttm in (("call.wav", call.rttm()), ("memo.wav", None), ("quiet.wav", None)):
+        response = segments(client, (folder / name).read_bytes(), name, rttm,
+                            model_version="base")
+        assert response.status_code == 200, response.text
+        expected = response.json()["segments"]
+        got = rows[name]
+        if not expected:  # no speech: one row that says so
+            assert [(r["status"], r["segments"], r["segment"], r["emotion"]) for r in got] == [
+                ("ok", 0, None, None)]
+            continue
+        assert [r["segment"] for r in got] == list(range(len(expected)))
+        for row, segment in zip(got, expected):
+            assert (row["status"], row["segments"]) == ("ok", len(expected))
+            assert (row["start_s"], row["end_s"], row["speaker"]) == (
+                segment["start_s"], segment["end_s"], segment["speaker"])
+            scores = [row[f"score_{label}"] for label in segment["scores"]]
+            assert np.abs(np.subtract(scores, list(segment["scores"].values()))).max() <= 1e-4
+    assert [r["speaker"] for r in rows["call.wav"]] == [turn.speaker for turn in call.turns]
+    assert len(rows["memo.wav"]) == 1 and rows["memo.wav"][0]["speaker"] is None
+
+    refused = segments(client, (folder / "late.wav").read_bytes(), "late.wav", late_rttm,
+                       model_version="base").json()["error"]
+    assert [(r["status"], r["error_code"], r["error"]) for r in rows["late.wav"]] == [
+        ("failed", refused["code"], refused["message"])]
+    assert rows["corrupt.wav"][0]["error_code"] == "unsupported_audio"
+    # --part-rows 2, yet a recording's rows are never split between parts (resume needs it).
+    in_parts = [path for part in out.glob("part-*.parquet")
+                for path in set(pq.read_table(part, columns=["path"]).column("path").to_pylist())]
+    assert len(in_parts) == len(set(in_parts)) == 5
+    segment_count = len(rows["call.wav"]) + len(rows["memo.wav"])
+    assert "5 files" in done.stderr and f"3 ok, 2 failed ({segment_count} segments)" in \
+        done.stderr
+
+    again = run_batch(*args, "--resume", *SMALL)
+    assert again.returncode == 0 and "nothing to do: all 5 files" in again.stderr, again.stderr
+    mixed = run_batch(*[a for a in args if a != "--by-segment"], "--resume", *SMALL)
+    assert mixed.returncode == 2 and "written with --by-segment" in mixed.stderr, mixed.stderr

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from serve_app.tools.batch.job import Tally
 from serve_app.tools.batch.parts import OutputDirError, PartWriter, done_paths, prepare, read_rows
 from serve_app.tools.batch.plan import PlanError, plan_job
 from serve_app.tools.batch.resources import connect, describe_shortage
@@ -80,6 +81,30 @@ def test_parts_are_complete_or_absent_and_resume_skips_their_paths(tmp_path):
         prepare(out, True, "large", False)
     with pytest.raises(OutputDirError, match="written without --embeddings"):
         prepare(out, True, "base", True)
+    with pytest.raises(OutputDirError, match="written without --by-segment"):
+        prepare(out, True, "base", False, by_segment=True)
+
+
+def test_a_recordings_segment_rows_stay_in_one_part(tmp_path):
+    writer = PartWriter(tmp_path, part_rows=2, part_s=3600)
+    writer.add(_rows(["a", "b", "b", "b"]))  # b's three segments would straddle a cut at 2
+    writer.add(_rows(["c", "c"]))
+    writer.close()
+    parts = [pq.read_table(part).column("path").to_pylist() for part in writer.written]
+    assert parts == [["a", "b", "b", "b"], ["c", "c"]]
+
+
+def test_the_summary_counts_files_not_segment_rows():
+    table = pa.table({
+        "path": ["a", "a", "b", "c", "d", "d"], "segment": [0, 1, None, None, 0, 1],
+        "status": ["ok", "ok", "ok", "failed", "ok", "failed"],
+        "error_code": [None, None, None, "unsupported_audio", None, "model_error"],
+        "duration_s": [10.0, 10.0, 2.0, None, 5.0, 5.0], "node_id": ["n"] * 6})
+    tally = Tally()
+    tally.add(table)
+    # b: no speech (ok, no segment); c failed to decode; d has a failed segment: d failed.
+    assert tally.statuses == {"ok": 2, "failed": 2} and tally.segments == 4
+    assert tally.audio_s == 12.0 and tally.errors == {"unsupported_audio": 1, "model_error": 1}
 
 
 def test_a_slow_job_writes_a_part_when_its_oldest_row_is_part_s_old(tmp_path):

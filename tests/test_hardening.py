@@ -3,6 +3,7 @@ cluster. Every hostile request gets a 4xx JSON error and the service keeps servi
 
 from __future__ import annotations
 
+import base64
 import glob
 import io
 import json
@@ -198,11 +199,30 @@ def tight(cluster, tmp_path_factory):
     cluster.remove("tight")
 
 
-def test_overload_answers_503_with_retry_after(tight, cluster, tmp_path):
+def _hf(clip: Path):
+    return lambda http, _s, _n: http.post("/v1/audio-classification/base",
+                                          content=clip.read_bytes())
+
+
+def _v2(clip: Path):
+    body = {"inputs": [{"name": "audio", "datatype": "BYTES", "shape": [1],
+                        "data": [base64.b64encode(clip.read_bytes()).decode()]}]}
+    return lambda http, _s, _n: http.post("/v2/models/base/infer", json=body)
+
+
+def _error_code(body: dict) -> str:
+    """The service's `{"error": {"code"}}`, or KServe's `{"error": "code: message"}`."""
+    error = body["error"]
+    return error["code"] if isinstance(error, dict) else error.split(":")[0]
+
+
+# Every protocol is an adapter over the same admission: each says 503 the same way.
+@pytest.mark.parametrize("request_for", [post_clip, _hf, _v2], ids=["predict", "hf", "v2"])
+def test_overload_answers_503_with_retry_after(tight, cluster, tmp_path, request_for):
     clip = tmp_path / "25s.wav"
     soundfile.write(clip, tone(25.0), 16_000)  # ~0.5 s of inference on the tiny model
     # Eight requests at once, one each.
-    with Traffic(cluster.url + "/tight", post_clip(clip), senders=8, per_sender=1) as traffic:
+    with Traffic(cluster.url + "/tight", request_for(clip), senders=8, per_sender=1) as traffic:
         traffic.join()
     codes = sorted(o.status for o in traffic.outcomes)
     assert len(codes) == 8 and set(codes) <= {200, 503, 504}, [str(o) for o in traffic.outcomes]
@@ -210,7 +230,7 @@ def test_overload_answers_503_with_retry_after(tight, cluster, tmp_path):
     for outcome in traffic.outcomes:
         if outcome.status == 503:
             assert outcome.retry_after
-            assert json.loads(outcome.value)["error"]["code"] == "overloaded"
+            assert _error_code(json.loads(outcome.value)) == "overloaded"
     assert tight.predict(clip).status_code == 200  # and it recovers
 
 

@@ -32,13 +32,13 @@ from serve_app.api import responses as results
 from serve_app.api import upload
 from serve_app.api.pipeline import Call, Pipeline
 from serve_app.api.segments_upload import SegmentsUpload, read_segments_upload
-from serve_app.audio.waveform import TARGET_SR, DecodedAudio
+from serve_app.audio.waveform import DecodedAudio
 from serve_app.config import RouterSettings, SegmentSettings, VadSettings
 from serve_app.errors import ApiError
 from serve_app.labels import parse_label_set
 from serve_app.metrics import SegmentMetrics
 from serve_app.segments.runner import RecordingSlots, score_all
-from serve_app.segments.spec import Span, in_order, parse_json, parse_rttm, to_spans
+from serve_app.segments.spec import Span, in_order, parse_json, parse_rttm, to_spans, too_many_found
 from serve_app.segments.summary import SpeakerTally, segment_row
 from serve_app.traffic.routing import Route
 from serve_app.wire import InferenceOptions, VariantAnswer
@@ -157,14 +157,12 @@ class SegmentsRoute:
                            split: bool) -> tuple[list[Span], float]:
         found = await asyncio.gather(*(self.finder.find(wave, limits.vad, limits.vad_timeout_s)
                                        for wave in waves))
-        spans = [Span(start, end, round(start / TARGET_SR, 6), round(end / TARGET_SR, 6),
-                      f"ch{channel}" if split else None, channel if split else None)
+        spans = [Span.found(start, end, f"ch{channel}" if split else None,
+                            channel if split else None)
                  for channel, (found_spans, _) in enumerate(found)
                  for start, end in found_spans]
         if len(spans) > limits.max_segments:
-            raise ApiError(413, "too_many_segments", f"the VAD found {len(spans)} segments; "
-                           f"the limit is {limits.max_segments} (max_segments): send a shorter "
-                           "recording, or its segments")
+            raise too_many_found(len(spans), limits.max_segments)
         return in_order(spans), sum(vad_ms for _, vad_ms in found)
 
     # -- scoring ------------------------------------------------------------------------

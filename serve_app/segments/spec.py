@@ -66,6 +66,13 @@ class Span:
     def duration_s(self) -> float:
         return (self.end - self.start) / TARGET_SR
 
+    @classmethod
+    def found(cls, start: int, end: int, speaker: str | None = None,
+              channel: int | None = None) -> Span:
+        """A span the VAD found: its times are its samples'."""
+        return cls(start, end, round(start / TARGET_SR, 6), round(end / TARGET_SR, 6), speaker,
+                   channel)
+
 
 def _fail(spec: SegmentSpec, message: str) -> InvalidSegments:
     return InvalidSegments(f"{spec.label}: {message}", **spec.where)
@@ -177,6 +184,11 @@ def parse_rttm(text: str, max_segments: int, min_duration_s: float) -> list[Segm
     if not specs:
         raise InvalidSegments("the RTTM file has no SPEAKER lines")
     return specs
+
+
+def too_many_found(count: int, max_segments: int) -> ApiError:
+    return ApiError(413, "too_many_segments", f"the VAD found {count} segments; the limit is "
+                    f"{max_segments} (max_segments): send a shorter recording, or its segments")
 
 
 def channel_of(spec: SegmentSpec, channels: int) -> int:

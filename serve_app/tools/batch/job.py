@@ -53,6 +53,9 @@ def add_parser(commands) -> None:
     batch.add_argument("--model-version", default=None,
                        help="a variant or an alias; default: the config's default_version")
     batch.add_argument("--embeddings", action="store_true", help="add the embedding column")
+    batch.add_argument("--by-segment", action="store_true",
+                       help="one row per speech segment, as POST /v1/segments cuts them: the "
+                            "turns of NAME.rttm beside NAME.wav, else the VAD's")
     batch.add_argument("--batch-size", type=int, default=None,
                        help="clips per padded pass (default: the variant's max_batch_size)")
     for flag, kind in (("--max-duration-s", float), ("--max-upload-bytes", int),
@@ -98,7 +101,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                         max_decoded_bytes=args.max_decoded_bytes)
         listed = expand(args.inputs)
         out = Path(args.out).resolve()
-        done = prepare(out, args.resume, plan.variant, args.embeddings)
+        done = prepare(out, args.resume, plan.variant, args.embeddings, args.by_segment)
     except (PlanError, FileNotFoundError, OutputDirError) as exc:
         return _fail(str(exc))
     if not listed:
@@ -141,24 +144,35 @@ def _bundles(args: argparse.Namespace) -> list[dict[str, float]]:
 
 
 class Tally:
-    """What the summary says: rows by status and error code, audio seconds scored."""
+    """What the summary says: files by status and rows by error code, audio seconds scored,
+    segment rows (--by-segment)."""
 
     def __init__(self):
         self.statuses: Counter = Counter()
         self.errors: Counter = Counter()
         self.audio_s = 0.0
+        self.segments = 0
         self.nodes: set[str] = set()
         self.first_rows_s: float | None = None  # the engines' start, mostly
         self.first_rows = 0
 
     def add(self, table) -> None:
+        import pyarrow as pa
         import pyarrow.compute as pc
 
-        self.statuses.update(table.column("status").to_pylist())
         self.errors.update(code for code in table.column("error_code").to_pylist() if code)
-        ok = table.filter(pc.equal(table.column("status"), "ok"))
-        self.audio_s += pc.sum(ok.column("duration_s")).as_py() or 0.0
         self.nodes.update(table.column("node_id").unique().to_pylist())
+        statuses = table.column("status").to_pylist()
+        if "segment" in table.column_names:  # a table holds all of a file's rows
+            self.segments += pc.count(table.column("segment")).as_py()
+            failed = {path for path, status in zip(table.column("path").to_pylist(), statuses)
+                      if status == "failed"}  # a file with a failed segment failed
+            table = table.filter(pc.fill_null(pc.equal(table.column("segment"), 0), True))
+            statuses = ["failed" if path in failed else "ok"
+                        for path in table.column("path").to_pylist()]
+        self.statuses.update(statuses)
+        ok = table.filter(pa.array([status == "ok" for status in statuses]))
+        self.audio_s += pc.sum(ok.column("duration_s")).as_py() or 0.0
 
 
 def _dataset(plan: JobPlan, todo, args: argparse.Namespace):
@@ -180,7 +194,8 @@ def _dataset(plan: JobPlan, todo, args: argparse.Namespace):
     # decoding in tasks of its own, off the engines (which may hold GPUs).
     decoded = items.map_batches(decode_files, batch_size=args.files_per_task,
                                 batch_format="pyarrow", num_cpus=args.decode_cpus,
-                                fn_kwargs={"plan": plan}, ray_remote_args_fn=dict)
+                                fn_kwargs={"plan": plan, "by_segment": args.by_segment},
+                                ray_remote_args_fn=dict)
     low, high = args.concurrency
     # Each engine call gathers several passes' worth of clips, so that like lengths pad
     # together (shortest first: serve_app/inference/passes.py).
@@ -190,7 +205,7 @@ def _dataset(plan: JobPlan, todo, args: argparse.Namespace):
         compute=ActorPoolStrategy(min_size=low, max_size=high),
         num_cpus=args.num_cpus, num_gpus=args.num_gpus or None,
         fn_constructor_kwargs={"plan": plan, "embeddings": args.embeddings,
-                               "num_cpus": args.num_cpus})
+                               "num_cpus": args.num_cpus, "by_segment": args.by_segment})
 
 
 def run(plan: JobPlan, todo, out: Path, args: argparse.Namespace, skipped: int) -> int:
@@ -231,8 +246,9 @@ def _reason(exc: Exception) -> str:
 
 def summary(tally: Tally, wall_s: float, parts: int, out: Path) -> str:
     files = sum(tally.statuses.values())
+    segments = f" ({tally.segments} segments)" if tally.segments else ""
     lines = [f"{files} files in {wall_s:.1f} s: {tally.statuses.get('ok', 0)} ok, "
-             f"{tally.statuses.get('failed', 0)} failed",
+             f"{tally.statuses.get('failed', 0)} failed{segments}",
              f"audio: {tally.audio_s / 3600:.3f} h scored; {files / wall_s:.2f} files/s; "
              f"{tally.audio_s / wall_s:.1f} hours of audio per hour; engines on "
              f"{len(tally.nodes)} node(s)",

@@ -24,11 +24,12 @@ class OutputDirError(ValueError):
     """The output directory cannot take this job's parts."""
 
 
-def prepare(directory: Path, resume: bool, variant: str, embeddings: bool) -> set[str]:
+def prepare(directory: Path, resume: bool, variant: str, embeddings: bool,
+            by_segment: bool = False) -> set[str]:
     """Create `directory` if needed and return the paths its complete parts hold (resume), or
     refuse a directory that is not empty (no resume), or whose parts another kind of job wrote
-    (another variant, with or without embeddings). Partial parts of a killed job are
-    removed."""
+    (another variant, with or without embeddings, by file or by segment). Partial parts of a
+    killed job are removed."""
     if directory.exists() and not directory.is_dir():
         raise OutputDirError(f"{directory} is not a directory")
     if not resume:
@@ -48,9 +49,12 @@ def prepare(directory: Path, resume: bool, variant: str, embeddings: bool) -> se
             raise OutputDirError(f"{part} holds rows of {sorted(others)}; this job scores with "
                                  f"{variant!r}: resume with that model_version, or use another "
                                  "directory")
-        if ("embedding" in pq.read_schema(part).names) != embeddings:
-            raise OutputDirError(f"{part} was written {'with' if not embeddings else 'without'}"
-                                 " --embeddings: resume the same way, or use another directory")
+        names = pq.read_schema(part).names
+        for flag, column, wanted in (("--embeddings", "embedding", embeddings),
+                                     ("--by-segment", "segment", by_segment)):
+            if (column in names) != wanted:
+                raise OutputDirError(f"{part} was written {'with' if not wanted else 'without'}"
+                                     f" {flag}: resume the same way, or use another directory")
         done.update(table.column("path").to_pylist())
     return done
 
@@ -110,12 +114,23 @@ class PartWriter:
 
     def _write(self, rows: int) -> None:
         table = pa.concat_tables(self._pending).combine_chunks()
+        rows = path_boundary(table, rows)
         part, rest = table.slice(0, rows), table.slice(rows)
         self._pending = [rest] if rest.num_rows else []
         self._rows = rest.num_rows
         self._since = time.monotonic() if self._rows else None
         name = f"part-{self.run_id}-{len(self.written):05d}.parquet"
         self.written.append(write_part(self.directory, name, part))
+
+
+def path_boundary(table: pa.Table, rows: int) -> int:
+    """`rows`, moved on past the rows of the path it would cut: a recording's segment rows
+    (which leave the engine together) stay in one part, so that a path in a complete part
+    has all its rows, as --resume assumes."""
+    paths = table.column("path")
+    while 0 < rows < table.num_rows and paths[rows] == paths[rows - 1]:
+        rows += 1
+    return rows
 
 
 def write_part(directory: Path, name: str, table: pa.Table) -> Path:

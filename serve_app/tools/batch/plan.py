@@ -11,7 +11,14 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from serve_app.audio.waveform import Limits
-from serve_app.config import ROUTER_NAME, AppArgs, ModelSettings, RouterSettings, without_inputs
+from serve_app.config import (
+    ROUTER_NAME,
+    AppArgs,
+    ModelSettings,
+    RouterSettings,
+    SegmentSettings,
+    without_inputs,
+)
 from serve_app.tools.cluster import load_app
 from serve_app.traffic.routing import RoutingTable
 
@@ -27,6 +34,12 @@ class JobPlan:
     limits: Limits            # the Router's decoding limits (raised by flags)
     max_upload_bytes: int     # files larger than this are error rows, never read
     decode_workers: int       # the Router's: FFmpeg in worker processes (0: in the thread)
+    segments: SegmentSettings  # the Router's, for --by-segment (VAD, recording limits)
+
+    @property
+    def recording_limits(self) -> Limits:
+        """--by-segment decodes whole recordings, as POST /v1/segments does."""
+        return self.segments.decode_limits(self.limits)
 
     @property
     def max_padded_samples(self) -> int:
@@ -90,4 +103,5 @@ def plan_job(config_path: str | Path, model_version: str | None = None, *,
     model = _validate(ModelSettings, model_values, f"the {route.variant} user_config")
     limits = Limits(router.max_duration_s, router.min_duration_s, router.max_decoded_bytes,
                     router.max_decode_s)
-    return JobPlan(route.variant, model, limits, router.max_upload_bytes, router.decode_workers)
+    return JobPlan(route.variant, model, limits, router.max_upload_bytes, router.decode_workers,
+                   router.segments)
