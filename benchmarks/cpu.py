@@ -106,7 +106,8 @@ def engine(path: Path, backend: str, precision: str, cache: str, threads: int = 
     return loaded
 
 
-def speed(archs: list[str], rounds: int, cache: str, batch: int) -> None:
+def speed(archs: list[str], rounds: int, cache: str, batch: int,
+          combos: list[tuple[str, str]]) -> None:
     clip = varied_clips(5)[4][1]  # 5 s
     clip = np.resize(clip, 80_000).astype(np.float32)
     print(f"\n== speed: 5 s clip, in-process, 2 threads, median of {rounds} interleaved rounds ==")
@@ -117,10 +118,10 @@ def speed(archs: list[str], rounds: int, cache: str, batch: int) -> None:
           f"{f'batch {batch}: ms/clip':>18} {'batched/single':>15}")
     for arch in archs:
         path = checkpoint(arch)
-        engines = {combo: engine(path, *combo, cache) for combo in COMBOS}
-        times = {combo: [] for combo in COMBOS}
-        cpu = {combo: [] for combo in COMBOS}
-        batched = {combo: [] for combo in COMBOS}
+        engines = {combo: engine(path, *combo, cache) for combo in combos}
+        times = {combo: [] for combo in combos}
+        cpu = {combo: [] for combo in combos}
+        batched = {combo: [] for combo in combos}
         clips = [np.roll(clip, 997 * i)[: 80_000 - 1_600 * i] for i in range(batch)]
         for _ in range(rounds):
             for combo, loaded in engines.items():
@@ -135,7 +136,7 @@ def speed(archs: list[str], rounds: int, cache: str, batch: int) -> None:
                 batched[combo].append((time.perf_counter() - started) / batch)
         base = statistics.median(times[("torch", "fp32")])
         cpu_base = statistics.median(cpu[("torch", "fp32")])
-        for combo in COMBOS:
+        for combo in combos:
             ms, cpu_ms = statistics.median(times[combo]), statistics.median(cpu[combo])
             per_clip = statistics.median(batched[combo])
             print(f"{arch:6} {combo[0]:9} {combo[1]:9} {ms * 1000:7.0f} {ms / base:14.2f} "
@@ -239,13 +240,20 @@ def main() -> None:
     parser.add_argument("--fidelity-backends", default="torch,openvino",
                         help="backends checked against FunASR (torch fp32 is FunASR's own path)")
     parser.add_argument("--cache", default="~/.cache/emotion2vec-serve/compiled")
+    parser.add_argument("--combos", default=",".join("/".join(c) for c in COMBOS),
+                        help="backend/precision pairs of the speed table (torch/fp32 first: "
+                             "the ratios' base); torch/reduced is emulated, so slow, without "
+                             "bf16 units")
     args = parser.parse_args()
+    combos = [tuple(pair.split("/")) for pair in args.combos.split(",")]
+    if combos[0] != ("torch", "fp32") or not set(combos) <= set(COMBOS):
+        parser.error(f"--combos: pairs of {COMBOS}, torch/fp32 first")
     import torch
 
     torch.set_num_threads(2)
     archs, stages = args.archs.split(","), args.stages.split(",")
     if "speed" in stages:
-        speed(archs, args.rounds, args.cache, args.batch)
+        speed(archs, args.rounds, args.cache, args.batch, combos)
     if "fidelity" in stages:
         fidelity(archs, args.clips, args.cache, args.fidelity_backends.split(","))
     if "cold" in stages:

@@ -8,9 +8,8 @@ with a speech clip (espeak-ng; a voiced tone without it):
   4. this service, 8 concurrent clients, batching off vs on: throughput and latency;
   5. turbo vs large: latency ratio, and fidelity (top-1 agreement, max score difference,
      embedding cosine) over several speech clips.
-Each variant's row names the backend that serves it (configs/cpu.yaml: torch for base and
-large, openvino for turbo; see docs/cpu.md), next to FunASR's eager in-process time on the
-same checkpoint.
+Each variant's row names the backend that serves it (configs/cpu.yaml: openvino for all three;
+see docs/cpu.md), next to FunASR's eager in-process time on the same checkpoint.
 With --device auto and a GPU present, the variants get a GPU each share (same checkpoints).
 
     python benchmarks/suite.py
