@@ -5,7 +5,8 @@ with a speech clip (espeak-ng; a voiced tone without it):
   1. naive: load the model for every request, as the original Gradio app did;
   2. in-process singleton: FunASR's AutoModel.generate in a loop, no server (the floor);
   3. this service over HTTP, 1 client: p50/p99 and the ratio to (2);
-  4. this service, 8 concurrent clients, batching off vs on: throughput and latency;
+  4. this service, 8 concurrent clients, batching off vs on, on the configured backend and on
+     eager torch (today's path before the compiled backends): throughput and latency;
   5. turbo vs large: latency ratio, and fidelity (top-1 agreement, max score difference,
      embedding cosine) over several speech clips.
 Each variant's row names the backend that serves it (configs/cpu.yaml: openvino for all three;
@@ -98,13 +99,39 @@ def concurrent_run(url: str, variant: str, wav: bytes, clip_s: float, clients: i
             "ok": len(latencies), "failed": failures}
 
 
-def with_batching(app: dict, variant: str, max_batch_size: int) -> dict:
+def with_settings(app: dict, variant: str, backend: str, max_batch_size: int) -> dict:
     app = copy.deepcopy(app)
     for deployment in app["deployments"]:
         if deployment["name"] == variant:
-            deployment["user_config"].update(max_batch_size=max_batch_size,
+            deployment["user_config"].update(backend=backend, max_batch_size=max_batch_size,
                                              batch_wait_timeout_s=0.05)
     return app
+
+
+def eager_bf16_is_emulated() -> bool:
+    """Eager bf16 autocast without bf16 units runs ~11x slower than fp32 (docs/cpu.md): timing
+    it would take minutes per clip and measure nothing anyone would serve."""
+    from serve_app.inference.backends import has_bf16
+
+    try:
+        return not has_bf16()
+    except ImportError:  # no openvino to ask: assume the units are there
+        return False
+
+
+def models(url: str) -> dict:
+    return httpx.get(f"{url}/v1/models", timeout=30).json()["variants"]
+
+
+def served_backend(url: str, variant: str) -> str:
+    return models(url)[variant].get("backend") or "torch"
+
+
+def applied(url: str, variant: str, backend: str, max_batch_size: int) -> bool:
+    """The variant runs with these settings (a backend that cannot run reports torch)."""
+    state = models(url)[variant]
+    return (state.get("state") == "ready" and state.get("max_batch_size") == max_batch_size
+            and (state.get("backend_info") or {}).get("requested") == backend)
 
 
 def turbo_fidelity(large: ModelSettings, turbo: ModelSettings) -> dict:
@@ -175,16 +202,19 @@ def main() -> None:
     for name in ("base", "large"):
         rows[name]["naive"] = statistics.median(
             naive_latencies(variants[name], clip, args.naive_requests))
+    emulated = eager_bf16_is_emulated()
     for name, settings in variants.items():
+        if settings.precision == "reduced" and emulated:
+            continue
         rows[name]["inproc"] = statistics.median(
             inprocess_latencies(settings, clip, args.requests))
 
     with local_serve() as serve_handle:
         serve_handle.put(app)
         serve_handle.wait_for(app["name"], ("RUNNING",), timeout_s=1800)
-        served = httpx.get(f"{serve_handle.url}/v1/models", timeout=30).json()["variants"]
+        served = models(serve_handle.url)
         for name in variants:  # what actually runs (a backend that cannot run falls back)
-            rows[name]["backend"] = (f"{served[name].get('backend') or 'torch'}/"
+            rows[name]["backend"] = (f"{served_backend(serve_handle.url, name)}/"
                                      f"{served[name].get('dtype')}")
         for name in variants:
             times = http_latencies(serve_handle.url, name, wav, args.requests)
@@ -192,16 +222,18 @@ def main() -> None:
                                                               np.percentile(times, 99))
         concurrent = {}
         for name in ("base", "large"):
-            for size in (1, args.clients):
-                serve_handle.put(with_batching(app, name, size))
-                deadline = time.monotonic() + 120
-                while httpx.get(f"{serve_handle.url}/v1/models", timeout=30).json()[
-                        "variants"][name].get("max_batch_size") != size:
-                    assert time.monotonic() < deadline, "batch size never applied"
-                    time.sleep(0.5)
-                concurrent[(name, size)] = concurrent_run(
-                    serve_handle.url, name, wav, args.clip_seconds, args.clients,
-                    args.concurrent_seconds)
+            configured = variants[name].backend
+            for backend in dict.fromkeys(("torch", configured)):
+                for size in (1, args.clients):
+                    serve_handle.put(with_settings(app, name, backend, size))
+                    deadline = time.monotonic() + 600
+                    while not applied(serve_handle.url, name, backend, size):
+                        assert time.monotonic() < deadline, "settings never applied"
+                        time.sleep(0.5)
+                    running = served_backend(serve_handle.url, name)
+                    concurrent[(name, running, size)] = concurrent_run(
+                        serve_handle.url, name, wav, args.clip_seconds, args.clients,
+                        args.concurrent_seconds)
             serve_handle.put(app)
     fidelity = turbo_fidelity(variants["large"], variants["turbo"])
 
@@ -214,23 +246,31 @@ def main() -> None:
     for name, row in rows.items():
         naive = f"{row['naive'] * 1000:8.0f}ms" if "naive" in row else f"{'-':>10}"
         ratio = f"{row['naive'] / row['http_p50']:11.1f}" if "naive" in row else f"{'-':>11}"
-        print(f"{name:8} {row['backend']:17} {naive} {row['inproc'] * 1000:10.0f}ms "
+        inproc = f"{row['inproc'] * 1000:10.0f}ms" if "inproc" in row else f"{'-':>12}"
+        served_ratio = (f"{row['http_p50'] / row['inproc']:13.2f}" if "inproc" in row
+                        else f"{'-':>13}")
+        print(f"{name:8} {row['backend']:17} {naive} {inproc} "
               f"{row['http_p50'] * 1000:7.0f}ms {row['http_p99'] * 1000:7.0f}ms "
-              f"{row['http_p50'] / row['inproc']:13.2f} {ratio}")
-    print(f"\n{args.clients} concurrent clients, {args.concurrent_seconds:g} s each:")
-    print(f"{'variant':8} {'batch':>5} {'clips/s':>8} {'audio s/s':>10} {'p50':>8} {'p99':>8}"
-          f" {'failed':>7}")
-    for (name, size), result in concurrent.items():
-        print(f"{name:8} {size:5d} {result['clips_s']:8.2f} {result['audio_s_s']:10.1f} "
-              f"{result['p50'] * 1000:6.0f}ms {result['p99'] * 1000:6.0f}ms {result['failed']:7d}")
-    for name in ("base", "large"):
-        ratio = concurrent[(name, args.clients)]["clips_s"] / concurrent[(name, 1)]["clips_s"]
-        print(f"  {name}: batched/unbatched throughput {ratio:.2f}")
+              f"{served_ratio} {ratio}")
+    if emulated:
+        print("(turbo in-proc: not timed, eager bf16 autocast is emulated on this CPU)")
+    print(f"\n{args.clients} concurrent clients, {args.concurrent_seconds:g} s each "
+          "(x eager: clips/s over eager torch unbatched, the path before compiled backends):")
+    print(f"{'variant':8} {'backend':9} {'batch':>5} {'clips/s':>8} {'x eager':>8} "
+          f"{'audio s/s':>10} {'p50':>8} {'p99':>8} {'failed':>7}")
+    for (name, backend, size), result in concurrent.items():
+        eager = concurrent.get((name, "torch", 1))
+        gain = f"{result['clips_s'] / eager['clips_s']:8.2f}" if eager else f"{'-':>8}"
+        print(f"{name:8} {backend:9} {size:5d} {result['clips_s']:8.2f} {gain} "
+              f"{result['audio_s_s']:10.1f} {result['p50'] * 1000:6.0f}ms "
+              f"{result['p99'] * 1000:6.0f}ms {result['failed']:7d}")
     print(f"turbo served p50 / large eager in-process p50: "
           f"{rows['turbo']['http_p50'] / rows['large']['inproc']:.2f}")
+    inproc_ratio = (f"{rows['turbo']['inproc'] / rows['large']['inproc']:.2f}"
+                    if "inproc" in rows["turbo"] else "-")
     print(f"\nturbo/large latency (http p50): "
           f"{rows['turbo']['http_p50'] / rows['large']['http_p50']:.2f}; in-process: "
-          f"{rows['turbo']['inproc'] / rows['large']['inproc']:.2f}")
+          f"{inproc_ratio}")
     print(f"turbo fidelity over {fidelity['clips']} speech clips: top-1 agreement "
           f"{fidelity['top1']:.0%}, max score difference {fidelity['max_score_diff']:.4f}, "
           f"embedding cosine min {fidelity['min_cosine']:.4f} / mean {fidelity['mean_cosine']:.4f}")
