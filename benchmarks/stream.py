@@ -33,11 +33,12 @@ def speech_like(seconds: float, rate: int, seed: int) -> np.ndarray:
     return (0.13 * sum(np.sin(k * phase) / k for k in range(1, 6)) + noise).astype(np.float32)
 
 
-async def stage(url: str, variant: str, streams: int, seconds: float, rate: int) -> dict:
-    """`streams` concurrent real-time streams of `seconds` each."""
+async def stage(url: str, variant: str, streams: int, seconds: float, rate: int,
+                hop_s: float | None = None) -> dict:
+    """`streams` concurrent real-time streams of `seconds` each (`hop_s`: the config's)."""
     runs = await asyncio.gather(*(
         stream_audio(url, speech_like(seconds, rate, i), rate, pace="realtime",
-                     encoding="pcm_s16le", params={"model_version": variant},
+                     encoding="pcm_s16le", params={"model_version": variant, "hop_s": hop_s},
                      timeout_s=seconds + 120)
         for i in range(streams)), return_exceptions=True)
     lags = [w["lag_ms"] for run in runs if not isinstance(run, BaseException)
@@ -67,40 +68,41 @@ def row(variant: str, result: dict) -> str:
 
 
 async def most_streams(url: str, variant: str, seconds: float, rate: int, known: dict[int, dict],
-                       limit: int) -> str:
+                       limit: int, hop_s: float | None) -> str:
     """The largest count that holds ("at least" when the limit held): doubling past the known
     stages, then halving the gap."""
     good = max((n for n, r in known.items() if holds(r)), default=0)
     bad = min((n for n, r in known.items() if not holds(r)), default=None)
     while bad is None and good < limit:
         n = min(limit, good * 2 if good else 1)
-        known[n] = await stage(url, variant, n, seconds, rate)
+        known[n] = await stage(url, variant, n, seconds, rate, hop_s)
         print(row(variant, known[n]), flush=True)
         good, bad = (n, bad) if holds(known[n]) else (good, n)
     for _ in range(3):  # at most three more stages
         if bad is None or bad - good <= 1:
             break
         n = (good + bad) // 2
-        known[n] = await stage(url, variant, n, seconds, rate)
+        known[n] = await stage(url, variant, n, seconds, rate, hop_s)
         print(row(variant, known[n]), flush=True)
         good, bad = (n, bad) if holds(known[n]) else (good, n)
     return f"{good}" if bad is not None else f">= {good} (--max-streams)"
 
 
 async def bench(url: str, args: argparse.Namespace) -> None:
+    hop = f"every {args.hop:g} s" if args.hop else "every 0.5 s (the config's default)"
     print(f"{args.config}: {args.seconds:g} s real-time streams at {args.rate} Hz, 2 s windows "
-          "every 0.5 s (the config's defaults)")
+          f"{hop}")
     print(f"{'variant':<8} {'streams':>7} {'windows':>8} {'skipped':>8} {'failed':>7} "
           f"{'p50 ms':>8} {'p99 ms':>8}")
     most: dict[str, str] = {}
     for variant in args.variants.split(","):
-        await stage(url, variant, 1, min(args.seconds, 3.0), args.rate)  # warm up
+        await stage(url, variant, 1, min(args.seconds, 3.0), args.rate, args.hop)  # warm up
         known: dict[int, dict] = {}
         for streams in (int(n) for n in args.levels.split(",")):
-            known[streams] = await stage(url, variant, streams, args.seconds, args.rate)
+            known[streams] = await stage(url, variant, streams, args.seconds, args.rate, args.hop)
             print(row(variant, known[streams]), flush=True)
         most[variant] = await most_streams(url, variant, args.seconds, args.rate, known,
-                                           args.max_streams)
+                                           args.max_streams, args.hop)
     print("most real-time streams without a skipped window: " +
           ", ".join(f"{variant} {n}" for variant, n in most.items()))
 
@@ -112,6 +114,8 @@ def main() -> None:
     parser.add_argument("--levels", default="1,2,4,8", help="concurrent streams per stage")
     parser.add_argument("--seconds", type=float, default=20.0, help="audio per stream")
     parser.add_argument("--rate", type=int, default=16_000, help="the streams' sample rate")
+    parser.add_argument("--hop", type=float, default=None,
+                        help="seconds between windows (default: the config's stream_hop_s)")
     parser.add_argument("--max-streams", type=int, default=32,
                         help="stop looking for the most streams here")
     args = parser.parse_args()
