@@ -214,7 +214,7 @@ def main() -> None:
         serve_handle.wait_for(app["name"], ("RUNNING",), timeout_s=1800)
         served = models(serve_handle.url)
         for name in variants:  # what actually runs (a backend that cannot run falls back)
-            rows[name]["backend"] = (f"{served_backend(serve_handle.url, name)}/"
+            rows[name]["backend"] = (f"{served[name].get('backend') or 'torch'}/"
                                      f"{served[name].get('dtype')}")
         for name in variants:
             times = http_latencies(serve_handle.url, name, wav, args.requests)
