@@ -36,12 +36,9 @@ test-tools:
 lint: install
 	$(BIN)/ruff check .
 
-# Three pytest processes: tests/alone (`serve run` and `ray start` as users run them, with no
-# other cluster beside: under one, Ctrl-C's shutdown took minutes), the suite on its one-node
-# cluster, then tests/multinode on a cluster of several nodes (one driver joins one cluster).
-# Exit status 5: PYTEST_ARGS selected none there.
+# Two pytest processes: the suite on its one-node cluster, then tests/multinode on a cluster
+# of several nodes (one driver joins one cluster). Exit status 5: PYTEST_ARGS selected none there.
 test: install test-tools lint
-	$(RAY_ENV) $(BIN)/python -m pytest tests/alone $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(RAY_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(RAY_ENV) $(BIN)/python -m pytest tests/multinode $(PYTEST_ARGS) || [ $$? -eq 5 ]
 

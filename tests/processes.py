@@ -8,8 +8,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+# Runs the command with SIGINT at its default, as a terminal would: a test run started in the
+# background of a non-interactive shell (`make test &`) has SIGINT ignored, every child inherits
+# that, and Ctrl-C would then do nothing. A disposition set here survives the exec.
+_WITH_DEFAULT_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                        "os.execvp(sys.argv[1], sys.argv[1:])")
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -39,7 +46,8 @@ class Session:
     def __init__(self, command: list[str], log: Path, env: dict[str, str]):
         self.command, self.log = command, log
         self._log = open(log, "wb")  # noqa: SIM115 - closed by stop()
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+        self.process = subprocess.Popen([sys.executable, "-c", _WITH_DEFAULT_SIGINT, *command],
+                                        stdout=self._log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, env=env,
                                         start_new_session=True)
         self.killed: list[int] = []  # pids that had to be killed after the command ended

@@ -261,12 +261,15 @@ def audio_json(data: bytes, **extra) -> dict:
                                            "shape": [100], "data": [0.0] * 100}]}, 422,
      "audio_too_short"),
     ("/v2/models/base/infer", "too large", 413, "payload_too_large"),
+    ("/v2/models/base/infer", "json too large", 413, "payload_too_large"),
     ("/v2/models/base/infer", "garbage", 415, None),
 ])
 def test_v2_errors_in_the_protocols_shape(service, clips, path, body, status, code):
     clip, headers = clips["tone_16k_mono_wav"].read_bytes(), {}
     if body == "too large":  # binary tensors: the upload cap (tiny's 2 MiB) and a header
         body, headers = b"{}" + b"\0" * (3 * 1024 * 1024), {"Inference-Header-Content-Length": "2"}
+    elif body == "json too large":  # a JSON body past the JSON waveform cap (40 MiB default)
+        body = b'{"inputs": [{"name": "waveform", "data": [' + b"0," * (21 * 1024 * 1024) + b"0]}]}"
     elif body == "clip":
         body = audio_json(clip)
     elif body == "garbage":

@@ -28,6 +28,7 @@ from tests.processes import Session
 from tests.test_lifecycle import tiny
 from tests.traffic import Traffic, post_clip
 
+pytestmark = pytest.mark.cluster  # starts its own Ray (`ray start`, `serve run`)
 BIN = Path(sys.executable).parent  # the environment's `serve` and `ray`
 START_S = 240  # a fresh Ray and four replicas on a busy 2-core machine
 
