@@ -358,6 +358,7 @@ def test_audio_faster_than_the_model_skips_to_the_newest_window(service, client)
     ({"window_s": "0.1"}, "invalid_parameter"),
     ({"window_s": "1", "hop_s": "1.5"}, "invalid_parameter"),
     ({"granularity": "frame"}, "unknown_field"),
+    ({"model_version": "base", "labels": "happy,bored"}, "unknown_label"),  # before any audio
 ])
 def test_bad_parameters_are_refused_with_1008(service, params, code):
     event, closed = refused(service.url, **params)

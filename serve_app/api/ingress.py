@@ -146,6 +146,7 @@ class Router:
             params = parse_params(websocket.query_params, settings)
             route = pipeline.resolve(params.model_version,
                                      websocket.headers.get("x-session-key") or params.session_key)
+            await pipeline.variants.check_labels(route.variant, params.labels)
         except ApiError as exc:
             return await refuse(websocket, StreamError.from_api(exc))
         except StreamError as exc:

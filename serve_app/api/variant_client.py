@@ -14,7 +14,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.errors import ApiError, InvalidInput
-from serve_app.labels import UnknownLabel
+from serve_app.labels import UnknownLabel, select
 from serve_app.wire import InferenceRequest, VariantAnswer
 
 logger = logging.getLogger("ray.serve")
@@ -91,6 +91,22 @@ class Variants:
             failed = status is not None and status.status in ("UNHEALTHY", "DEPLOY_FAILED")
             return {"variant": name, "state": "failed" if failed else "loading",
                     "error": status.message if status is not None and failed else None}
+
+    async def check_labels(self, name: str, requested: tuple[str, ...] | None) -> None:
+        """Refuse a label set the variant's head lacks before any audio arrives (a stream
+        would otherwise learn it at its first window, which still checks); skipped while no
+        replica answers within 2 s."""
+        if requested is None:
+            return
+        try:
+            labels = (await asyncio.wait_for(self.handles[name].info.remote(), 2.0))["labels"]
+        except Exception:
+            return
+        try:
+            if labels:
+                select(requested, labels)
+        except UnknownLabel as exc:
+            raise exc.api_error() from None
 
     async def info(self) -> dict[str, dict]:
         """Each variant's info() from a replica, or its state from Serve's status."""
