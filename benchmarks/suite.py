@@ -123,15 +123,22 @@ def models(url: str) -> dict:
     return httpx.get(f"{url}/v1/models", timeout=30).json()["variants"]
 
 
-def served_backend(url: str, variant: str) -> str:
-    return models(url)[variant].get("backend") or "torch"
+def backend_of(info: dict) -> str:
+    """The backend a variant's /v1/models entry says runs (a replica that has not said: torch)."""
+    return info.get("backend") or "torch"
 
 
-def applied(url: str, variant: str, backend: str, max_batch_size: int) -> bool:
-    """The variant runs with these settings (a backend that cannot run reports torch)."""
-    state = models(url)[variant]
-    return (state.get("state") == "ready" and state.get("max_batch_size") == max_batch_size
-            and (state.get("backend_info") or {}).get("requested") == backend)
+def wait_applied(url: str, variant: str, backend: str, max_batch_size: int) -> dict:
+    """The variant's /v1/models entry once it runs with these settings (a backend that cannot
+    run is still the one requested, with torch running)."""
+    deadline = time.monotonic() + 600
+    while True:
+        info = models(url)[variant]
+        if (info.get("state") == "ready" and info.get("max_batch_size") == max_batch_size
+                and (info.get("backend_info") or {}).get("requested") == backend):
+            return info
+        assert time.monotonic() < deadline, "settings never applied"
+        time.sleep(0.5)
 
 
 def turbo_fidelity(large: ModelSettings, turbo: ModelSettings) -> dict:
@@ -214,8 +221,7 @@ def main() -> None:
         serve_handle.wait_for(app["name"], ("RUNNING",), timeout_s=1800)
         served = models(serve_handle.url)
         for name in variants:  # what actually runs (a backend that cannot run falls back)
-            rows[name]["backend"] = (f"{served[name].get('backend') or 'torch'}/"
-                                     f"{served[name].get('dtype')}")
+            rows[name]["backend"] = f"{backend_of(served[name])}/{served[name].get('dtype')}"
         for name in variants:
             times = http_latencies(serve_handle.url, name, wav, args.requests)
             rows[name]["http_p50"], rows[name]["http_p99"] = (np.percentile(times, 50),
@@ -226,11 +232,7 @@ def main() -> None:
             for backend in dict.fromkeys(("torch", configured)):
                 for size in (1, args.clients):
                     serve_handle.put(with_settings(app, name, backend, size))
-                    deadline = time.monotonic() + 600
-                    while not applied(serve_handle.url, name, backend, size):
-                        assert time.monotonic() < deadline, "settings never applied"
-                        time.sleep(0.5)
-                    running = served_backend(serve_handle.url, name)
+                    running = backend_of(wait_applied(serve_handle.url, name, backend, size))
                     concurrent[(name, running, size)] = concurrent_run(
                         serve_handle.url, name, wav, args.clip_seconds, args.clients,
                         args.concurrent_seconds)

@@ -98,10 +98,7 @@ class Variants:
         replica answers within 2 s."""
         if requested is None:
             return
-        try:
-            labels = (await asyncio.wait_for(self.handles[name].info.remote(), 2.0))["labels"]
-        except Exception:
-            return
+        labels = (await self._info(name, {})).get("labels")  # none while loading
         try:
             if labels:
                 select(requested, labels)
