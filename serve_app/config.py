@@ -140,7 +140,7 @@ class ModelSettings(_Strict):
 
 
 def _key_id(value: str) -> str:
-    if not KEY_ID.match(value) or value in RESERVED_KEY_LABELS:
+    if not KEY_ID.fullmatch(value) or value in RESERVED_KEY_LABELS:
         raise ValueError(f"API key id {value!r}: use letters, digits, '.', '_' and '-' (at most "
                          f"64), not {' or '.join(RESERVED_KEY_LABELS)}")
     return value
@@ -377,7 +377,7 @@ class AppArgs(_Strict):
         if not self.variants:
             raise ValueError("variants: name at least one variant")
         for name in self.variants:
-            if not VARIANT_NAME.match(name) or name == ROUTER_NAME:
+            if not VARIANT_NAME.fullmatch(name) or name == ROUTER_NAME:
                 raise ValueError(f"variant name {name!r}: use lowercase letters, digits, - and _")
         return self
 

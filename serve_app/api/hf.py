@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from starlette.responses import JSONResponse
 from serve_app.api import upload
 from serve_app.errors import ApiError
 from serve_app.labels import english_name, parse_label_set
+from serve_app.untrusted import load_json, whole_number
 from serve_app.wire import InferenceOptions
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from serve_app.api.pipeline import Pipeline
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
+MAX_TOP_K = 1000  # far above any head's label count
 PARAMETERS = ("top_k", "function_to_apply", "labels")
 _JSON_OVERHEAD = 64 * 1024  # the JSON around the base64 audio: keys, parameters
 
@@ -59,11 +60,14 @@ def is_json(content_type: str | None) -> bool:
 def _top_k(value) -> int | None:
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ApiError(422, "invalid_parameter",
-                       f"top_k must be a whole number of at least 1, not {value!r}")
+    if isinstance(value, str):
+        try:
+            value = whole_number(value, "top_k", MAX_TOP_K)
+        except ValueError:
+            pass  # refused below, with the value as sent
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOP_K:
+        raise ApiError(422, "invalid_parameter", f"top_k must be a whole number from 1 to "
+                       f"{MAX_TOP_K}, not {str(value)[:40]!r}")
     return value
 
 
@@ -102,8 +106,8 @@ def parse_request(body: bytes, content_type: str | None, query: Mapping[str, str
     params: dict = dict(query)
     if is_json(content_type):
         try:
-            document = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
+            document = load_json(body)
+        except ValueError as exc:
             raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
         if not isinstance(document, dict):
             raise ApiError(422, "invalid_request", 'the JSON body must be an object with '

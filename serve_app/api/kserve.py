@@ -10,6 +10,7 @@ status and headers.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,20 @@ from serve_app.wire import TARGET_SR, InferenceOptions
 
 if TYPE_CHECKING:
     from serve_app.api.pipeline import Pipeline
+
+# A JSON body this large is parsed in a thread (a 40 MB waveform takes seconds and ~0.4 GB),
+# at most PARSERS at once per router replica: the event loop keeps serving, memory is bounded.
+THREAD_PARSE_BYTES = 256 * 1024
+PARSERS = 2
+_parsers = asyncio.Semaphore(PARSERS)
+
+
+async def parse(body: bytes, header_length: str | None) -> codec.InferRequest:
+    """An infer request's body parsed (codec.parse_infer_request), big ones off the loop."""
+    if len(body) < THREAD_PARSE_BYTES:
+        return codec.parse_infer_request(body, header_length)
+    async with _parsers:
+        return await asyncio.to_thread(codec.parse_infer_request, body, header_length)
 
 
 async def answer(route: Awaitable[Response]) -> Response:
@@ -116,7 +131,7 @@ async def infer(pipeline: Pipeline, request: Request, name: str,
         body = await upload.read_capped(request, codec.body_limit(
             header_length is not None, settings.max_upload_bytes, settings.max_duration_s,
             settings.max_json_waveform_bytes))
-        parsed = codec.parse_infer_request(body, header_length)
+        parsed = await parse(body, header_length)
         given = codec.model_input(parsed, settings.max_upload_bytes)
         options = inference_options(parsed)
         if given.audio is not None:

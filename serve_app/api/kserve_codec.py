@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from serve_app.errors import ApiError
+from serve_app.untrusted import load_json, whole_number
 
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_CONTENT_TYPE = "application/octet-stream"
@@ -36,6 +37,7 @@ PARAMETERS = ("granularity", "labels", "binary_data_output")
 VERSION_DIGITS = 12      # a model's version: the first hex digits of its checkpoint's sha256
 HEADER_OVERHEAD = 64 * 1024  # the JSON header beside binary tensors
 MAX_ELEMENTS = 1 << 26   # no tensor here is larger; bounds a shape's product before any use
+MAX_DIMS = 8             # this model's tensors have one or two
 
 
 def _invalid(message: str) -> ApiError:
@@ -72,11 +74,19 @@ def body_limit(binary: bool, max_upload_bytes: int, max_duration_s: float,
 
 # -- requests ---------------------------------------------------------------------------------
 def _shape(value, name: str) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool)
-                                              and d >= 0 for d in value):
-        raise _invalid(f"input {name!r}: shape must be a list of whole numbers >= 0")
-    if math.prod(value) > MAX_ELEMENTS:
-        raise _invalid(f"input {name!r}: shape {value} is too large")
+    """A client's shape, bounded step by step: its length first, then each dimension and the
+    running product (a product of huge numbers is never computed)."""
+    if not isinstance(value, list) or len(value) > MAX_DIMS:
+        raise _invalid(f"input {name!r}: shape must be a list of at most {MAX_DIMS} whole "
+                       "numbers >= 0")
+    count = 1
+    for dim in value:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            raise _invalid(f"input {name!r}: shape must be a list of whole numbers >= 0")
+        if dim > MAX_ELEMENTS or count * dim > MAX_ELEMENTS:
+            raise _invalid(f"input {name!r}: shape {str(value)[:80]} is too large (at most "
+                           f"{MAX_ELEMENTS} elements)")
+        count *= dim
     return value
 
 
@@ -134,7 +144,7 @@ def _decode_tensor(spec: dict, binary: bytes | None) -> Tensor:
                           np.frombuffer(binary, dtype="<f4").astype(np.float32), True)
         try:
             data = np.asarray(_flat(spec.get("data")), dtype=np.float32)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise _invalid(f"input {name!r}: FP32 data must be numbers") from None
         if data.size != count:
             raise _invalid(f"input {name!r}: {data.size} values for shape {shape}")
@@ -186,13 +196,17 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     """An infer request, JSON or with binary tensors. Every failure is a 400 ApiError."""
     binary = b""
     if header_length is not None:
-        if not header_length.strip().isdigit() or not 0 < int(header_length) <= len(body):
-            raise _invalid(f"Inference-Header-Content-Length {header_length!r} does not fit "
-                           f"the {len(body)}-byte body")
-        body, binary = body[:int(header_length)], body[int(header_length):]
+        try:
+            length = whole_number(header_length, "Inference-Header-Content-Length", len(body))
+        except ValueError:
+            length = 0
+        if length == 0:
+            raise _invalid(f"Inference-Header-Content-Length {header_length[:40]!r} does not "
+                           f"fit the {len(body)}-byte body")
+        body, binary = body[:length], body[length:]
     try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        document = load_json(body)
+    except ValueError as exc:
         raise ApiError(400, "malformed_json", f"the request is not valid JSON: {exc}") from None
     if not isinstance(document, dict) or not isinstance(document.get("inputs"), list):
         raise _invalid('the request must be an object with a list of "inputs"')

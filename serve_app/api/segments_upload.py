@@ -87,8 +87,7 @@ def _too_large(limit: int) -> ApiError:
 
 def _capped(request: Request, limit: int):
     """The request's receive(), refusing (413) a body that grows past `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if upload.declared_length(request) > limit:
         raise _too_large(limit)
     seen = 0
 

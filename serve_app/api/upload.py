@@ -13,12 +13,13 @@ from starlette.formparsers import MultiPartException
 from serve_app.audio.waveform import upload_too_large
 from serve_app.errors import ApiError
 from serve_app.labels import parse_label_set
+from serve_app.untrusted import whole_number
 from serve_app.wire import Granularity, InferenceOptions
 
 PARAMS = ("model_version", "granularity", "extract_embedding", "labels")
 FORM_FIELDS = ("file", *PARAMS)
 _FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # fullmatch: no trailing newline
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 # The route reads the request itself (a form, or the raw body): its schema is given here.
@@ -83,11 +84,20 @@ def parse_options(params: dict[str, str]) -> InferenceOptions:
         labels=parse_label_set(params.get("labels")))
 
 
+def declared_length(request: Request) -> int:
+    """The body's Content-Length as declared (0 when absent or not a plain number: then the
+    bytes are counted as they arrive)."""
+    try:
+        return whole_number(request.headers.get("content-length", ""), "Content-Length",
+                            2**62)
+    except ValueError:
+        return 0
+
+
 async def read_capped(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes `limit` bytes."""
     too_large = upload_too_large(limit)
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared_length(request) > limit:
         raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -156,4 +166,4 @@ def request_id(request) -> str:
     response's X-Request-ID header agree; a fresh one when it is unsafe as a folder name.
     Takes any Starlette HTTPConnection (a request or a WebSocket)."""
     candidate = request.headers.get("x-request-id", "")
-    return candidate if _SAFE_ID.match(candidate) else uuid.uuid4().hex
+    return candidate if _SAFE_ID.fullmatch(candidate) else uuid.uuid4().hex

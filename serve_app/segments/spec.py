@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from serve_app.audio.waveform import TARGET_SR
 from serve_app.errors import ApiError
+from serve_app.untrusted import finite_float, load_json
 
 # A given segment may end this far past the audio's end (rounding in the tool that wrote
 # it); its samples stop at the end.
@@ -24,8 +25,8 @@ MAX_SPEAKER_CHARS = 64
 JSON_KEYS = ("start_s", "end_s", "speaker")
 # RTTM: SPEAKER <file> <chan> <start> <duration> <NA> <NA> <speaker> <NA> <NA>
 RTTM_MIN_FIELDS = 8
-_SPEAKER = re.compile(rf"^[^\x00-\x1f\x7f]{{1,{MAX_SPEAKER_CHARS}}}$")
-_CHANNEL_SPEAKER = re.compile(r"^ch(\d+)$")
+_SPEAKER = re.compile(rf"[^\x00-\x1f\x7f\ud800-\udfff]{{1,{MAX_SPEAKER_CHARS}}}")
+_CHANNEL_SPEAKER = re.compile(r"ch([0-9]{1,3})")
 
 
 class InvalidSegments(ApiError):
@@ -92,18 +93,17 @@ def _check_times(spec: SegmentSpec, min_duration_s: float) -> SegmentSpec:
 
 
 def _number(value, name: str, where: dict) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value):
-        label = f"segment {where['index']}"
-        raise InvalidSegments(f"{label}: {name} must be a finite number of seconds, not "
-                              f"{json.dumps(value)[:40]}", **where)
-    return float(value)
+    try:
+        return finite_float(value, name)
+    except ValueError:
+        raise InvalidSegments(f"segment {where['index']}: {name} must be a finite number of "
+                              f"seconds, not {str(value)[:40]}", **where) from None
 
 
 def _speaker(value, label: str, where: dict) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not _SPEAKER.match(value.strip()):
+    if not isinstance(value, str) or not _SPEAKER.fullmatch(value.strip()):
         raise InvalidSegments(f"{label}: speaker must be a text of 1 to {MAX_SPEAKER_CHARS} "
                               f"printable characters, not {json.dumps(value)[:40]}", **where)
     return value.strip()
@@ -118,9 +118,9 @@ def _too_many(count_so_far: int, max_segments: int, **where: int) -> InvalidSegm
 def parse_json(text: str, max_segments: int, min_duration_s: float) -> list[SegmentSpec]:
     """`[{"start_s": 0.0, "end_s": 2.4, "speaker": "agent"}, ...]` (speaker optional)."""
     try:
-        items = json.loads(text)
+        items = load_json(text)
     except ValueError as exc:
-        raise InvalidSegments(f"segments is not valid JSON: {exc}") from None
+        raise InvalidSegments(f"segments: {exc}") from None
     if not isinstance(items, list):
         raise InvalidSegments('segments must be a JSON list of {"start_s", "end_s", '
                               '"speaker"} objects')
@@ -193,7 +193,7 @@ def too_many_found(count: int, max_segments: int) -> ApiError:
 
 def channel_of(spec: SegmentSpec, channels: int) -> int:
     """channels=split: a given segment's speaker names its channel, ch0, ch1, ..."""
-    match = _CHANNEL_SPEAKER.match(spec.speaker or "")
+    match = _CHANNEL_SPEAKER.fullmatch(spec.speaker or "")
     if match is None or int(match.group(1)) >= channels:
         names = ", ".join(f"ch{c}" for c in range(channels))
         raise _fail(spec, f"with channels=split, speaker must name a channel ({names}), "

@@ -233,7 +233,7 @@ class AccessControl:
         if key is None:
             raise self._refuse("an API key is required: send the header `Authorization: "
                                "Bearer KEY` or `X-API-Key: KEY`", presented=False)
-        if not _KEY.match(key):
+        if not _KEY.fullmatch(key):
             raise self._refuse("the API key is malformed: send `Authorization: Bearer KEY` "
                                "with the key as it was given (1 to 256 visible characters)")
         digest = hashlib.sha256(key.encode("ascii")).digest()
