@@ -25,7 +25,14 @@ from pydantic import (
     model_validator,
 )
 
-from serve_app.audio.waveform import MAX_DECODE_S, MAX_DECODED_BYTES, MIN_DURATION_S, Limits
+from serve_app.audio.waveform import (
+    MAX_CHANNELS,
+    MAX_DECODE_S,
+    MAX_DECODED_BYTES,
+    MIN_DURATION_S,
+    Limits,
+    bytes_per_frame,
+)
 from serve_app.wire import MIN_SAMPLES, TARGET_SR
 
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -179,12 +186,20 @@ class VadSettings(_Strict):
     # Longer speech is cut into pieces at its quietest point near this length.
     max_segment_s: float = Field(default=15.0, ge=1.0, le=60.0)
 
+    @model_validator(mode="after")
+    def _pieces_fit(self) -> VadSettings:
+        if self.min_speech_s > self.max_segment_s:
+            raise ValueError(f"min_speech_s ({self.min_speech_s:g}) must not exceed "
+                             f"max_segment_s ({self.max_segment_s:g}): no piece could be kept")
+        return self
+
 
 # The decoder's caps for a recording, from its duration cap: a 48 kHz stereo recording of
-# the longest duration accepted decodes within max_decoded_bytes; decoding is allowed
+# the longest duration accepted decodes within max_decoded_bytes, its channels kept apart
+# (what the decode allocates: serve_app/audio/waveform.bytes_per_frame); decoding is allowed
 # RECORDING_DECODE_S_PER_S wall seconds per second of the longest recording (FFmpeg decodes
 # AAC and Opus at several hundred times real time here).
-RECORDING_DECODED_BYTES_PER_S = 48_000 * 2 * 4
+RECORDING_DECODED_BYTES_PER_S = int(48_000 * bytes_per_frame(48_000, 2, keep_channels=True))
 RECORDING_DECODE_S_PER_S = 0.05
 
 
@@ -203,14 +218,18 @@ class SegmentSettings(_Strict):
     segments_in_flight: int = Field(default=4, ge=1, le=64)
     vad: VadSettings = Field(default_factory=VadSettings)
     vad_timeout_s: float = Field(default=120.0, gt=0, description="wait on the VAD")
+    # channels=split: each channel is held apart at 16 kHz and scored on its own.
+    max_split_channels: int = Field(default=8, ge=2, le=MAX_CHANNELS)
 
-    def decode_limits(self, predict: Limits) -> Limits:
+    def decode_limits(self, predict: Limits, split: bool = False) -> Limits:
         """The decoder's limits for a recording, from predict's: they scale with
-        max_recording_s, never below predict's."""
+        max_recording_s, never below predict's; with split, channels kept apart."""
         return Limits(self.max_recording_s, predict.min_duration_s,
                       max(predict.max_decoded_bytes,
                           int(self.max_recording_s * RECORDING_DECODED_BYTES_PER_S)),
-                      max(predict.max_decode_s, self.max_recording_s * RECORDING_DECODE_S_PER_S))
+                      max(predict.max_decode_s, self.max_recording_s * RECORDING_DECODE_S_PER_S),
+                      keep_channels=split,
+                      max_channels=self.max_split_channels if split else predict.max_channels)
 
 
 class RouterSettings(_Strict):

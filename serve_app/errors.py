@@ -27,6 +27,14 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message, **self.details}}
 
+    def __reduce__(self):
+        """Pickled (from a worker process) as a plain ApiError with the same answer."""
+        return _api_error, (self.status, self.code, self.message, self.headers, self.details)
+
+
+def _api_error(status: int, code: str, message: str, headers: dict, details: dict) -> ApiError:
+    return ApiError(status, code, message, headers, **details)
+
 
 class AccessDenied(ApiError):
     """401 unauthorized or 429 rate_limited, with the key label to count it under."""

@@ -93,6 +93,10 @@ class RouterMetrics:
         self.key_audio_seconds = metrics.Counter(
             "emotion2vec_key_audio_seconds_total", description="Seconds of audio charged to "
             "each key id", tag_keys=("key",))
+        self.key_file = HeldGauge(
+            "emotion2vec_api_keys_file", description="1 for the key file's state: ok, missing "
+            "(its keys revoked), invalid (the last good keys in force), none (no key file)",
+            tag_keys=("state",))
         self.shadow_requests = metrics.Counter(
             "emotion2vec_shadow_requests_total", description="Shadow calls by primary, target "
             "and outcome (agree, disagree: top-1 compared; error; dropped: too many pending)",
@@ -116,6 +120,11 @@ class RouterMetrics:
 
     def key_audio(self, key: str, audio_s: float) -> None:
         self.key_audio_seconds.inc(audio_s, tags={"key": key})
+
+    def key_file_state(self, state: str) -> None:
+        for name in ("ok", "missing", "invalid", "none"):
+            self.key_file.set(float(name == state), tags={"state": name})
+
     def shadow(self, primary: str, target: str, outcome: str, max_abs_diff: float | None) -> None:
         tags = {"primary": primary, "target": target}
         self.shadow_requests.inc(tags={**tags, "outcome": outcome})

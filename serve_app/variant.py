@@ -151,21 +151,23 @@ class EmotionModel:
                     self._inference, engine.predict, request.waveform, options.granularity,
                     options.extract_embedding, options.labels)
                 self.metrics.forward(prediction.inference_ms, batch_size=1)
-        return self._answer(engine, prediction, (time.perf_counter() - arrived) * 1000)
+        return answer(self.variant, engine, prediction, (time.perf_counter() - arrived) * 1000)
 
-    def _answer(self, engine: EmotionEngine, prediction: Prediction,
-                elapsed_ms: float) -> VariantAnswer:
-        info = engine.info
-        return VariantAnswer(
-            labels=prediction.labels,
-            scores=prediction.scores,
-            embedding=prediction.embedding,
-            timeline=None if prediction.timeline is None else
-            [TimelineWindow(**window) for window in prediction.timeline],
-            model=ModelDescription(variant=self.variant, source=info.source,
-                                   weights=info.weights, dtype=info.dtype, device=info.device),
-            timings=Timings(queue_ms=round(elapsed_ms - prediction.inference_ms, 3),
-                            inference_ms=prediction.inference_ms),
-            logits=prediction.logits,
-            sha256=info.sha256,
-        )
+
+def answer(variant: str, engine: EmotionEngine, prediction: Prediction,
+           elapsed_ms: float) -> VariantAnswer:
+    """An engine's prediction as the answer a variant sends back (serve_app/wire.py)."""
+    info = engine.info
+    return VariantAnswer(
+        labels=prediction.labels,
+        scores=prediction.scores,
+        embedding=prediction.embedding,
+        timeline=None if prediction.timeline is None else
+        [TimelineWindow(**window) for window in prediction.timeline],
+        model=ModelDescription(variant=variant, source=info.source,
+                               weights=info.weights, dtype=info.dtype, device=info.device),
+        timings=Timings(queue_ms=round(elapsed_ms - prediction.inference_ms, 3),
+                        inference_ms=prediction.inference_ms),
+        logits=prediction.logits,
+        sha256=info.sha256,
+    )

@@ -114,8 +114,11 @@ def test_swap_under_load_fails_no_request(cluster, root, lifecycle, clips, funas
     clip = clips["tone_16k_mono_wav"]
     before = lifecycle.variant("base")
     old_scores = expected_scores(funasr_models, root / "tiny-seed11", clip)
-    with Traffic(cluster.url + PREFIX, post_clip(clip, model_version="base"), senders=3,
-                 read=lambda response: ordered(response.json())) as traffic:
+    # The pod's readiness probe, polled all along: a swap never takes the pod out.
+    probe = Traffic(cluster.url + PREFIX, lambda http, _s, _n: http.get("/ready"), senders=1,
+                    read=lambda response: response.json()["variants"]["base"])
+    with probe, Traffic(cluster.url + PREFIX, post_clip(clip, model_version="base"),
+                        senders=3, read=lambda response: ordered(response.json())) as traffic:
         traffic.wait_for(3)
         cluster.put(make_app(root, base=tiny(root, 21), large=tiny(root, 12)))
         swapped = lifecycle.wait(
@@ -123,6 +126,8 @@ def test_swap_under_load_fails_no_request(cluster, root, lifecycle, clips, funas
         swap_seen_at = time.monotonic()
         traffic.wait_for(3, since=swap_seen_at)
     assert not traffic.failures(), [str(f) for f in traffic.failures()[:3]]
+    assert not probe.failures(), [str(f) for f in probe.failures()[:3]]
+    assert "swapping" in {outcome.value for outcome in probe.outcomes}  # /ready said 200
     assert swapped["pid"] == before["pid"]  # swapped inside the same replica process
     assert swapped["load_count"] == before["load_count"] + 1
     assert swapped["identity"]["sha256"] != before["identity"]["sha256"]

@@ -60,6 +60,9 @@ class Metrics:
     def access(self, key: str, outcome: str) -> None:
         self.accesses.append((key, outcome))
 
+    def key_file_state(self, state: str) -> None:
+        pass
+
     def key_audio(self, key: str, seconds: float) -> None:
         self.audio.append((key, seconds))
 

@@ -280,11 +280,17 @@ def test_models_endpoint(client, service):
 
 
 def test_health_and_ready(client):
+    from serve_app.api import failover
+
     health = client.get("/health")
     assert health.status_code == 200
     assert health.json() == {"status": "ok",
-                             "variants": {"base": "ready", "large": "ready", "turbo": "ready"}}
+                             "variants": {"base": "ready", "large": "ready", "turbo": "ready"},
+                             "replay_middleware": failover.active()}
     assert client.get("/ready").status_code == 200
+    assert client.get("/ready", params={"variant": "base"}).status_code == 200
+    unknown = client.get("/ready", params={"variant": "nope"})
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "unknown_variant")
 
 
 def test_no_model_load_on_the_request_path(client, clips):

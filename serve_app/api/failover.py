@@ -20,8 +20,12 @@ Enable it on every node before Ray starts there (the proxy reads it once, at its
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import time
+from collections import OrderedDict
 
 from starlette.middleware import Middleware
 
@@ -35,6 +39,14 @@ RETRY_AFTER_S = 1
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS")
 # Path endings: the app may sit under a route prefix.
 IDEMPOTENT_POSTS = ("/v1/predict", "/v1/segments")
+LOST_MEMORY_S = 600.0   # a body lost with a replica is not replayed again for this long
+MAX_LOST_BODIES = 1024  # fingerprints kept
+
+
+def active() -> bool:
+    """Whether the proxies on this node were started with this middleware: the variable is set
+    on every node before Ray starts, so the Router's process inherits it as they do."""
+    return os.environ.get(ENV_VAR) == IMPORT_PATH
 
 
 def replayable(scope: dict) -> bool:
@@ -45,14 +57,26 @@ def replayable(scope: dict) -> bool:
 
 
 class _Body:
-    """The request's messages as the proxy reads them, kept for a replay (up to a limit)."""
+    """The request's messages as the proxy reads them, kept for a replay (up to a limit) only
+    while a replay may still happen: `release()` drops them."""
 
-    def __init__(self, receive):
+    def __init__(self, receive, keep: bool):
         self._receive = receive
+        self.keep = keep
         self.kept: list[dict] = []
         self.size = 0
         self.too_large = False
         self.disconnected = False
+
+    def release(self) -> None:
+        self.keep, self.kept = False, []
+
+    def digest(self) -> str:
+        """The kept body's fingerprint (with its method and path, added by the caller)."""
+        hashed = hashlib.sha256()
+        for message in self.kept:
+            hashed.update(message.get("body", b""))
+        return hashed.hexdigest()
 
     def receiver(self):
         """A receive callable for one try: the kept messages first, then the client's."""
@@ -64,8 +88,10 @@ class _Body:
             message = await self._receive()
             if message["type"] == "http.request":
                 self.size += len(message.get("body", b""))
-                self.too_large = self.too_large or self.size > MAX_REPLAY_BYTES
-                if not self.too_large:
+                if self.size > MAX_REPLAY_BYTES:
+                    self.too_large = True
+                    self.release()
+                if self.keep:
                     self.kept.append(message)
             elif message["type"] == "http.disconnect":
                 self.disconnected = True
@@ -74,23 +100,55 @@ class _Body:
         return receive
 
 
+class LostBodies:
+    """Fingerprints of requests lost with a replica in the last LOST_MEMORY_S (in this
+    proxy): a request lost before may be what killed its replica (a body that crashes a
+    decoder, say), so a second loss is answered 503, not replayed into a third replica.
+    Bounded: the oldest fingerprints go first."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._lost: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def _forget_old(self) -> None:
+        now = self._clock()
+        while self._lost and (len(self._lost) > MAX_LOST_BODIES
+                              or now - next(iter(self._lost.values()))[1] > LOST_MEMORY_S):
+            self._lost.popitem(last=False)
+
+    def times_lost(self, digest: str) -> int:
+        self._forget_old()
+        return self._lost.get(digest, (0, 0.0))[0]
+
+    def lost(self, digest: str) -> int:
+        """Count one more loss of this body; returns how often it was lost."""
+        count = self.times_lost(digest) + 1
+        self._lost.pop(digest, None)
+        self._lost[digest] = (count, self._clock())
+        return count
+
+
 class ReplayLostRequests:
     """ASGI middleware around the proxy (see the module docstring)."""
 
     def __init__(self, app):
         self.app = app
+        self.lost_bodies = LostBodies()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":  # WebSockets and lifespan pass through
             return await self.app(scope, receive, send)
-        body = _Body(receive)
         may_replay = replayable(scope)
+        body = _Body(receive, keep=may_replay)
+        replayed = False
         for attempt in range(1, ATTEMPTS + 1):
             started = False
 
             async def tracked_send(message: dict) -> None:
                 nonlocal started
-                started = started or message["type"] == "http.response.start"
+                if message["type"] == "http.response.start":
+                    started = True
+                    body.release()  # answered: no replay can follow
                 await send(message)
 
             try:
@@ -103,13 +161,20 @@ class ReplayLostRequests:
                 return
             if not may_replay or body.too_large or attempt == ATTEMPTS:
                 break
+            digest = f"{scope['method']} {scope.get('path', '')} {body.digest()}"
+            if self.lost_bodies.lost(digest) > 1:
+                logger.warning("%s %s was lost with a replica before: it may be what stops "
+                               "them, so it is not sent again", scope["method"], scope["path"])
+                break
             logger.warning("%s %s was lost with the replica that held it; sending it again",
                            scope["method"], scope["path"])
-        await _unavailable(send, replayed=may_replay and not body.too_large)
+            replayed = True
+        await _unavailable(send, "twice" if replayed else
+                           "once (it is not safe to repeat)" if not may_replay or body.too_large
+                           else "once (it was lost with a replica before)")
 
 
-async def _unavailable(send, replayed: bool) -> None:
-    tried = "twice" if replayed else "once (it is not safe to repeat)"
+async def _unavailable(send, tried: str) -> None:
     body = json.dumps({"error": {
         "code": "replica_lost",
         "message": f"the server that held this request stopped before answering; it was sent "

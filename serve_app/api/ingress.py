@@ -10,6 +10,7 @@ deployment through its handle.
 
 import asyncio
 import html
+import logging
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.api import hf, kserve, upload
+from serve_app.api import failover, hf, kserve, readiness, upload
 from serve_app.api import responses as results
 from serve_app.api.pipeline import Pipeline
 from serve_app.api.quota_board import GcsBoard, share_quotas
@@ -35,6 +36,8 @@ from serve_app.errors import ApiError
 from serve_app.metrics import RouterMetrics, SegmentMetrics, StreamMetrics
 from serve_app.traffic.quota_share import QuotaShare
 from serve_app.wire import VariantAnswer
+
+logger = logging.getLogger("ray.serve")
 
 # The web page (serve_app/web, installed as package data): served as files, no build step.
 WEB_DIR = Path(__file__).resolve().parent / "web"
@@ -75,6 +78,10 @@ class Router:
         self.segments = SegmentsRoute(self.pipeline, vad, SegmentMetrics())
         self.streams = Streams(self.pipeline.variants, StreamMetrics(), self.segments.finder)
         self.quota_share, self._quota_task = QuotaShare(self.pipeline.access), None
+        if not failover.active():
+            logger.warning("the proxy's replay middleware is off: a request lost with a Router "
+                           "replica is answered with a plain 500. Start Ray with %s=%s",
+                           failover.ENV_VAR, failover.IMPORT_PATH)
 
     async def reconfigure(self, user_config: dict) -> None:
         try:
@@ -182,18 +189,25 @@ class Router:
         return JSONResponse({"routes": pipeline.routes.fractions(),
                              "shadow": pipeline.shadow.snapshot()}, headers=admission.headers)
 
-    @api.get("/health", summary="Liveness of the router, with each variant's readiness")
+    @api.get("/health", summary="Liveness of the router, with each variant's state")
     async def health(self) -> dict:
-        infos = await self.pipeline.variants.info()
-        return {"status": "ok", "variants": {name: info["state"] for name, info in infos.items()}}
+        return {"status": "ok", "variants": await self.pipeline.variants.states(),
+                "replay_middleware": failover.active()}
 
-    @api.get("/ready", summary="200 when every variant is ready to serve, else 503")
-    async def ready(self) -> JSONResponse:
-        states = {n: i["state"] for n, i in (await self.pipeline.variants.info()).items()}
-        ready = all(state == "ready" for state in states.values())
+    @api.get("/ready", summary="200 when this pod can serve requests (docs/operations.md); "
+             "?variant=NAME: when that variant can, else 503")
+    async def ready(self, variant: str | None = None) -> JSONResponse:
+        states = await self.pipeline.variants.states()
+        if variant is not None:
+            if variant not in states:
+                raise ApiError(404, "unknown_variant", f"no variant {variant!r}; variants: "
+                               f"{list(states)}", valid=list(states))
+            ready = readiness.all_can_serve({variant: states[variant]})
+        else:
+            ready = readiness.pod_ready(states)
         return JSONResponse({"ready": ready, "variants": states},
                             status_code=200 if ready else 503,
-                            headers=None if ready else {"Retry-After": "5"})
+                            headers=readiness.not_ready_headers(ready))
 
     # -- Hugging Face audio-classification (serve_app/api/hf.py) -----------------------------
     @api.post("/v1/audio-classification", summary="Hugging Face audio-classification "

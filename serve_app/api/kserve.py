@@ -11,14 +11,17 @@ status and headers.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 from collections.abc import Awaitable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from serve_app.api import kserve_codec as codec
-from serve_app.api import upload
+from serve_app.api import readiness, upload
 from serve_app.api.responses import emotion_fields
 from serve_app.errors import ApiError
 from serve_app.labels import english_name, parse_label_set
@@ -27,19 +30,33 @@ from serve_app.wire import TARGET_SR, InferenceOptions
 if TYPE_CHECKING:
     from serve_app.api.pipeline import Pipeline
 
-# A JSON body this large is parsed in a thread (a 40 MB waveform takes seconds and ~0.4 GB),
-# at most PARSERS at once per router replica: the event loop keeps serving, memory is bounded.
-THREAD_PARSE_BYTES = 256 * 1024
+# A body this large is parsed in a worker process (a 40 MB JSON waveform takes seconds and
+# ~0.4 GB, holding the GIL all along: a thread would still stop the event loop), at most
+# PARSERS at once per router replica.
+PROCESS_PARSE_BYTES = 256 * 1024
 PARSERS = 2
-_parsers = asyncio.Semaphore(PARSERS)
+_pool: ProcessPoolExecutor | None = None
+
+
+def _parsers() -> ProcessPoolExecutor:
+    global _pool
+    if _pool is None:  # spawned: a fork of a process with threads is unsafe
+        _pool = ProcessPoolExecutor(PARSERS, mp_context=multiprocessing.get_context("spawn"))
+    return _pool
 
 
 async def parse(body: bytes, header_length: str | None) -> codec.InferRequest:
     """An infer request's body parsed (codec.parse_infer_request), big ones off the loop."""
-    if len(body) < THREAD_PARSE_BYTES:
+    global _pool
+    if len(body) < PROCESS_PARSE_BYTES:
         return codec.parse_infer_request(body, header_length)
-    async with _parsers:
-        return await asyncio.to_thread(codec.parse_infer_request, body, header_length)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(
+            _parsers(), codec.parse_infer_request, body, header_length)
+    except BrokenProcessPool:  # a parser died (out of memory, killed): the next gets a new one
+        _pool = None
+        raise ApiError(503, "overloaded", "the request could not be parsed now; retry",
+                       headers={"Retry-After": "1"}) from None
 
 
 async def answer(route: Awaitable[Response]) -> Response:
@@ -59,11 +76,10 @@ def live() -> JSONResponse:
 
 
 async def ready(pipeline: Pipeline) -> JSONResponse:
-    """Every variant ready: the same fact as /ready."""
-    infos = await pipeline.variants.info()
-    ok = all(info["state"] == "ready" for info in infos.values())
+    """The pod can serve requests: the same fact as /ready."""
+    ok = readiness.pod_ready(await pipeline.variants.states())
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503,
-                        headers=None if ok else {"Retry-After": "5"})
+                        headers=readiness.not_ready_headers(ok))
 
 
 def _targets(pipeline: Pipeline, name: str) -> list[str]:
@@ -105,11 +121,12 @@ async def metadata(pipeline: Pipeline, request: Request, name: str,
 
 async def model_ready(pipeline: Pipeline, request: Request, name: str,
                       version: str | None = None) -> JSONResponse:
-    """200 when every variant the name may route to is ready, else 503."""
+    """200 when every variant the name may route to can serve, else 503 (as
+    /ready?variant=)."""
     admission = pipeline.admit(request, {})
     infos, _ = await _model(pipeline, name, version)
-    ok = all(info["state"] == "ready" for info in infos.values())
-    headers = admission.headers if ok else {**admission.headers, "Retry-After": "5"}
+    ok = readiness.all_can_serve({target: info["state"] for target, info in infos.items()})
+    headers = {**admission.headers, **(readiness.not_ready_headers(ok) or {})}
     return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503,
                         headers=headers)
 

@@ -56,7 +56,7 @@ class Pipeline:
         self.variants = variants
         self.metrics = metrics
         self.settings = settings
-        self.access = AccessControl()
+        self.access = AccessControl(on_file_state=metrics.key_file_state)
         self.decoder = Decoder(settings.decode_workers)
         self.routes = RoutingTable(settings.default_version, {}, variants.names)
         self.shadow = Shadow(variants, metrics.shadow)
@@ -161,9 +161,16 @@ class Call:
 
     def _took(self, decoded: DecodedAudio, started: float) -> DecodedAudio:
         self.decode_ms += (time.perf_counter() - started) * 1000
-        self.trace.update(audio_s=round(decoded.duration_s, 3), decode_ms=round(self.decode_ms, 1))
-        self.pipeline.charge_audio(self.admission, decoded.duration_s)
+        self.trace["decode_ms"] = round(self.decode_ms, 1)
+        self.charge(decoded.duration_s)
         return decoded
+
+    def charge(self, seconds: float) -> None:
+        """Audio seconds charged to the key (decoded audio; more where a route analyses
+        some of it more than once); the access log's audio_s is the request's total."""
+        if seconds > 0:
+            self.trace["audio_s"] = round(self.trace.get("audio_s", 0.0) + seconds, 3)
+            self.pipeline.charge_audio(self.admission, seconds)
 
     async def infer(self, route: Route, waveform: np.ndarray, options: InferenceOptions,
                     shadow: bool = True) -> VariantAnswer:

@@ -3,10 +3,13 @@ results saved to disk. No torch, no Ray: the router and the stream both use it."
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import tempfile
+import uuid
 from dataclasses import asdict
 from pathlib import Path, PurePath
 
@@ -85,13 +88,32 @@ def prediction(answer: VariantAnswer, *, request_id: str, variant: str,
     return result
 
 
+SAVE_TRIES = 100  # request_id, request_id.2, ... request_id.100, then a random suffix
+
+
 def save_result(output_dir: str, request_id: str, result: dict,
-                embedding: np.ndarray | None) -> None:
-    """Write result.json (and embedding.npy) under output_dir/request_id, all or nothing."""
+                embedding: np.ndarray | None) -> Path:
+    """Write result.json (and embedding.npy) under output_dir/request_id, all or nothing; a
+    request id seen before (a client's retry, a replay) gets request_id.2, .3, ... Returns the
+    folder written."""
     root = Path(output_dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{request_id}.", dir=root))
-    (staging / "result.json").write_text(json.dumps(result))
-    if embedding is not None:
-        np.save(staging / "embedding.npy", embedding)
-    os.rename(staging, root / request_id)
+    try:
+        (staging / "result.json").write_text(json.dumps(result))
+        if embedding is not None:
+            np.save(staging / "embedding.npy", embedding)
+        names = [request_id] + [f"{request_id}.{n}" for n in range(2, SAVE_TRIES + 1)]
+        for name in [*names, f"{request_id}.{uuid.uuid4().hex}"]:
+            try:
+                # A folder cannot be renamed onto a non-empty one: the first free name wins,
+                # atomically, even against a concurrent request with the same id.
+                os.rename(staging, root / name)
+                return root / name
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        raise FileExistsError(f"no free name for {request_id} under {root}")
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

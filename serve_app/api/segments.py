@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import ray
@@ -38,7 +38,16 @@ from serve_app.errors import ApiError
 from serve_app.labels import parse_label_set
 from serve_app.metrics import SegmentMetrics
 from serve_app.segments.runner import RecordingSlots, score_all
-from serve_app.segments.spec import Span, in_order, parse_json, parse_rttm, to_spans, too_many_found
+from serve_app.segments.spec import (
+    Span,
+    check_coverage,
+    in_order,
+    parse_json,
+    parse_rttm,
+    scored_seconds,
+    to_spans,
+    too_many_found,
+)
 from serve_app.segments.summary import SpeakerTally, segment_row
 from serve_app.traffic.routing import Route
 from serve_app.wire import InferenceOptions, VariantAnswer
@@ -134,8 +143,8 @@ class SegmentsRoute:
             specs = parse_json(sent.segments, limits.max_segments, settings.min_duration_s)
         elif sent.rttm is not None:
             specs = parse_rttm(sent.rttm, limits.max_segments, settings.min_duration_s)
-        decode_limits = limits.decode_limits(settings.decode_limits())
-        audio = await call.decode(sent.data, replace(decode_limits, keep_channels=sent.split))
+        audio = await call.decode(sent.data, limits.decode_limits(settings.decode_limits(),
+                                                                  sent.split))
         waves = [audio.waveform]
         if sent.split:
             if audio.channels < 2:
@@ -145,11 +154,17 @@ class SegmentsRoute:
         if specs is not None:
             spans = to_spans(specs, len(waves[0]), settings.min_duration_s,
                              settings.max_duration_s, len(waves) if sent.split else None)
+            check_coverage(spans, len(waves[0]), len(waves))
             job = Job(route, options, audio, waves, spans, "given")
         else:
             spans, vad_ms = await self._find_speech(waves, limits, sent.split)
             job = Job(route, options, audio, waves, spans, "vad", vad_ms)
             call.trace["vad_ms"] = round(vad_ms, 1)
+        # The quota pays for what is analysed: every channel scored apart (the VAD reads each),
+        # and every second of the segments scored (given ones may overlap). Decoding charged
+        # the recording's duration once already.
+        analysed = max(audio.duration_s * len(waves), scored_seconds(spans))
+        call.charge(analysed - audio.duration_s)
         call.trace.update(segmentation=job.segmentation, segments=len(job.spans))
         return job
 

@@ -134,11 +134,8 @@ async def read_segments_upload(request: Request, max_bytes: int,
                 raise ApiError(422, "invalid_parameter", "rttm must be a file")
             rttm = await _read_text(part, "rttm", text_limit)
         params.update({key: value for key, value in form.items() if isinstance(value, str)})
-    elif content_type.startswith("application/x-www-form-urlencoded"):
-        raise ApiError(422, "missing_file", "send the recording as multipart/form-data in the "
-                       "field 'file', or as the raw request body")
     else:
-        data = await upload.read_capped(request, max_bytes)
+        data = await upload.read_raw(request, max_bytes, PARAMS)
     unknown = sorted(set(params) - set(PARAMS))
     if unknown:
         raise ApiError(422, "unknown_field",

@@ -149,16 +149,39 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, dict[str
         if len(data) > max_bytes:
             raise upload_too_large(max_bytes)
         params.update({key: value for key, value in form.items() if isinstance(value, str)})
-    elif content_type.startswith("application/x-www-form-urlencoded"):
-        raise ApiError(422, "missing_file", "send the audio as multipart/form-data in the field "
-                       "'file', or as the raw request body")
     else:
-        data = await read_capped(request, max_bytes)
+        data = await read_raw(request, max_bytes, PARAMS)
     unknown = sorted(set(params) - set(PARAMS))
     if unknown:
         raise ApiError(422, "unknown_field",
                        f"unknown parameters {unknown}; expected {list(PARAMS)}")
     return data, params
+
+
+_URLENCODED = "application/x-www-form-urlencoded"
+_FORM_PAIR = re.compile(rb"([A-Za-z_]+)=[\x21-\x7e]*")
+
+
+def is_urlencoded_form(data: bytes, fields: tuple[str, ...]) -> bool:
+    """Whether a body is a urlencoded form of the route's fields (and so carries no audio),
+    rather than audio bytes sent with curl's default content type (`--data-binary @clip.wav`
+    says application/x-www-form-urlencoded): audio never parses as `field=value&...`."""
+    if len(data) > _FORM_OVERHEAD:
+        return False
+    pairs = data.split(b"&")
+    return all((match := _FORM_PAIR.fullmatch(pair)) and match.group(1).decode() in fields
+               for pair in pairs)
+
+
+async def read_raw(request: Request, max_bytes: int, fields: tuple[str, ...]) -> bytes:
+    """A raw body: the audio itself, whatever its content type says, unless it is a urlencoded
+    form of the fields (422: the audio is missing)."""
+    data = await read_capped(request, max_bytes)
+    if request.headers.get("content-type", "").startswith(_URLENCODED) and \
+            is_urlencoded_form(data, fields):
+        raise ApiError(422, "missing_file", "send the audio as multipart/form-data in the field "
+                       "'file', or as the raw request body (the fields as query parameters)")
+    return data
 
 
 def request_id(request) -> str:

@@ -10,7 +10,7 @@ import time
 
 import ray
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.errors import ApiError, InvalidInput
@@ -105,12 +105,20 @@ class Variants:
         except UnknownLabel as exc:
             raise exc.api_error() from None
 
+    async def states(self) -> dict[str, str]:
+        """Each variant's state (serve_app/api/readiness.py says which can serve)."""
+        return {name: info["state"] for name, info in (await self.info()).items()}
+
     async def info(self) -> dict[str, dict]:
-        """Each variant's info() from a replica, or its state from Serve's status."""
-        app_name = serve.get_replica_context().app_name
+        """Each variant's info() from a replica, or its state from Serve's status (none
+        outside a Serve replica: the handles' own answers)."""
         try:
-            status = await asyncio.to_thread(serve.status)
-            deployments = status.applications[app_name].deployments
+            app_name = serve.get_replica_context().app_name
+        except RayServeException:
+            app_name = None
+        try:
+            status = await asyncio.to_thread(serve.status) if app_name else None
+            deployments = status.applications[app_name].deployments if status else {}
         except Exception as exc:
             logger.warning("serve.status() failed: %r", exc)
             deployments = {}

@@ -94,7 +94,7 @@ def _decode(data: bytes, limits: Limits, started: float) -> DecodedAudio:
             name = "unknown" if codec is None else codec.name
             raise ApiError(415, "unsupported_audio", f"the audio codec {name!r} is not supported")
         if codec.sample_rate and codec.channels:
-            check_format(codec.sample_rate, codec.channels)
+            check_format(codec.sample_rate, codec.channels, limits)
         declared = _declared_seconds(container, stream)
         if declared is not None and declared > limits.max_duration_s:
             raise too_long(limits.max_duration_s, declared)
@@ -104,7 +104,7 @@ def _decode(data: bytes, limits: Limits, started: float) -> DecodedAudio:
                 samples = _as_float(frame)
                 if budget is None:
                     rate, channels = frame.sample_rate, samples.shape[1]
-                    check_format(rate, channels)
+                    check_format(rate, channels, limits)
                     budget = Budget(limits, rate, channels, started)
                 elif (frame.sample_rate, samples.shape[1]) != (rate, channels):
                     raise ApiError(415, "unsupported_audio",

@@ -24,7 +24,6 @@ from serve_app.audio.waveform import (
     Limits,
     check_format,
     to_waveform,
-    too_long,
 )
 from serve_app.errors import ApiError
 
@@ -73,10 +72,10 @@ def _decode(data: bytes, limits: Limits) -> DecodedAudio:
         raise NotLibsndfileAudio(str(exc)) from None
     with sound:
         rate, channels = int(sound.samplerate), int(sound.channels)
-        check_format(rate, channels)
-        if int(limits.max_duration_s * rate) < sound.frames < 2**62:
-            raise too_long(limits.max_duration_s, sound.frames / rate)
+        check_format(rate, channels, limits)
         budget = Budget(limits, rate, channels, started)
+        if sound.frames < 2**62:  # libsndfile's "unknown"; the blocks are counted anyway
+            budget.check_frames(sound.frames)  # before a sample is read
         blocks = []
         try:
             while True:

@@ -31,6 +31,7 @@ class Limits:
     max_decode_s: float = MAX_DECODE_S
     # Also each channel on its own at TARGET_SR (POST /v1/segments with channels=split).
     keep_channels: bool = False
+    max_channels: int = MAX_CHANNELS
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -47,13 +48,14 @@ class DecodedAudio:
     channel_waveforms: np.ndarray | None = None
 
 
-def check_format(rate: int, channels: int) -> None:
+def check_format(rate: int, channels: int, limits: Limits) -> None:
     if not MIN_RATE <= rate <= MAX_RATE:
         raise ApiError(422, "unsupported_sample_rate",
                        f"sample rate {rate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz")
-    if not 1 <= channels <= MAX_CHANNELS:
+    if not 1 <= channels <= limits.max_channels:
+        apart = " scored apart" if limits.keep_channels else ""
         raise ApiError(422, "too_many_channels",
-                       f"{channels} channels; at most {MAX_CHANNELS} are accepted")
+                       f"{channels} channels; at most {limits.max_channels}{apart} are accepted")
 
 
 def too_long(max_duration_s: float, seconds: float | None = None) -> ApiError:
@@ -67,22 +69,41 @@ def upload_too_large(limit_bytes: int) -> ApiError:
                     f"the upload is larger than the limit of {limit_bytes} bytes")
 
 
+def bytes_per_frame(rate: int, channels: int, keep_channels: bool) -> float:
+    """What to_waveform allocates per frame of the file, in float32: the decoded blocks
+    (every channel), the mono mix at the file's rate and at TARGET_SR, and with the channels
+    kept apart, one channel at the file's rate and every channel at TARGET_SR (a 1 kHz file
+    grows 16 times there)."""
+    to_target = TARGET_SR / rate
+    per_frame = channels + 1 + to_target
+    if keep_channels and channels > 1:
+        per_frame += 1 + channels * to_target
+    return 4 * per_frame
+
+
 class Budget:
-    """What one decode has produced so far; refuses as soon as a limit is passed."""
+    """What one decode will allocate, counted as it goes (and from the header, where there is
+    one); refuses as soon as a limit is passed."""
 
     def __init__(self, limits: Limits, rate: int, channels: int, started: float):
         self.limits, self.rate, self.started = limits, rate, started
         self.max_frames = int(limits.max_duration_s * rate)
-        self.bytes_per_frame = 4 * channels
+        self.bytes_per_frame = bytes_per_frame(rate, channels, limits.keep_channels)
         self.frames = 0
+
+    def check_frames(self, frames: int) -> None:
+        """A decode of `frames` frames: refused now if it would pass a limit."""
+        if frames > self.max_frames:
+            raise too_long(self.limits.max_duration_s, frames / self.rate)
+        if frames * self.bytes_per_frame > self.limits.max_decoded_bytes:
+            raise ApiError(413, "decoded_too_large", "the decoded audio would take over "
+                           f"{self.limits.max_decoded_bytes} bytes, the limit")
 
     def add(self, frames: int) -> None:
         self.frames += frames
         if self.frames > self.max_frames:
             raise too_long(self.limits.max_duration_s)
-        if self.frames * self.bytes_per_frame > self.limits.max_decoded_bytes:
-            raise ApiError(413, "decoded_too_large", "the decoded audio is over "
-                           f"{self.limits.max_decoded_bytes} bytes, the limit")
+        self.check_frames(self.frames)
         check_time(self.limits, self.started)
 
 
@@ -108,8 +129,8 @@ def to_waveform(blocks: list[np.ndarray], rate: int, channels: int, fmt: str,
                        f"the audio lasts {duration * 1000:.0f} ms; at least "
                        f"{limits.min_duration_s * 1000:.0f} ms are needed")
     keep = limits.keep_channels and channels > 1
+    separate = _channels_apart(blocks, channels, rate) if keep else None
     mono = np.empty(total, np.float32)
-    apart = np.empty((channels, total), np.float32) if keep else None
     position = 0
     blocks.reverse()
     while blocks:
@@ -118,12 +139,20 @@ def to_waveform(blocks: list[np.ndarray], rate: int, channels: int, fmt: str,
         end = position + len(block)
         mono[position:end] = block.mean(axis=1, dtype=np.float32) if channels > 1 \
             else block[:, 0]
-        if apart is not None:
-            apart[:, position:end] = block.T
         position = end
-    separate = None if apart is None else np.stack(
-        [to_target_rate(channel, rate) for channel in apart])
     return DecodedAudio(to_target_rate(mono, rate), duration, rate, channels, fmt, separate)
+
+
+def _channels_apart(blocks: list[np.ndarray], channels: int, rate: int) -> np.ndarray:
+    """Each channel at TARGET_SR, into one array allocated once; one channel at the file's
+    rate is held at a time."""
+    separate = None
+    for channel in range(channels):
+        samples = to_target_rate(np.concatenate([block[:, channel] for block in blocks]), rate)
+        if separate is None:
+            separate = np.empty((channels, len(samples)), np.float32)
+        separate[channel] = samples
+    return separate
 
 
 def from_samples(samples: np.ndarray, rate: int, fmt: str, limits: Limits) -> DecodedAudio:
@@ -143,7 +172,7 @@ def from_samples(samples: np.ndarray, rate: int, fmt: str, limits: Limits) -> De
     else:
         raise ApiError(422, "invalid_waveform",
                        f"waveform samples must be float or int16, not {samples.dtype}")
-    check_format(rate, samples.shape[1])
+    check_format(rate, samples.shape[1], limits)
     Budget(limits, rate, samples.shape[1], time.monotonic()).add(len(samples))
     return to_waveform([samples], rate, samples.shape[1], fmt, limits)
 

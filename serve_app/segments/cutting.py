@@ -37,8 +37,10 @@ def cut_long(spans: list[tuple[int, int]], waveform: np.ndarray, max_samples: in
     for start, end in spans:
         while end - start > max_samples:
             high = min(start + max_samples, end - min_samples)
-            low = min(start + max_samples // 2, high)
-            cut = quietest_point(waveform, low, high)
+            if high <= start:  # no cut leaves min_samples after it: cut at the limit
+                high = start + max_samples
+            low = min(start + max(1, max_samples // 2), high)
+            cut = max(start + 1, quietest_point(waveform, low, high))  # always advances
             pieces.append((start, cut))
             start = cut
         pieces.append((start, end))

@@ -21,6 +21,8 @@ from serve_app.untrusted import finite_float, load_json
 # A given segment may end this far past the audio's end (rounding in the tool that wrote
 # it); its samples stop at the end.
 END_TOLERANCE_S = 0.5
+# Given segments together cover at most this many times the recording (check_coverage).
+MAX_COVERAGE = 2.0
 MAX_SPEAKER_CHARS = 64
 JSON_KEYS = ("start_s", "end_s", "speaker")
 # RTTM: SPEAKER <file> <chan> <start> <duration> <NA> <NA> <speaker> <NA> <NA>
@@ -227,6 +229,22 @@ def to_spans(specs: list[SegmentSpec], samples: int, min_duration_s: float,
         spans.append(Span(start, end, spec.start_s, min(spec.end_s, round(duration_s, 6)),
                           spec.speaker, channel))
     return in_order(spans)
+
+
+def check_coverage(spans: list[Span], samples: int, channels: int) -> None:
+    """Given segments may overlap (two speakers at once), but not without bound: together
+    they cover at most MAX_COVERAGE times the audio scored (its duration times the channels
+    scored apart). Real diarization overlaps far less; repeating a span is no analysis."""
+    covered = sum(span.end - span.start for span in spans)
+    if covered > MAX_COVERAGE * samples * channels:
+        raise InvalidSegments(
+            f"the segments cover {covered / TARGET_SR:.1f} s of a recording of "
+            f"{samples * channels / TARGET_SR:.1f} s: more than {MAX_COVERAGE:g} times it "
+            "(overlapping or repeated segments)")
+
+
+def scored_seconds(spans: list[Span]) -> float:
+    return sum(span.duration_s for span in spans)
 
 
 def in_order(spans: list[Span]) -> list[Span]:

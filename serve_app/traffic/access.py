@@ -41,6 +41,10 @@ ANONYMOUS = "anonymous"  # the key label while access control is off
 INVALID = "invalid"      # the label of every refused key: metric labels stay those of the config
 FILE_CHECK_S = 5.0       # a changed api_keys_file is read again within this long
 AUDIO_ENTRY_S = 0.001    # "a positive audio balance": at least a millisecond left
+# The deepest debt a bucket holds, in bucket capacities: deeper than any one request makes
+# (a 30 min recording on a 30 s/min key is 60), and a bound on what another replica's note
+# can take.
+MAX_DEBT_CAPACITIES = 100
 _KEY = re.compile(r"^[\x21-\x7e]{1,256}$")  # visible ASCII, as a header carries it
 _CHALLENGE = 'Bearer realm="emotion2vec-serve"'
 _KEYS_FILE = TypeAdapter(ApiKeys)
@@ -83,6 +87,10 @@ class Bucket:
     def refill(self, now: float) -> None:
         self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
         self.updated = now
+
+    def take(self, amount: float) -> None:
+        """Spend `amount`; the level may go below zero, down to MAX_DEBT_CAPACITIES."""
+        self.level = max(self.level - amount, -MAX_DEBT_CAPACITIES * self.capacity)
 
     def wait_s(self) -> float:
         """Seconds until this bucket admits a request again."""
@@ -166,8 +174,10 @@ def _presented_key(headers: Mapping[str, str], query_api_key: str | None) -> str
 class AccessControl:
     """The key table and the buckets of one router replica."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 on_file_state: Callable[[str], None] = lambda state: None):
         self._clock = clock
+        self._on_file_state = on_file_state  # "ok", "missing" or "invalid" (a metric)
         self._buckets: dict[str, list[Bucket]] = {}
         # (key id, resource) -> all that this replica has charged the key, since it started
         self.spent: dict[tuple[str, str], float] = {}
@@ -186,6 +196,7 @@ class AccessControl:
         table = _merge(settings.api_keys, from_file, path)
         self._inline, self._file, self._window_s = settings.api_keys, path, settings.quota_window_s
         self._install(table, stamp)
+        self._on_file_state("ok" if path else "none")
 
     def _install(self, table: dict[str, ApiKeySpec], stamp: tuple | None) -> None:
         now = self._clock()
@@ -208,13 +219,23 @@ class AccessControl:
         stamp = _stamp(self._file)
         if stamp == self._file_stamp:
             return
+        if stamp is None:
+            # Removed: its keys are revoked (fail closed) until the file is back.
+            self._install(dict(self._inline), None)
+            logger.error("api_keys_file %s is gone: its keys are revoked until it is back",
+                         self._file)
+            self._on_file_state("missing")
+            return
         try:
             from_file, stamp = read_keys_file(self._file)
             self._install(_merge(self._inline, from_file, self._file), stamp)
             logger.info("API keys re-read from %s: %d keys", self._file, len(self._digests))
+            self._on_file_state("ok")
         except ValueError as exc:
+            # A typo neither opens nor closes the service: the last good keys stay.
             self._file_stamp = stamp  # logged once per change of the file
             logger.error("%s; the keys read before stay in force", exc)
+            self._on_file_state("invalid")
 
     @staticmethod
     def _refuse(message: str, presented: bool = True) -> AccessDenied:
@@ -273,7 +294,7 @@ class AccessControl:
         """Charge decoded audio to the key; the balance may go below zero."""
         for bucket in self._refilled(key_id):
             if bucket.resource == "audio_seconds":
-                bucket.level -= seconds
+                bucket.take(seconds)
                 self._count(key_id, "audio_seconds", seconds)
 
     def _count(self, key_id: str, resource: str, amount: float) -> None:
@@ -284,7 +305,7 @@ class AccessControl:
         the level may go below zero: a debt later requests wait out."""
         for bucket in self._refilled(key_id):
             if bucket.resource == resource:
-                bucket.level -= amount
+                bucket.take(amount)
 
     def levels(self) -> dict[tuple[str, str], float]:
         """Each quota's current level: (key id, resource) -> tokens left (may be negative)."""
@@ -295,8 +316,8 @@ class AccessControl:
         """Lower a quota's level to `level` if it is above (a replica that starts late takes
         the others' balance instead of a full bucket)."""
         for bucket in self._refilled(key_id):
-            if bucket.resource == resource:
-                bucket.level = min(bucket.level, level)
+            if bucket.resource == resource and level < bucket.level:
+                bucket.take(bucket.level - level)
 
     def _refilled(self, key_id: str | None) -> list[Bucket]:
         buckets = self._buckets.get(key_id, []) if key_id is not None else []

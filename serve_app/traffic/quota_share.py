@@ -19,12 +19,16 @@ catches up with the others' spending at the next exchange that works.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 
 from serve_app.traffic.access import AccessControl
 
 STALE_S = 120.0  # a note not refreshed for this long belongs to a replica that is gone
+FUTURE_S = 30.0  # clocks of nodes differ by less; a note from further ahead is not believed
+MAX_TOTAL = 1e12  # far above any key's spending in a replica's life
+MAX_SLOTS = 100_000  # (key, resource) pairs in one note
 
 
 def _slot(key_id: str, resource: str) -> str:
@@ -34,6 +38,41 @@ def _slot(key_id: str, resource: str) -> str:
 def _unslot(slot: str) -> tuple[str, str]:
     key_id, _, resource = slot.rpartition("/")
     return key_id, resource
+
+
+def _amounts(value, low: float) -> dict[str, float] | None:
+    """A note's {slot: amount}, each slot a key id and resource, each amount a finite number
+    in [low, MAX_TOTAL]; None when anything is off."""
+    if not isinstance(value, dict) or len(value) > MAX_SLOTS:
+        return None
+    amounts = {}
+    for slot, amount in value.items():
+        if "/" not in slot or isinstance(amount, bool) or not isinstance(amount, (int, float)):
+            return None
+        amount = float(amount) if abs(amount) <= MAX_TOTAL else math.nan
+        if not low <= amount <= MAX_TOTAL:  # NaN fails too
+            return None
+        amounts[slot] = amount
+    return amounts
+
+
+def read_note(raw: bytes, now: float) -> tuple[dict[str, float], dict[str, float]] | None:
+    """Another replica's note as (spent totals, levels), or None when it is unreadable,
+    stale, from the future, or holds a value no replica writes. A note is believed whole or
+    not at all: one that is not cannot debit anything."""
+    try:
+        note = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(note, dict):
+        return None
+    at = note.get("at")
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at) \
+            or not -FUTURE_S <= now - at <= STALE_S:
+        return None
+    spent = _amounts(note.get("spent"), 0.0)
+    levels = _amounts(note.get("levels"), -MAX_TOTAL)
+    return None if spent is None or levels is None else (spent, levels)
 
 
 class QuotaShare:
@@ -63,16 +102,11 @@ class QuotaShare:
         the notes that are stale or unreadable, for the board to drop."""
         now, drop, fresh = self._clock(), [], {}
         for name, raw in notes.items():
-            try:
-                note = json.loads(raw)
-                at, spent, levels = float(note["at"]), dict(note["spent"]), dict(note["levels"])
-            except (ValueError, KeyError, TypeError):
-                drop.append(name)
-                continue
-            if now - at > STALE_S:
+            note = read_note(raw, now)
+            if note is None:
                 drop.append(name)
             else:
-                fresh[name] = (spent, levels)
+                fresh[name] = note
         if not self._joined:
             # First look: what the others spent before is already in their levels.
             self._take_lowest({name: levels for name, (_, levels) in fresh.items()})
