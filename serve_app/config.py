@@ -120,6 +120,19 @@ class ModelSettings(_Strict):
             raise ValueError("source must name a model directory or a hub id")
         return value.strip()
 
+    @model_validator(mode="after")
+    def _generate_needs_a_path(self) -> ModelSettings:
+        # A hub id beside `generate` would get random weights written into a local folder
+        # named like the hub id, and serve them as if they were the hub's model.
+        if self.generate is not None and not self.source.startswith(("/", "~", ".")) \
+                and HUB_ID.match(self.source):
+            raise ValueError(
+                f"source {self.source!r} looks like a hub id, and `generate` writes random "
+                "weights into a local folder of that name: remove `generate` to serve the "
+                "hub's published weights, or give a path (/..., ~/..., ./...) for a generated "
+                "checkpoint")
+        return self
+
     def load_key(self) -> tuple:
         """The settings that need a model load when they change; the others apply live."""
         return (self.source, self.hub, self.revision, self.generate, self.loader,
