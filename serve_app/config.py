@@ -372,7 +372,7 @@ class AppArgs(_Strict):
     # Custom resources for the Router, e.g. to keep it (and output_dir) on one node.
     router_resources: CustomResources = Field(default_factory=dict)
     # The VAD's deployment (POST /v1/segments without given segments, the stream's utterance
-    # events): about 0.3-0.5 s of one CPU per minute of audio. None: not deployed (then
+    # events): about 0.1-0.5 s of one CPU per minute of audio. None: not deployed (then
     # those need given segments).
     vad_num_cpus: float | None = Field(default=0.1, ge=0)
     # Router replicas (set here, not as the Router's num_replicas in `deployments`: the
