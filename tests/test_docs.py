@@ -445,3 +445,33 @@ def test_the_flag_check_sees_an_undocumented_flag(monkeypatch):
     monkeypatch.setattr(cli, "_parser", with_extra)
     with pytest.raises(AssertionError, match="add a row for predict --not-documented"):
         test_every_cli_flag_is_documented_with_its_default()
+
+
+# -- the measured numbers -------------------------------------------------------------------
+def test_results_tables_equal_their_result_files():
+    """Every table of measured numbers marked `<!-- results: FILE.json -->` is what
+    benchmarks/tables.py renders from benchmarks/results/FILE.json (rewrite them with
+    `python -m benchmarks.tables --write`)."""
+    from benchmarks import tables
+
+    found, stale = 0, []
+    for page in tables.PAGES:
+        for name, body in tables.blocks(page.read_text(encoding="utf-8")):
+            found += 1
+            if body != tables.render(name):
+                stale.append(f"{rel(page)}: {name}")
+    assert found >= 3, "the CPU tables are rendered from benchmarks/results/"
+    assert not stale, ("tables that differ from their results file (python -m benchmarks.tables "
+                       "--write):\n" + "\n".join(stale))
+
+
+def test_results_check_sees_an_edited_number(tmp_path, monkeypatch):
+    from benchmarks import tables
+
+    page = tmp_path / "page.md"
+    body = tables.render("cpu-stream-hop1-2026-12-01.json")
+    page.write_text(f"<!-- results: cpu-stream-hop1-2026-12-01.json -->\n{body}<!-- /results -->\n")
+    monkeypatch.setattr(tables, "PAGES", [page])
+    assert tables.main([]) == 0
+    page.write_text(page.read_text().replace("| 603 |", "| 503 |"))
+    assert tables.main([]) == 1
