@@ -127,6 +127,19 @@ class ModelSettings(_Strict):
             raise ValueError("source must name a model directory or a hub id")
         return value.strip()
 
+    @model_validator(mode="after")
+    def _generate_needs_a_path(self) -> ModelSettings:
+        # A hub id beside `generate` would get random weights written into a local folder
+        # named like the hub id, and serve them as if they were the hub's model.
+        if self.generate is not None and not self.source.startswith(("/", "~", ".")) \
+                and HUB_ID.match(self.source):
+            raise ValueError(
+                f"source {self.source!r} looks like a hub id, and `generate` writes random "
+                "weights into a local folder of that name: remove `generate` to serve the "
+                "hub's published weights, or give a path (/..., ~/..., ./...) for a generated "
+                "checkpoint")
+        return self
+
     def load_key(self) -> tuple:
         """The settings that need a model load when they change; the others apply live."""
         return (self.source, self.hub, self.revision, self.generate, self.loader,
@@ -378,7 +391,7 @@ class AppArgs(_Strict):
     # Custom resources for the Router, e.g. to keep it (and output_dir) on one node.
     router_resources: CustomResources = Field(default_factory=dict)
     # The VAD's deployment (POST /v1/segments without given segments, the stream's utterance
-    # events): about 0.3-0.5 s of one CPU per minute of audio. None: not deployed (then
+    # events): about 0.1-0.5 s of one CPU per minute of audio. None: not deployed (then
     # those need given segments).
     vad_num_cpus: float | None = Field(default=0.1, ge=0)
     # Router replicas (set here, not as the Router's num_replicas in `deployments`: the

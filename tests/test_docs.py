@@ -362,3 +362,116 @@ def test_module_map_check_sees_a_new_module(tmp_path, monkeypatch):
     monkeypatch.setattr(f"{__name__}.PACKAGE", package)
     monkeypatch.setattr(f"{__name__}.REPO", tmp_path)
     assert tree_modules() == {"serve_app/wire.py", "serve_app/api/web/"}
+
+
+# -- the command-line client's flags ----------------------------------------------------------
+API = REPO / "docs" / "api.md"
+BATCH = REPO / "docs" / "batch.md"
+# Where each command's flags are documented: api.md's section of the command, except batch's
+# (its page, where they sit beside what they tune).
+CLI_PAGES = {"batch": (BATCH, "On a directory")}
+
+
+def cli_flags() -> dict[str, dict[str, object]]:
+    """Every subcommand of `emotion2vec-serve` ("keys new" for nested ones) -> its long
+    option flags -> their defaults, read from the argparse parsers themselves."""
+    import argparse
+
+    from serve_app.tools.cli import _parser
+
+    found: dict[str, dict[str, object]] = {}
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, subparser in action.choices.items():
+                    walk(subparser, f"{name} {sub}".strip())
+            elif name and action.option_strings and action.dest != "help":
+                flag = max(action.option_strings, key=len)
+                found.setdefault(name, {})[flag] = action.default
+
+    walk(_parser(), "")
+    return found
+
+
+def flag_rows(lines: list[str]) -> dict[str, list[str]]:
+    """Table rows whose first cell names flags (`--a`, `--b`): flag -> the row's cells."""
+    rows = {}
+    for cells in table_rows(lines):
+        for flag in re.findall(r"`(--[\w-]+)", cells[0]):
+            rows[flag] = cells
+    return rows
+
+
+def test_every_cli_flag_is_documented_with_its_default():
+    """Each flag of each subcommand has a row in its section of docs/api.md's "The
+    command-line client" (batch's: docs/batch.md); a number or word default is the one the
+    parser has. A flag added to the CLI fails here until it is documented."""
+    problems = []
+    flags = cli_flags()
+    assert {"predict", "stream", "segments", "batch", "keys new"} <= set(flags), flags
+    for command, defaults in sorted(flags.items()):
+        page, title = CLI_PAGES.get(command, (API, command))
+        rows = flag_rows(section(page, title))
+        for flag, default in defaults.items():
+            if flag not in rows:
+                problems.append(f"{rel(page)}, {title}: add a row for {command} {flag}")
+                continue
+            if isinstance(default, bool) or default is None or flag == "--api-key":
+                continue  # off / the service's / the environment's: said in words
+            if isinstance(default, (int, float)):
+                default = number(default)
+            elif isinstance(default, str) and default.startswith(f"{REPO}/"):
+                default = default[len(f"{REPO}/"):]  # a file of the repository
+            cell = rows[flag][1] if len(rows[flag]) > 1 else ""
+            if not isinstance(default, tuple) and f"`{default}`" not in cell:
+                problems.append(f"{rel(page)}, {title}: {command} {flag}'s default is "
+                                f"`{default}`, the row says {cell!r}")
+    assert not problems, "the CLI's flags and their documentation differ:\n" + "\n".join(problems)
+
+
+def test_the_flag_check_sees_an_undocumented_flag(monkeypatch):
+    """Not vacuous: a flag the parser has and the page lacks is reported."""
+    import serve_app.tools.cli as cli
+
+    build = cli._parser
+
+    def with_extra():
+        parser = build()
+        commands = next(a for a in parser._actions if a.choices and "predict" in a.choices)
+        commands.choices["predict"].add_argument("--not-documented", type=int, default=3)
+        return parser
+
+    monkeypatch.setattr(cli, "_parser", with_extra)
+    with pytest.raises(AssertionError, match="add a row for predict --not-documented"):
+        test_every_cli_flag_is_documented_with_its_default()
+
+
+# -- the measured numbers -------------------------------------------------------------------
+def test_results_tables_equal_their_result_files():
+    """Every table of measured numbers marked `<!-- results: FILE.json -->` is what
+    benchmarks/tables.py renders from benchmarks/results/FILE.json (rewrite them with
+    `python -m benchmarks.tables --write`)."""
+    from benchmarks import tables
+
+    found, stale = 0, []
+    for page in tables.PAGES:
+        for name, body in tables.blocks(page.read_text(encoding="utf-8")):
+            found += 1
+            if body != tables.render(name):
+                stale.append(f"{rel(page)}: {name}")
+    assert found >= 3, "the CPU tables are rendered from benchmarks/results/"
+    assert not stale, ("tables that differ from their results file (python -m benchmarks.tables "
+                       "--write):\n" + "\n".join(stale))
+
+
+def test_results_check_sees_an_edited_number(tmp_path, monkeypatch):
+    from benchmarks import tables
+
+    page = tmp_path / "page.md"
+    body = tables.render("cpu-stream-hop1-2026-12-01.json")
+    page.write_text(f"<!-- results: cpu-stream-hop1-2026-12-01.json -->\n{body}<!-- /results -->\n")
+    monkeypatch.setattr(tables, "PAGES", [page])
+    assert tables.main([]) == 0
+    page.write_text(page.read_text().replace("| 603 |", "| 503 |"))
+    assert tables.main([]) == 1

@@ -46,6 +46,17 @@ def test_source_kind():
     assert ModelSettings(source="./e2v").is_local
 
 
+@pytest.mark.parametrize("source", ["iic/emotion2vec_plus_large",
+                                    "emotion2vec/emotion2vec_plus_base"])
+def test_generate_with_a_hub_id_is_refused(source):
+    """`generate` beside a hub id would write random weights under the hub id's name."""
+    with pytest.raises(ValueError, match="looks like a hub id.*remove `generate`"):
+        ModelSettings(source=source, generate={"arch": "large"})
+    assert not ModelSettings(source=source).is_local  # without generate: the hub's weights
+    for path in (f"./{source}", f"~/{source}", f"/models/{source}"):
+        assert ModelSettings(source=path, generate={"arch": "large"}).is_local
+
+
 def test_decode_downmixes_and_resamples():
     t = np.arange(44_100) / 44_100
     left, right = np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 440 * t + np.pi)
