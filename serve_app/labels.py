@@ -80,3 +80,15 @@ def select(requested: Sequence[str] | None, labels: Sequence[str]) -> tuple[int,
         raise UnknownLabel(unknown, valid_names(labels))
     chosen = {by_name[name] for name in requested}
     return tuple(i for i in keep if i in chosen)
+
+
+def emotion_fields(labels: Sequence[str], scores: Sequence[float]) -> dict:
+    """emotion, label, confidence and the scores by English name, for one set of scores: how
+    every answer (predict, segments, streams, batch rows) shows a head's output."""
+    best = max(range(len(scores)), key=scores.__getitem__)  # the first of equals, as argmax
+    return {
+        "emotion": english_name(labels[best]),
+        "label": labels[best],
+        "confidence": scores[best],
+        "scores": {english_name(label): score for label, score in zip(labels, scores)},
+    }

@@ -7,14 +7,19 @@ Request are called with one built from an ASGI scope and body."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
+from fastapi import FastAPI
+from ray.exceptions import RayTaskError
 from starlette.requests import Request
 
+from serve_app.api.app import Services, build_api
 from serve_app.api.pipeline import Pipeline
 from serve_app.api.variant_client import Variants
 from serve_app.checkpoints.generate import write_checkpoint
@@ -51,12 +56,16 @@ class LocalVariant:
 
     async def _predict(self, request: InferenceRequest) -> VariantAnswer:
         arrived = time.perf_counter()
-        async with self.lifecycle.use() as engine, self._one:
-            check_waveform(request.waveform, engine.settings.max_audio_s)
-            options = request.options
-            prediction = await asyncio.to_thread(
-                engine.predict, request.waveform, options.granularity,
-                options.extract_embedding, options.labels)
+        try:
+            async with self.lifecycle.use() as engine, self._one:
+                check_waveform(request.waveform, engine.settings.max_audio_s)
+                engine.label_set(request.options.labels)
+                options = request.options
+                prediction = await asyncio.to_thread(
+                    engine.predict, request.waveform, options.granularity,
+                    options.extract_embedding, options.labels)
+        except Exception as exc:  # as a handle delivers a replica's exception
+            raise RayTaskError("predict", traceback.format_exc(), exc) from None
         return answer(self.name, engine, prediction, (time.perf_counter() - arrived) * 1000)
 
     async def _info(self) -> dict:
@@ -80,6 +89,25 @@ async def local_pipeline(checkpoint: Path, settings: RouterSettings | None = Non
     pipeline = Pipeline(Variants(handles), RouterMetrics(), settings)
     await pipeline.configure(settings)
     return pipeline
+
+
+@contextlib.contextmanager
+def local_service(checkpoint: Path, settings: RouterSettings | None = None,
+                  names: tuple[str, ...] = ("base",)) -> Iterator[tuple[Pipeline, FastAPI]]:
+    """A pipeline and the app over it, made and closed on one event loop of their own (the
+    app itself runs on whatever loop its client brings)."""
+    loop = asyncio.new_event_loop()
+    pipeline = loop.run_until_complete(local_pipeline(checkpoint, settings, names))
+    try:
+        yield pipeline, local_app(pipeline)
+    finally:
+        loop.run_until_complete(close_pipeline(pipeline))
+        loop.close()
+
+
+def local_app(pipeline: Pipeline, vad=None) -> FastAPI:
+    """The service's whole HTTP app over a local pipeline, as the Router builds it."""
+    return build_api(Services.create(pipeline, vad))
 
 
 async def close_pipeline(pipeline: Pipeline) -> None:

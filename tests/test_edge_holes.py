@@ -409,15 +409,17 @@ def test_a_broken_key_file_keeps_the_last_good_keys(tmp_path: Path):
 
 # -- curl --data-binary @clip.wav: audio under curl's default content type -------------------
 def test_audio_sent_as_urlencoded_is_the_raw_body():
+    from serve_app.api.routes import PREDICT
     from serve_app.api.upload import read_upload
 
     clip = _wav(1, 16_000, 0.5, "PCM_16")
     urlencoded = {"content-type": "application/x-www-form-urlencoded"}
-    data, params = asyncio.run(read_upload(inprocess.request(
-        "/v1/predict", clip, headers=urlencoded, query={"model_version": "base"}), 2**20))
-    assert data == clip and params == {"model_version": "base"}
+    sent = asyncio.run(read_upload(inprocess.request(
+        "/v1/predict", clip, headers=urlencoded, query={"model_version": "base"}), PREDICT,
+        2**20))
+    assert sent.data == clip and sent.params == {"model_version": "base"}
     with pytest.raises(ApiError) as refused:  # a real form of the fields: no audio in it
         asyncio.run(read_upload(inprocess.request(
             "/v1/predict", b"model_version=base&granularity=frame", headers=urlencoded),
-            2**20))
+            PREDICT, 2**20))
     assert (refused.value.status, refused.value.code) == (422, "missing_file")

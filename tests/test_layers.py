@@ -25,7 +25,8 @@ def imported_after(modules: list[str]) -> set[str]:
 
 
 @pytest.mark.parametrize("modules, absent", [
-    (["serve_app.api.ingress", "serve_app.api.pipeline"], "torch"),
+    (["serve_app.api.ingress", "serve_app.api.pipeline", "serve_app.api.routes",
+      "serve_app.api.segments", "serve_app.api.hf", "serve_app.api.kserve"], "torch"),
     (["serve_app.wire", "serve_app.errors", "serve_app.inference.lifecycle",
       "serve_app.inference.engine"], "ray"),
 ])

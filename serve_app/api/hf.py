@@ -21,17 +21,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
-from serve_app.api import upload
+from serve_app.api import protocol, upload
+from serve_app.api.app import Parts
+from serve_app.audio.waveform import upload_too_large
 from serve_app.errors import ApiError
 from serve_app.labels import english_name, parse_label_set
 from serve_app.untrusted import load_json, whole_number
 from serve_app.wire import InferenceOptions
 
 if TYPE_CHECKING:
-    from starlette.requests import Request
-
     from serve_app.api.pipeline import Pipeline
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
@@ -91,8 +92,7 @@ def _audio(inputs, max_upload_bytes: int) -> bytes:
     except (binascii.Error, ValueError):
         raise ApiError(422, "invalid_base64", '"inputs" is not valid base64') from None
     if len(audio) > max_upload_bytes:
-        raise ApiError(413, "payload_too_large",
-                       f"the upload is larger than the limit of {max_upload_bytes} bytes")
+        raise upload_too_large(max_upload_bytes)
     return audio
 
 
@@ -129,8 +129,7 @@ def parse_request(body: bytes, content_type: str | None, query: Mapping[str, str
         audio = _audio(document.get("inputs"), max_upload_bytes)
     else:
         if len(body) > max_upload_bytes:
-            raise ApiError(413, "payload_too_large",
-                           f"the upload is larger than the limit of {max_upload_bytes} bytes")
+            raise upload_too_large(max_upload_bytes)
         audio = body
     return HfRequest(audio, _top_k(params.get("top_k")),
                      _function(params.get("function_to_apply")),
@@ -162,7 +161,7 @@ async def classify(pipeline: Pipeline, request: Request,
                    model_version: str | None = None) -> JSONResponse:
     """POST /v1/audio-classification[/{model_version}]."""
     async with pipeline.request(request) as call:
-        route = call.resolve(model_version, request.headers.get("x-session-key"))
+        route = call.resolve(model_version)
         content_type = request.headers.get("content-type")
         max_bytes = call.settings.max_upload_bytes
         body = await upload.read_capped(
@@ -173,3 +172,28 @@ async def classify(pipeline: Pipeline, request: Request,
         return call.respond(JSONResponse(classification(
             answer.labels, answer.scores, answer.logits, parsed.function_to_apply,
             parsed.top_k)))
+
+
+router = APIRouter()
+_OPENAPI = {**protocol.json_or_raw_body(protocol.HfRequest, "the audio file's bytes; "
+                                        "parameters as query parameters"),
+            "parameters": [{"name": name, "in": "query", "required": False, "schema": schema}
+                           for name, schema in protocol.schema_of(protocol.HfParameters)[
+                               "properties"].items()]}
+_RESPONSES = {200: {"model": list[protocol.HfLabel]},
+              **protocol.errors(400, 401, 413, 415, 422, 429, 503, 504)}
+
+
+@router.post("/v1/audio-classification", summary="Hugging Face audio-classification "
+             "(InferenceClient.audio_classification), the default version",
+             openapi_extra=_OPENAPI, responses=_RESPONSES)
+async def hf_classify(request: Request, parts: Parts) -> JSONResponse:
+    return await classify(parts.pipeline, request)
+
+
+@router.post("/v1/audio-classification/{model_version}",
+             summary="Hugging Face audio-classification on a variant or alias",
+             openapi_extra=_OPENAPI, responses=_RESPONSES)
+async def hf_classify_version(request: Request, model_version: str,
+                              parts: Parts) -> JSONResponse:
+    return await classify(parts.pipeline, request, model_version)

@@ -17,14 +17,14 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING
 
-from starlette.requests import Request
+from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from serve_app.api import kserve_codec as codec
 from serve_app.api import readiness, upload
-from serve_app.api.responses import emotion_fields
+from serve_app.api.app import Parts
 from serve_app.errors import ApiError
-from serve_app.labels import english_name, parse_label_set
+from serve_app.labels import emotion_fields, english_name, parse_label_set
 from serve_app.wire import TARGET_SR, InferenceOptions
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ async def infer(pipeline: Pipeline, request: Request, name: str,
                 version: str | None = None) -> Response:
     async with pipeline.request(request) as call:
         _targets(pipeline, name)  # an unknown model is the protocol's 404
-        route = call.resolve(name, request.headers.get("x-session-key"))
+        route = call.resolve(name)
         settings = call.settings
         header_length = request.headers.get(codec.HEADER_LENGTH)
         body = await upload.read_capped(request, codec.body_limit(
@@ -167,3 +167,60 @@ async def infer(pipeline: Pipeline, request: Request, name: str,
         content, headers = codec.encode_infer_response(name, answered, parsed.id, outputs,
                                                        parsed.outputs)
         return call.respond(Response(content, headers=headers))
+
+
+router = APIRouter(prefix="/v2")
+_ERRORS = {status: {"description": "KServe's error shape, {\"error\": \"<code>: <message>\"}"}
+           for status in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
+
+
+@router.get("", summary="KServe v2: server metadata")
+async def v2_server() -> JSONResponse:
+    from serve_app.api.app import VERSION
+
+    return server(VERSION)
+
+
+@router.get("/health/live", summary="KServe v2: liveness (as /health)")
+async def v2_live() -> JSONResponse:
+    return live()
+
+
+@router.get("/health/ready", summary="KServe v2: readiness (as /ready)")
+async def v2_ready(parts: Parts) -> JSONResponse:
+    return await ready(parts.pipeline)
+
+
+@router.get("/models/{name}", summary="KServe v2: model metadata", responses=_ERRORS)
+async def v2_model(request: Request, name: str, parts: Parts) -> Response:
+    return await answer(metadata(parts.pipeline, request, name))
+
+
+@router.get("/models/{name}/versions/{version}", summary="KServe v2: model metadata",
+            responses=_ERRORS)
+async def v2_model_version(request: Request, name: str, version: str, parts: Parts) -> Response:
+    return await answer(metadata(parts.pipeline, request, name, version))
+
+
+@router.get("/models/{name}/ready", summary="KServe v2: model readiness", responses=_ERRORS)
+async def v2_model_ready(request: Request, name: str, parts: Parts) -> Response:
+    return await answer(model_ready(parts.pipeline, request, name))
+
+
+@router.get("/models/{name}/versions/{version}/ready", summary="KServe v2: model readiness",
+            responses=_ERRORS)
+async def v2_version_ready(request: Request, name: str, version: str,
+                           parts: Parts) -> Response:
+    return await answer(model_ready(parts.pipeline, request, name, version))
+
+
+@router.post("/models/{name}/infer", summary="KServe v2: inference (JSON or binary tensors)",
+             responses=_ERRORS)
+async def v2_infer(request: Request, name: str, parts: Parts) -> Response:
+    return await answer(infer(parts.pipeline, request, name))
+
+
+@router.post("/models/{name}/versions/{version}/infer",
+             summary="KServe v2: inference on a model version", responses=_ERRORS)
+async def v2_infer_version(request: Request, name: str, version: str, parts: Parts) -> Response:
+    return await answer(infer(parts.pipeline, request, name, version))

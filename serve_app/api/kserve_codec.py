@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from serve_app.audio.waveform import upload_too_large
 from serve_app.errors import ApiError
 from serve_app.untrusted import load_json, whole_number
 
@@ -274,8 +275,7 @@ def model_input(request: InferRequest, max_upload_bytes: int) -> ModelInput:
             raise ApiError(400, "invalid_base64", "in JSON, the audio element must be the "
                            "file's base64 (or send it binary)") from None
     if len(element) > max_upload_bytes:
-        raise ApiError(413, "payload_too_large",
-                       f"the upload is larger than the limit of {max_upload_bytes} bytes")
+        raise upload_too_large(max_upload_bytes)
     return ModelInput(audio=element)
 
 

@@ -105,12 +105,13 @@ class Pipeline:
         self.metrics.key_audio(admission.label, seconds)
 
     @contextlib.asynccontextmanager
-    async def request(self, connection: Connection) -> AsyncIterator[Call]:
-        """One prediction request: admitted on entry; its access-log line and metrics
-        written once on exit, whatever happened."""
-        call = Call(self, connection)
+    async def request(self, connection: Connection, query_api_key: str | None = None,
+                      kind: str | None = None) -> AsyncIterator[Call]:
+        """One request: admitted on entry; its access-log line (and, but for a stream, whose
+        metrics are its own, the request metrics) written once on exit, whatever happened."""
+        call = Call(self, connection, kind)
         try:
-            call.admission = self.admit(connection, call.trace)
+            call.admission = self.admit(connection, call.trace, query_api_key)
             yield call
         except ApiError as exc:
             call.status, call.trace["code"] = exc.status, exc.code
@@ -126,12 +127,16 @@ class Call:
     """One request going through the pipeline: the settings it started with, its trace (the
     access-log line) and its durations."""
 
-    def __init__(self, pipeline: Pipeline, connection: Connection):
+    def __init__(self, pipeline: Pipeline, connection: Connection, kind: str | None = None):
         self.pipeline = pipeline
+        self.connection = connection
         self.settings = pipeline.settings  # one config for the whole request
         self.started = time.perf_counter()
         self.request_id = upload.request_id(connection)
+        self.kind = kind
         self.trace: dict = {"request_id": self.request_id, "key": None, "variant": None}
+        if kind:
+            self.trace["kind"] = kind
         self.status = 200  # a block that returns answered; respond() records another status
         self.admission: Admission = Admission(None, {})
         self.decode_ms = 0.0
@@ -139,7 +144,10 @@ class Call:
         self._finished = False
 
     def resolve(self, requested: str | None, session_key: str | None = None) -> Route:
-        route = self.pipeline.resolve(requested, session_key)
+        """The route for a requested model_version; the session key (the one place it is
+        read) is the X-Session-Key header, else what the protocol carries instead."""
+        route = self.pipeline.resolve(
+            requested, self.connection.headers.get("x-session-key") or session_key)
         self.trace.update(variant=route.variant, route=route.name)
         return route
 
@@ -214,5 +222,6 @@ class Call:
         trace = self.trace
         trace.update(status=self.status, total_ms=round(self.elapsed_ms(), 1))
         access_log.info(json.dumps(trace))
-        self.pipeline.metrics.record(trace["variant"], self.status, trace["total_ms"],
-                                     trace.get("audio_s"), trace.get("route"))
+        if self.kind != "stream":
+            self.pipeline.metrics.record(trace["variant"], self.status, trace["total_ms"],
+                                         trace.get("audio_s"), trace.get("route"))

@@ -15,7 +15,7 @@ from pathlib import Path, PurePath
 
 import numpy as np
 
-from serve_app.labels import english_name
+from serve_app.labels import emotion_fields
 from serve_app.wire import Granularity, TimelineWindow, VariantAnswer
 
 # An absolute, home or ./ path in a text (not a hub id like iic/emotion2vec_plus_large, nor a URL).
@@ -41,17 +41,6 @@ def without_paths(value):
     if isinstance(value, (list, tuple)):
         return [without_paths(item) for item in value]
     return value
-
-
-def emotion_fields(labels: list[str], scores: list[float]) -> dict:
-    """emotion, label, confidence and the scores by English name, for one set of scores."""
-    best = int(np.argmax(scores))
-    return {
-        "emotion": english_name(labels[best]),
-        "label": labels[best],
-        "confidence": scores[best],
-        "scores": {english_name(label): score for label, score in zip(labels, scores)},
-    }
 
 
 def timeline_window(labels: list[str], window: TimelineWindow) -> dict:

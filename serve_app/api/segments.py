@@ -4,11 +4,13 @@ duration is charged), routing, decoding (with the route's own limits), variant c
 segment is a predict of its samples, with the router's model timeout), errors, shadow, access
 log and metrics as predict.
 
-The steps: read the request (serve_app/api/segments_upload.py); check given segments before
-decoding (serve_app/segments/spec.py); decode, keeping the channels apart for
-channels=split; check the given segments against the audio, or find the speech with the VAD
-deployment (serve_app/voice_activity.py); score the segments, at most segments_in_flight at
-once (serve_app/segments/runner.py); answer as JSON, or as NDJSON lines as segments finish.
+The steps: read the request (serve_app/api/upload.py, this route's UploadSpec: a recording up
+to max_recording_bytes, an RTTM file, and a segments field far larger than predict's 64 KB
+fields: 2,000 segments are ~140 KB of JSON); check given segments before decoding
+(serve_app/segments/spec.py); decode, keeping the channels apart for channels=split; check the
+given segments against the audio, or find the speech with the VAD deployment
+(serve_app/api/vad_client.py); score the segments, at most segments_in_flight at once
+(serve_app/segments/runner.py); answer as JSON, or as NDJSON lines as segments finish.
 """
 
 from __future__ import annotations
@@ -22,23 +24,23 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import ray
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
 
+from serve_app.api import protocol, upload
 from serve_app.api import responses as results
-from serve_app.api import upload
+from serve_app.api.app import Parts
 from serve_app.api.pipeline import Call, Pipeline
-from serve_app.api.segments_upload import SegmentsUpload, read_segments_upload
+from serve_app.api.vad_client import SpeechFinder
 from serve_app.audio.waveform import DecodedAudio
-from serve_app.config import RouterSettings, SegmentSettings, VadSettings
+from serve_app.config import RouterSettings, SegmentSettings
 from serve_app.errors import ApiError
 from serve_app.labels import parse_label_set
 from serve_app.metrics import SegmentMetrics
 from serve_app.segments.runner import RecordingSlots, score_all
 from serve_app.segments.spec import (
+    InvalidSegments,
+    SegmentSpec,
     Span,
     check_coverage,
     in_order,
@@ -54,39 +56,12 @@ from serve_app.wire import InferenceOptions, VariantAnswer
 
 logger = logging.getLogger("ray.serve")
 NDJSON = "application/x-ndjson"
+CHANNELS = ("mix", "split")
+BYTES_PER_SEGMENT = 256  # generous for a JSON object or an RTTM line
+MIN_SEGMENTS_BYTES = 1024 * 1024
 # A segment the variant refuses as overloaded is tried again, this many times in all.
 OVERLOADED_TRIES = 4
 OVERLOADED_WAIT_S = 1.0
-
-
-class SpeechFinder:
-    """Calls the VAD deployment: its spans for a 16 kHz waveform, within vad_timeout_s."""
-
-    def __init__(self, handle: DeploymentHandle | None, metrics: SegmentMetrics):
-        self.handle = handle
-        self.metrics = metrics
-
-    async def find(self, waveform: np.ndarray, vad: VadSettings,
-                   timeout_s: float) -> tuple[list[tuple[int, int]], float]:
-        if self.handle is None:
-            raise ApiError(501, "vad_not_deployed", "this application has no VAD deployment: "
-                           "give the segments (segments or rttm)")
-        response = self.handle.speech.remote(waveform, vad.model_dump())
-        try:
-            out = await asyncio.wait_for(response, timeout=timeout_s)
-        except TimeoutError:
-            response.cancel()
-            raise ApiError(504, "vad_timeout", f"the VAD did not answer within {timeout_s:g} s",
-                           headers={"Retry-After": "5"}) from None
-        except BackPressureError:
-            raise ApiError(503, "overloaded", "the VAD is at capacity; retry later",
-                           headers={"Retry-After": "2"}) from None
-        except ray.exceptions.RayError as exc:
-            logger.error("the VAD failed: %s", exc)
-            raise ApiError(503, "vad_unavailable", "the VAD failed on this recording; retry",
-                           headers={"Retry-After": "2"}) from None
-        self.metrics.vad(out["vad_ms"])
-        return [tuple(span) for span in out["spans"]], out["vad_ms"]
 
 
 @dataclass
@@ -106,7 +81,7 @@ class Job:
 
 
 class SegmentsRoute:
-    def __init__(self, pipeline: Pipeline, vad: DeploymentHandle | None,
+    def __init__(self, pipeline: Pipeline, vad,
                  metrics: SegmentMetrics):
         self.pipeline = pipeline
         self.metrics = metrics
@@ -114,6 +89,7 @@ class SegmentsRoute:
         self.slots = RecordingSlots(metrics.set_active)
 
     async def handle(self, request: Request) -> Response:
+        """POST /v1/segments."""
         async with contextlib.AsyncExitStack() as stack:
             call = await stack.enter_async_context(self.pipeline.request(request))
             call.trace["kind"] = "segments"
@@ -130,34 +106,34 @@ class SegmentsRoute:
     async def _prepare(self, call: Call, request: Request) -> Job:
         settings: RouterSettings = call.settings
         limits: SegmentSettings = settings.segments
-        sent: SegmentsUpload = await read_segments_upload(request, limits.max_recording_bytes,
-                                                          limits.max_segments)
-        route = call.resolve(sent.params.get("model_version"),
-                             request.headers.get("x-session-key"))
+        sent = await upload.read_upload(request, SEGMENTS, limits.max_recording_bytes,
+                                        segments_bytes_limit(limits.max_segments))
+        route = call.resolve(sent.params.get("model_version"))
         options = InferenceOptions(
             extract_embedding=upload.parse_bool("extract_embedding",
                                                 sent.params.get("extract_embedding")),
             labels=parse_label_set(sent.params.get("labels")))  # a label set for every segment
-        specs = None  # checked on their own first: a bad segment costs no decode
-        if sent.segments is not None:
-            specs = parse_json(sent.segments, limits.max_segments, settings.min_duration_s)
-        elif sent.rttm is not None:
-            specs = parse_rttm(sent.rttm, limits.max_segments, settings.min_duration_s)
+        channels = sent.params.get("channels", "mix")
+        if channels not in CHANNELS:
+            raise ApiError(422, "invalid_parameter", f"channels must be one of "
+                           f"{list(CHANNELS)}, not {channels[:40]!r}")
+        split = channels == "split"
+        specs = _given_segments(sent, limits.max_segments, settings.min_duration_s)
         audio = await call.decode(sent.data, limits.decode_limits(settings.decode_limits(),
-                                                                  sent.split))
+                                                                  split))
         waves = [audio.waveform]
-        if sent.split:
+        if split:
             if audio.channels < 2:
                 raise ApiError(422, "invalid_parameter", "channels=split scores each channel "
                                "of a recording on its own; this one has 1 channel")
             waves = list(audio.channel_waveforms)
         if specs is not None:
             spans = to_spans(specs, len(waves[0]), settings.min_duration_s,
-                             settings.max_duration_s, len(waves) if sent.split else None)
+                             settings.max_duration_s, len(waves) if split else None)
             check_coverage(spans, len(waves[0]), len(waves))
             job = Job(route, options, audio, waves, spans, "given")
         else:
-            spans, vad_ms = await self._find_speech(waves, limits, sent.split)
+            spans, vad_ms = await self._find_speech(waves, limits, split)
             job = Job(route, options, audio, waves, spans, "vad", vad_ms)
             call.trace["vad_ms"] = round(vad_ms, 1)
         # The quota pays for what is analysed: every channel scored apart (the VAD reads each),
@@ -263,3 +239,44 @@ class SegmentsRoute:
 
 def _line(item: dict) -> bytes:
     return (json.dumps(item) + "\n").encode()
+
+
+def segments_bytes_limit(max_segments: int) -> int:
+    """The segments field's and the RTTM file's cap."""
+    return max(MIN_SEGMENTS_BYTES, max_segments * BYTES_PER_SEGMENT)
+
+
+def _given_segments(sent: upload.Upload, max_segments: int,
+                    min_duration_s: float) -> list[SegmentSpec] | None:
+    """The segments given (the JSON field, or the RTTM file), checked on their own before any
+    decoding: a bad segment costs no decode. None: find the speech."""
+    text, rttm = sent.params.get("segments"), sent.texts.get("rttm")
+    if text is not None and rttm is not None:
+        raise InvalidSegments("give segments (JSON) or rttm (a file), not both")
+    if text is not None:
+        return parse_json(text, max_segments, min_duration_s)
+    if rttm is not None:
+        try:
+            return parse_rttm(rttm.decode("utf-8-sig"), max_segments, min_duration_s)
+        except UnicodeDecodeError:
+            raise InvalidSegments("the rttm file is not UTF-8 text") from None
+    return None
+
+
+SEGMENTS = upload.UploadSpec(
+    protocol.SegmentsFields, "the recording (any format predict takes)",
+    texts={"rttm": "the turns, as RTTM SPEAKER lines"},
+    extra_headers=({"name": "Accept", "in": "header", "required": False,
+                    "schema": {"type": "string"}, "description": "application/x-ndjson: a "
+                    "line per segment as it finishes, then a summary line"},))
+router = APIRouter()
+
+
+@router.post("/v1/segments", summary="Emotion per utterance and per speaker over a whole "
+             "recording (docs/segments.md)", openapi_extra=SEGMENTS.openapi(),
+             responses={200: {"model": protocol.SegmentsAnswer, "content": {NDJSON: {
+                 "schema": {"description": "one SegmentLine a line, then a SummaryLine (or "
+                            "an ErrorLine)"}}}},
+                 **protocol.errors(400, 401, 413, 415, 422, 429, 501, 503, 504)})
+async def segments_route(request: Request, parts: Parts) -> Response:
+    return await parts.segments.handle(request)

@@ -51,7 +51,7 @@ from serve_app.wire import (
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
 
-    from serve_app.api.segments import SpeechFinder
+    from serve_app.api.vad_client import SpeechFinder
     from serve_app.api.variant_client import Variants
     from serve_app.metrics import StreamMetrics
     from serve_app.traffic.routing import Route
@@ -103,6 +103,11 @@ class Streams:
     async def proxy_timeout_s(self) -> float | None:
         """The Serve proxy's request_timeout_s (fixed while Serve runs), read once."""
         if not self._proxy_timeout_known:
+            import ray
+
+            if not ray.is_initialized():  # served in-process, not by Serve: no proxy
+                self._proxy_timeout_known = True
+                return None
             try:
                 from ray.serve.context import _get_global_client
 
@@ -115,8 +120,9 @@ class Streams:
 
     async def run(self, websocket: WebSocket, route: Route, params: StreamParams,
                   settings: RouterSettings, request_id: str, started: float,
-                  hooks: StreamHooks) -> None:
-        """Serve one accepted socket to its end; never raises but CancelledError."""
+                  hooks: StreamHooks) -> int:
+        """Serve one accepted socket to its end; returns the close code; never raises but
+        CancelledError. Its access-log fields go into hooks.log_fields."""
         variant = route.variant
         limits = _Limits(
             max_samples=int(min(settings.stream_max_s, settings.max_duration_s)
@@ -125,22 +131,25 @@ class Streams:
             idle_timeout_s=settings.stream_idle_timeout_s,
             session_s=session_limit_s(settings.stream_max_session_s,
                                       await self.proxy_timeout_s(), websocket.headers))
+        refused = None
         if self.open_count >= settings.max_streams:
-            await refuse(websocket, StreamError(
+            refused = StreamError(
                 TRY_LATER, "too_many_streams",
-                f"this router replica has {settings.max_streams} streams open; retry later"))
-            return
-        if params.segments and (self.finder is None or self.finder.handle is None):
-            await refuse(websocket, StreamError(
+                f"this router replica has {settings.max_streams} streams open; retry later")
+        elif params.segments and (self.finder is None or self.finder.handle is None):
+            refused = StreamError(
                 POLICY, "vad_not_deployed", "segments=true needs the VAD deployment, which "
-                "this application does not have"))
-            return
+                "this application does not have")
+        if refused is not None:
+            hooks.log_fields["code"] = refused.code
+            await refuse(websocket, refused)
+            return refused.close_code
         session = _Session(websocket, self, route, params, settings, request_id, limits,
                            started, hooks)
         self.active[variant] = self.active.get(variant, 0) + 1
         self.metrics.set_active(variant, self.active[variant])
         try:
-            await session.run()
+            return await session.run()
         finally:
             self.active[variant] -= 1
             self.metrics.set_active(variant, self.active[variant])
@@ -172,10 +181,11 @@ class _Session:
         self._unreported_s = 0.0
 
     # -- the loop ---------------------------------------------------------------------------
-    async def run(self) -> None:
-        trace = {"request_id": self.request_id, **self.hooks.log_fields,
-                 "variant": self.variant, "kind": "stream",
-                 "sample_rate": self.params.sample_rate, "encoding": self.params.encoding}
+    async def run(self) -> int:
+        """The session to its end; its close code. Its fields join the request's access-log
+        line (hooks.log_fields), which the request pipeline writes."""
+        trace = self.hooks.log_fields
+        trace.update(sample_rate=self.params.sample_rate, encoding=self.params.encoding)
         close_code = NORMAL
         try:
             await self._send(self._ready())
@@ -197,12 +207,9 @@ class _Session:
             await refuse(self.ws, StreamError(INTERNAL, "internal_error",
                                               f"the stream failed: {type(exc).__name__}"))
         finally:
-            trace.update(close_code=close_code,
-                         audio_s=round(len(self.buffer) / self.params.sample_rate, 3),
-                         windows=self.windows, skipped=self.skipped,
-                         utterances=self.utterances.count if self.utterances else None,
-                         total_ms=round((time.monotonic() - self.started) * 1000, 1))
-            access_log.info(json.dumps(trace))
+            trace.update(close_code=close_code, windows=self.windows, skipped=self.skipped,
+                         utterances=self.utterances.count if self.utterances else None)
+        return close_code
 
     async def _stream(self) -> None:
         """Receive audio and emit windows until `end` and the last due window; at most one

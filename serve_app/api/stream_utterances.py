@@ -17,10 +17,10 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-from serve_app.api.responses import emotion_fields
 from serve_app.api.stream_protocol import SampleBuffer
 from serve_app.audio.waveform import to_target_rate
 from serve_app.config import VadSettings
+from serve_app.labels import emotion_fields
 from serve_app.segments.live import UtteranceTracker
 
 # (16 kHz waveform) -> VAD's spans, [start, end) at 16 kHz

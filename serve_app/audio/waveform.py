@@ -64,9 +64,10 @@ def too_long(max_duration_s: float, seconds: float | None = None) -> ApiError:
                     f"the audio {lasts}; the limit is {max_duration_s:g} s")
 
 
-def upload_too_large(limit_bytes: int) -> ApiError:
+def upload_too_large(limit_bytes: int, what: str = "the upload") -> ApiError:
+    """The one 413 of a body, a file or an element over its size cap."""
     return ApiError(413, "payload_too_large",
-                    f"the upload is larger than the limit of {limit_bytes} bytes")
+                    f"{what} is larger than the limit of {limit_bytes} bytes")
 
 
 def bytes_per_frame(rate: int, channels: int, keep_channels: bool) -> float:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serve_app.api.responses import emotion_fields
+from serve_app.labels import emotion_fields
 from serve_app.segments.spec import Span
 
 # Segments with no speaker (found by VAD, or given without one) count under this name.

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serve_app.api.responses import emotion_fields
 from serve_app.config import RouterSettings
+from serve_app.labels import emotion_fields
 from serve_app.wire import InferenceRequest, Scores
 
 logger = logging.getLogger("ray.serve")

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from serve_app.api.responses import audio_fields, emotion_fields
+from serve_app.api.responses import audio_fields
 from serve_app.audio.pool import Decoder
 from serve_app.audio.waveform import upload_too_large
 from serve_app.errors import ApiError
-from serve_app.labels import english_name
+from serve_app.labels import emotion_fields, english_name
 from serve_app.tools.batch.plan import JobPlan
 from serve_app.tools.batch.recordings import SegmentFinder
 

@@ -1,0 +1,186 @@
+"""The HTTP edge in this process, with no cluster: the service's whole FastAPI app (as the
+Router builds it) over a request pipeline whose variants are real engines on a tiny generated
+checkpoint (tests/inprocess.py), called with Starlette's TestClient. Its declared protocol
+(the OpenAPI, generated from serve_app/api/protocol.py) is fuzzed with Schemathesis: no input
+gets a 5xx other than a 503 with Retry-After, every answer matches its declared schema and
+status codes, and the service still answers afterwards. What needs the cluster (deploys,
+swaps, failover, metrics export, the real proxy) stays in the cluster tests."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import schemathesis
+import soundfile
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from starlette.testclient import TestClient
+
+from serve_app.api import protocol
+from serve_app.config import RouterSettings
+from tests import inprocess
+
+NAMES = ("base", "large")
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory):
+    """The app and its pipeline: variants base and large, an alias, small limits."""
+    checkpoint = inprocess.tiny_checkpoint(tmp_path_factory.mktemp("checkpoints"))
+    settings_ = RouterSettings(default_version="large", aliases={"fast": "base"},
+                               decode_workers=0, max_upload_bytes=256 * 1024,
+                               max_duration_s=10.0)
+    with inprocess.local_service(checkpoint, settings_, NAMES) as (_, app), \
+            TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def api_schema(edge):
+    return schemathesis.openapi.from_asgi("/openapi.json", edge.app)
+
+
+def wav(seconds: float = 1.0, rate: int = 16_000, channels: int = 1) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    samples = np.tile((0.3 * np.sin(2 * np.pi * 220 * t))[:, None], (1, channels))
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+# -- the declared protocol --------------------------------------------------------------------
+def test_predict_answers_as_declared(edge):
+    answer = edge.post("/v1/predict", files={"file": ("a.wav", wav())},
+                       data={"model_version": "fast", "granularity": "frame",
+                             "extract_embedding": "true"})
+    assert answer.status_code == 200, answer.text
+    body = protocol.Prediction.model_validate(answer.json())
+    assert body.model_version == "base" and body.timeline and body.embedding
+    assert body.model.weights == "random"
+
+
+def test_segments_and_models_answer_as_declared(edge):
+    segments = edge.post("/v1/segments", files={"file": ("a.wav", wav(2.0))},
+                         data={"segments": json.dumps([{"start_s": 0, "end_s": 1,
+                                                        "speaker": "a"}])})
+    assert segments.status_code == 200, segments.text
+    assert protocol.SegmentsAnswer.model_validate(segments.json()).speakers["a"].segments == 1
+    lines = edge.post("/v1/segments", files={"file": ("a.wav", wav(2.0))},
+                      data={"segments": json.dumps([{"start_s": 0, "end_s": 1}] * 2)},
+                      headers={"accept": "application/x-ndjson"})
+    parsed = [json.loads(line) for line in lines.text.splitlines()]
+    assert [protocol.SegmentLine.model_validate(line).type for line in parsed[:-1]] == \
+        ["segment", "segment"]
+    assert protocol.SummaryLine.model_validate(parsed[-1]).segments == 2
+    models = protocol.ModelsAnswer.model_validate(edge.get("/v1/models").json())
+    assert set(models.variants) == set(NAMES) and models.aliases == {"fast": "base"}
+    assert protocol.HealthAnswer.model_validate(edge.get("/health").json()).status == "ok"
+
+
+def test_the_openapi_is_generated_from_the_protocol(edge):
+    spec = edge.get("/openapi.json").json()
+    for path, fields in (("/v1/predict", protocol.PredictFields),
+                         ("/v1/segments", protocol.SegmentsFields)):
+        operation = spec["paths"][path]["post"]
+        query = {p["name"] for p in operation["parameters"] if p["in"] == "query"}
+        assert query == set(fields.model_fields)
+        form = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert set(fields.model_fields) < set(form["properties"]) and form["required"] == ["file"]
+    assert "rttm" in spec["paths"]["/v1/segments"]["post"]["requestBody"]["content"][
+        "multipart/form-data"]["schema"]["properties"]
+    assert "$defs" not in json.dumps(spec)  # every reference resolves in the document
+    prediction = spec["paths"]["/v1/predict"]["post"]["responses"]["200"]
+    assert prediction["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Prediction"}
+
+
+@pytest.mark.parametrize("send, status, code", [
+    ({"data": {"model_version": "base"}}, 422, "missing_file"),
+    ({"files": {"file": ("a.wav", b"not audio at all")}}, 415, "unsupported_audio"),
+    ({"files": {"file": ("a.wav", wav())}, "data": {"model_version": "nope"}}, 400,
+     "unknown_model_version"),
+    ({"files": {"file": ("a.wav", wav())}, "data": {"granularity": "word"}}, 422,
+     "invalid_granularity"),
+    ({"files": {"file": ("a.wav", wav())}, "data": {"typo": "1"}}, 422, "unknown_field"),
+    ({"files": {"file": ("a.wav", wav(0.01))}}, 422, "audio_too_short"),
+    ({"files": {"file": ("a.wav", wav(11))}}, 413, "payload_too_large"),
+    ({"files": {"file": ("a.wav", wav(11, rate=8000))}}, 413, "audio_too_long"),
+    ({"files": {"file": ("a.wav", wav())}, "data": {"labels": "happy,bored"}}, 400,
+     "unknown_label"),
+    ({"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data; "
+                                             "boundary=x"}}, 422, "missing_file"),
+    ({"content": b"x", "headers": {"content-type": "multipart/form-data"}}, 400,
+     "malformed_form"),
+])
+def test_predict_refuses_bad_input_with_its_code(edge, send, status, code):
+    answer = edge.post("/v1/predict", **send)
+    assert (answer.status_code, answer.json()["error"]["code"]) == (status, code), answer.text
+    protocol.ErrorBody.model_validate(answer.json())
+
+
+def test_raw_audio_sent_as_curl_sends_it(edge):
+    """`curl --data-binary @clip.wav URL`: curl says application/x-www-form-urlencoded."""
+    for path in ("/v1/predict", "/v1/segments"):
+        answer = edge.post(path, params={"model_version": "base"}, content=wav(1.0),
+                           headers={"content-type": "application/x-www-form-urlencoded"})
+        assert answer.status_code in (200, 501), (path, answer.text)  # 501: no VAD here
+        if path == "/v1/predict":
+            assert answer.json()["model_version"] == "base"
+
+
+def test_ready_and_its_strict_view(edge):
+    assert edge.get("/ready").json() == {"ready": True,
+                                         "variants": dict.fromkeys(NAMES, "ready")}
+    assert edge.get("/ready", params={"variant": "base"}).status_code == 200
+    assert edge.get("/ready", params={"variant": "nope"}).json()["error"]["code"] == \
+        "unknown_variant"
+
+
+# -- fuzzed from its own schema ---------------------------------------------------------------
+FUZZ_EXAMPLES = 20  # per operation and mode; HYPOTHESIS_PROFILE=explore for more
+
+
+def _answers_as_declared(case) -> None:
+    response = case.call()
+    assert response.status_code < 500 or (
+        response.status_code == 503 and "retry-after" in response.headers), (
+        case.as_curl_command(), response.status_code, response.text[:500])
+    case.validate_response(response, checks=[response_schema_conformance,
+                                             status_code_conformance, content_type_conformance])
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_no_input_breaks_the_edge(api_schema, mode):
+    """Every operation of the generated OpenAPI, with inputs drawn from its own schema (valid
+    ones, then invalid ones): no 5xx but a 503 with Retry-After, and every answer as declared."""
+    failures = []
+    for result in api_schema.get_all_operations():
+        operation = result.ok()
+
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def check(case):
+            _answers_as_declared(case)
+
+        try:
+            check()
+        except Unsatisfiable:  # no invalid input exists for it (no body, string paths)
+            assert mode == GenerationMode.NEGATIVE, operation.label
+        except Exception as exc:  # every operation is tried; all failures are reported
+            failures.append(f"{operation.label}: {exc}"[:2000])
+    assert not failures, "\n\n".join(failures)
+
+
+def test_the_edge_still_answers_after_the_fuzz(edge):
+    answer = edge.post("/v1/predict", files={"file": ("a.wav", wav())})
+    assert answer.status_code == 200 and answer.json()["model_version"] == "large"
