@@ -12,7 +12,7 @@ from serve_app.tools.batch.job import Tally
 from serve_app.tools.batch.parts import OutputDirError, PartWriter, done_paths, prepare, read_rows
 from serve_app.tools.batch.plan import PlanError, plan_job
 from serve_app.tools.batch.resources import connect, describe_shortage
-from serve_app.tools.cli import expand
+from serve_app.tools.client import expand
 from serve_app.tools.cluster import free_port
 from tests.conftest import REPO
 

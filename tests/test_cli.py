@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from serve_app.config import RouterSettings
-from serve_app.tools.cli import API_KEY_ENV, backoff_delay, expand, main, retry_after_s
+from serve_app.tools.cli import API_KEY_ENV, main
+from serve_app.tools.client import backoff_delay, expand, retry_after_s
 from serve_app.traffic.access import AccessControl
 from tests.local_http import LocalServer, send_json
 

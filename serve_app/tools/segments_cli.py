@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from serve_app.tools.cli import expand, post_with_retries
+from serve_app.tools.client import expand, post_with_retries
 
 ROW_FIELDS = ["path", "index", "start_s", "end_s", "speaker", "emotion", "confidence"]
 ERROR_FIELDS = ["error", "request_id"]

@@ -87,7 +87,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from serve_app.tools.batch.parts import OutputDirError, prepare
     from serve_app.tools.batch.plan import PlanError, plan_job
     from serve_app.tools.batch.resources import NoRoom, check_room, connect
-    from serve_app.tools.cli import expand
+    from serve_app.tools.client import expand
 
     positive = ("num_cpus", "decode_cpus", "part_s", "placement_timeout_s", "start_timeout_s")
     if any(getattr(args, name) <= 0 for name in positive) or args.num_gpus < 0 \
