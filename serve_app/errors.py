@@ -36,6 +36,14 @@ def _api_error(status: int, code: str, message: str, headers: dict, details: dic
     return ApiError(status, code, message, headers, **details)
 
 
+def refuse_unknown(given, expected, what: str = "parameters") -> None:
+    """422 unknown_field for names not in `expected`: a typo is never ignored."""
+    unknown = sorted(set(given) - set(expected))
+    if unknown:
+        raise ApiError(422, "unknown_field", f"unknown {what} {unknown}; expected "
+                       f"{list(expected)}")
+
+
 class AccessDenied(ApiError):
     """401 unauthorized or 429 rate_limited, with the key label to count it under."""
 

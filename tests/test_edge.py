@@ -17,6 +17,7 @@ import schemathesis
 import soundfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from pydantic import TypeAdapter
 from schemathesis import GenerationMode
 from schemathesis.checks import (
     content_type_conformance,
@@ -143,6 +144,37 @@ def test_ready_and_its_strict_view(edge):
     assert edge.get("/ready", params={"variant": "base"}).status_code == 200
     assert edge.get("/ready", params={"variant": "nope"}).json()["error"]["code"] == \
         "unknown_variant"
+
+
+def test_a_stream_sends_its_declared_events(edge):
+    events = TypeAdapter(protocol.StreamEvent)
+    t = np.arange(int(2.5 * 16_000)) / 16_000
+    pcm = (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2").tobytes()
+    with edge.websocket_connect("/v1/stream?model_version=fast&hop_s=1") as ws:
+        ready = events.validate_python(ws.receive_json())
+        assert (ready.type, ready.model_version) == ("ready", "base")
+        ws.send_bytes(pcm)
+        ws.send_text(json.dumps({"type": "end"}))
+        received = []
+        for _ in range(20):  # bounded: a window per hop, then the result
+            received.append(events.validate_python(ws.receive_json()))
+            if received[-1].type in ("result", "error"):
+                break
+    assert received[-1].type == "result" and received[-1].audio.duration_s == 2.5
+    assert {event.type for event in received[:-1]} <= {"window"}
+
+
+@pytest.mark.parametrize("query, code", [("model_version=nope", "unknown_model_version"),
+                                         ("typo=1", "unknown_field"),
+                                         ("labels=bored", "unknown_label")])
+def test_a_refused_stream_is_an_error_event_and_one_log_line(edge, caplog, query, code):
+    with caplog.at_level("INFO", logger="ray.serve.emotion2vec.access"), \
+            edge.websocket_connect(f"/v1/stream?{query}") as ws:
+        event = TypeAdapter(protocol.StreamEvent).validate_python(ws.receive_json())
+    assert (event.type, event.error.code) == ("error", code)
+    lines = [json.loads(r.getMessage()) for r in caplog.records
+             if r.name == "ray.serve.emotion2vec.access"]
+    assert [(line["kind"], line["code"]) for line in lines] == [("stream", code)]
 
 
 # -- fuzzed from its own schema ---------------------------------------------------------------

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse
 from serve_app.api import protocol, upload
 from serve_app.api.app import Parts
 from serve_app.audio.waveform import upload_too_large
-from serve_app.errors import ApiError
+from serve_app.errors import ApiError, refuse_unknown
 from serve_app.labels import english_name, parse_label_set
 from serve_app.untrusted import load_json, whole_number
 from serve_app.wire import InferenceOptions
@@ -99,10 +99,7 @@ def _audio(inputs, max_upload_bytes: int) -> bytes:
 def parse_request(body: bytes, content_type: str | None, query: Mapping[str, str],
                   max_upload_bytes: int) -> HfRequest:
     """A request's audio and parameters, from a raw or a JSON body and the query string."""
-    unknown = sorted(set(query) - set(PARAMETERS))
-    if unknown:
-        raise ApiError(422, "unknown_field",
-                       f"unknown parameters {unknown}; expected {list(PARAMETERS)}")
+    refuse_unknown(query, PARAMETERS)
     params: dict = dict(query)
     if is_json(content_type):
         try:
@@ -112,16 +109,12 @@ def parse_request(body: bytes, content_type: str | None, query: Mapping[str, str
         if not isinstance(document, dict):
             raise ApiError(422, "invalid_request", 'the JSON body must be an object with '
                            '"inputs" and optional "parameters"')
-        extra = sorted(set(document) - {"inputs", "parameters"})
+        refuse_unknown(document, ("inputs", "parameters"), "fields")
         body_params = document.get("parameters") or {}
-        if extra or not isinstance(body_params, dict):
-            raise ApiError(422, "unknown_field", f'unknown fields {extra}; expected "inputs" '
-                           'and "parameters" (an object)')
-        unknown = sorted(set(body_params) - set(PARAMETERS))
+        if not isinstance(body_params, dict):
+            raise ApiError(422, "invalid_request", '"parameters" must be an object')
+        refuse_unknown(body_params, PARAMETERS)
         twice = sorted(set(body_params) & set(query))
-        if unknown:
-            raise ApiError(422, "unknown_field",
-                           f"unknown parameters {unknown}; expected {list(PARAMETERS)}")
         if twice:
             raise ApiError(422, "invalid_parameter",
                            f"parameters {twice} given both in the query and the body")

@@ -9,7 +9,7 @@ description): their declared fields are checked, more may come.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -106,7 +106,7 @@ class PredictTimings(_Closed):
     total: float
 
 
-class Prediction(LabelledEmotion):
+class PredictionBody(LabelledEmotion):
     request_id: str
     model_version: str
     routed_by: str | None = Field(description="the weighted alias that chose the variant")
@@ -115,6 +115,11 @@ class Prediction(LabelledEmotion):
     model: ModelInfo
     timeline: list[TimelineWindow] | None = None
     embedding: list[float] | list[list[float]] | None = None
+
+
+class Prediction(PredictionBody):
+    """POST /v1/predict's answer."""
+
     timings_ms: PredictTimings
 
 
@@ -171,6 +176,52 @@ class ErrorLine(ErrorBody):
     """NDJSON: an error after the 200 (the line stream ends with it)."""
 
     type: Literal["error"] = "error"
+
+
+# -- WS /v1/stream: the events a stream sends (JSON text messages) ----------------------------
+class StreamLimits(_Closed):
+    max_stream_s: float
+    max_session_s: float
+    idle_timeout_s: float
+    max_message_bytes: int
+
+
+class StreamReady(_Closed):
+    type: Literal["ready"]
+    request_id: str
+    model_version: str
+    routed_by: str | None
+    sample_rate: int
+    encoding: str
+    segments: bool | None = None
+    window_s: float
+    hop_s: float
+    limits: StreamLimits
+
+
+class StreamWindow(TimelineWindow):
+    type: Literal["window"]
+    skipped: int = Field(description="windows skipped before this one (the variant was busy)")
+
+
+class StreamUtterance(TimelineWindow):
+    type: Literal["utterance"]
+    index: int
+
+
+class StreamResult(PredictionBody):
+    type: Literal["result"]
+    windows: int
+    skipped: int
+    utterances: int | None = None
+
+
+class StreamErrorEvent(ErrorBody):
+    type: Literal["error"]
+
+
+StreamEvent = Annotated[StreamReady | StreamWindow | StreamUtterance | StreamResult
+                        | StreamErrorEvent, Field(discriminator="type")]
 
 
 class VariantInfo(_Open):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serve_app.config import STREAM_HOP_S, STREAM_WINDOW_S, RouterSettings
-from serve_app.errors import ApiError
+from serve_app.errors import ApiError, refuse_unknown
 from serve_app.labels import parse_label_set
 from serve_app.wire import TARGET_SR
 
@@ -90,10 +90,10 @@ def _number(name: str, value: str, low: float, high: float, integer: bool = Fals
 
 
 def parse_params(query: Mapping[str, str], settings: RouterSettings) -> StreamParams:
-    unknown = sorted(set(query) - set(PARAMS))
-    if unknown:
-        raise StreamError(POLICY, "unknown_field",
-                          f"unknown parameters {unknown}; expected {list(PARAMS)}")
+    try:
+        refuse_unknown(query, PARAMS)
+    except ApiError as exc:
+        raise StreamError.from_api(exc) from None
     encoding = query.get("encoding", "pcm_s16le")
     if encoding not in ENCODINGS:
         raise StreamError(POLICY, "invalid_parameter",

@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from serve_app.api import protocol
 from serve_app.audio.waveform import upload_too_large
-from serve_app.errors import ApiError
+from serve_app.errors import ApiError, refuse_unknown
 from serve_app.labels import parse_label_set
 from serve_app.untrusted import whole_number
 from serve_app.wire import Granularity, InferenceOptions
@@ -109,14 +109,6 @@ def parse_options(params: dict[str, str]) -> InferenceOptions:
         granularity=parse_granularity(params.get("granularity")),
         extract_embedding=parse_bool("extract_embedding", params.get("extract_embedding")),
         labels=parse_label_set(params.get("labels")))
-
-
-def refuse_unknown(given, expected: tuple[str, ...], what: str = "parameters") -> None:
-    """422 unknown_field for names not in `expected`: a typo is never ignored."""
-    unknown = sorted(set(given) - set(expected))
-    if unknown:
-        raise ApiError(422, "unknown_field", f"unknown {what} {unknown}; expected "
-                       f"{list(expected)}")
 
 
 def declared_length(request: Request) -> int:

@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.api.protocol import VariantInfo
 from serve_app.errors import ApiError, InvalidInput
 from serve_app.labels import UnknownLabel, select
 from serve_app.wire import InferenceRequest, VariantAnswer
@@ -33,6 +34,11 @@ def task_error(variant: str, exc: ray.exceptions.RayTaskError) -> Exception:
     logger.error("variant %s failed: %s", variant, exc)
     return ApiError(503, "model_error", f"variant {variant} failed on this request",
                     headers={"Retry-After": "1"})
+
+
+def _state_only(name: str, state: str, error: str | None = None) -> dict:
+    """A variant's /v1/models entry when no replica answers for it: Serve's view alone."""
+    return VariantInfo(variant=name, state=state, error=error).model_dump()
 
 
 class Variants:
@@ -84,13 +90,13 @@ class Variants:
         if status is not None and status.status in ("HEALTHY", "DOWNSCALING") and \
                 not status.replica_states.get("RUNNING"):
             # Autoscaled to zero replicas: asking one would start one.
-            return {"variant": name, "state": "scaled_to_zero", "error": None}
+            return _state_only(name, "scaled_to_zero")
         try:
             return await asyncio.wait_for(self.handles[name].info.remote(), timeout=2.0)
         except Exception:
             failed = status is not None and status.status in ("UNHEALTHY", "DEPLOY_FAILED")
-            return {"variant": name, "state": "failed" if failed else "loading",
-                    "error": status.message if status is not None and failed else None}
+            return _state_only(name, "failed" if failed else "loading",
+                               status.message if status is not None and failed else None)
 
     async def check_labels(self, name: str, requested: tuple[str, ...] | None) -> None:
         """Refuse a label set the variant's head lacks before any audio arrives (a stream
