@@ -60,13 +60,26 @@ lock:
 serve: install
 	$(RAY_ENV) $(BIN)/serve run $(CONFIG)
 
-# espeak-ng gives the tests real speech; without it they use tones and noise only.
+# The suite's system programs, from the machine's Debian packages (apt-get, as root), each only
+# where its command is missing:
+#   espeak-ng  speaks the speech in the test clips (tests/clips.py, tests/conversation.py);
+#              without it the clips are tones and noise and the speech tests are skipped;
+#   chromium   the browser playwright (locked) drives for the web page tests, so that playwright
+#              downloads none; without it those tests are skipped.
+# No versions pinned: a Debian release's archive keeps only the current build of a package
+# (point releases and security updates replace it, chromium's every few weeks), so
+# `apt-get install PKG=VERSION` fails once that build is superseded. The release fixes what may
+# change; the versions installed are printed.
+TEST_TOOLS := espeak-ng chromium
+
 test-tools:
-	@command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null) \
-		|| echo "espeak-ng could not be installed: speech clips will be skipped"
-	@# Debian's chromium, driven by playwright (no browser download) for the web page tests.
-	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
-		|| echo "chromium could not be installed: the browser tests will be skipped"
+	@updated=; for tool in $(TEST_TOOLS); do \
+		command -v $$tool >/dev/null && continue; \
+		echo "test-tools: installing Debian's $$tool (apt-get)"; \
+		{ [ -n "$$updated" ] || apt-get update -qq; } && updated=1 \
+			&& apt-get install -y -qq $$tool >/dev/null \
+			|| echo "test-tools: $$tool could not be installed: the tests that need it are skipped"; \
+	done; dpkg-query -W -f 'test-tools: $${Package} $${Version}\n' $(TEST_TOOLS) 2>/dev/null || true
 
 # ruff (pinned in the test extra, configured in pyproject.toml): before any test runs.
 lint: install
