@@ -162,3 +162,16 @@ def test_every_shipped_config_ends_streams_before_the_proxy_would(path):
     # A real-time stream of the longest audio allowed fits in its session.
     assert min(settings.stream_max_s, settings.max_duration_s) < settings.stream_max_session_s
     assert settings.max_streams < router["max_ongoing_requests"]
+
+
+def test_every_documented_start_runs_the_replay_middleware():
+    """The image (every KubeRay pod), the Makefile and the README's production commands start
+    Ray with the proxy's replay middleware (serve_app/api/failover.py)."""
+    from serve_app.api import failover
+
+    setting = f"{failover.ENV_VAR}={failover.IMPORT_PATH}"
+    assert setting in (REPO / "Dockerfile").read_text()
+    assert setting in (REPO / "Makefile").read_text()
+    readme = (REPO / "README.md").read_text()
+    production = readme[readme.index("## Serving for real"):]
+    assert production.count(setting) >= 1

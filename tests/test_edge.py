@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 
+import httpx
 import numpy as np
 import pytest
 import schemathesis
@@ -190,15 +191,14 @@ def _answers_as_declared(case) -> None:
                                              status_code_conformance, content_type_conformance])
 
 
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-def test_no_input_breaks_the_edge(api_schema, mode):
-    """Every operation of the generated OpenAPI, with inputs drawn from its own schema (valid
-    ones, then invalid ones): no 5xx but a 503 with Retry-After, and every answer as declared."""
+def fuzz(api_schema, mode: GenerationMode, examples: int = FUZZ_EXAMPLES) -> None:
+    """Every operation of the generated OpenAPI, with inputs drawn from its own schema: no 5xx
+    but a 503 with Retry-After, and every answer as declared."""
     failures = []
     for result in api_schema.get_all_operations():
         operation = result.ok()
 
-        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+        @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy(generation_mode=mode))
         def check(case):
@@ -211,6 +211,19 @@ def test_no_input_breaks_the_edge(api_schema, mode):
         except Exception as exc:  # every operation is tried; all failures are reported
             failures.append(f"{operation.label}: {exc}"[:2000])
     assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_no_input_breaks_the_edge(api_schema, mode):
+    fuzz(api_schema, mode)
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_no_input_breaks_the_deployed_edge(service, mode):
+    """The same, through the real proxy, Router replica and variant deployments."""
+    fuzz(schemathesis.openapi.from_url(service.url + "/openapi.json"), mode, examples=5)
+    assert httpx.post(service.url + "/v1/predict", files={"file": ("a.wav", wav())},
+                      timeout=60).status_code == 200
 
 
 def test_the_edge_still_answers_after_the_fuzz(edge):
