@@ -112,7 +112,7 @@ def parse_request(body: bytes, content_type: str | None, query: Mapping[str, str
         refuse_unknown(document, ("inputs", "parameters"), "fields")
         body_params = document.get("parameters") or {}
         if not isinstance(body_params, dict):
-            raise ApiError(422, "invalid_request", '"parameters" must be an object')
+            raise ApiError(422, "unknown_field", '"parameters" must be an object')
         refuse_unknown(body_params, PARAMETERS)
         twice = sorted(set(body_params) & set(query))
         if twice:
