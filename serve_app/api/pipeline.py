@@ -141,6 +141,7 @@ class Call:
         self.admission: Admission = Admission(None, {})
         self.decode_ms = 0.0
         self.model_ms = 0.0
+        self.audio_s = 0.0  # charged to the key
         self._finished = False
 
     def resolve(self, requested: str | None, session_key: str | None = None) -> Route:
@@ -177,7 +178,8 @@ class Call:
         """Audio seconds charged to the key (decoded audio; more where a route analyses
         some of it more than once); the access log's audio_s is the request's total."""
         if seconds > 0:
-            self.trace["audio_s"] = round(self.trace.get("audio_s", 0.0) + seconds, 3)
+            self.audio_s += seconds
+            self.trace["audio_s"] = round(self.audio_s, 3)
             self.pipeline.charge_audio(self.admission, seconds)
 
     async def infer(self, route: Route, waveform: np.ndarray, options: InferenceOptions,
