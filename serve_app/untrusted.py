@@ -15,7 +15,7 @@ import math
 import re
 
 _DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII digits only; 18 fit an int64
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -28,16 +28,24 @@ def whole_number(text: str, name: str, maximum: int) -> int:
     return int(stripped)
 
 
+def _shown(value) -> str:
+    """A client's value for a message, short (an integer of 5,000 digits cannot even be
+    printed: Python refuses to)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)[:40]
+
+
 def finite_float(value, name: str) -> float:
     """A JSON number as a finite float (no bool, no 400-digit integer, no NaN)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, not {json.dumps(value)[:40]}")
+        raise ValueError(f"{name} must be a number, not {_shown(value)}")
     try:
         number = float(value)
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, not {str(value)[:40]}")
+        raise ValueError(f"{name} must be a finite number, not {_shown(value)}")
     return number
 
 
@@ -64,18 +72,21 @@ def _check_strings(document) -> None:
 
 def load_json(data: bytes | str):
     """A JSON document; ValueError for invalid JSON, nesting deeper than Python's parser
-    goes, and strings that are not UTF-8 text."""
+    goes, and strings that are not UTF-8 text. Bytes must be UTF-8 (RFC 8259), strictly:
+    `json.loads` would also take UTF-16 or UTF-32, and UTF-8-encoded surrogates."""
+    if isinstance(data, bytes):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"the JSON is not UTF-8 text: {exc.reason}") from None
+    else:
+        text = check_text(data, "the JSON")
     try:
-        document = json.loads(data)
+        document = json.loads(text)
     except RecursionError:
         raise ValueError("the JSON is nested too deeply") from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"the JSON is not UTF-8 text: {exc.reason}") from None
     except ValueError as exc:  # JSONDecodeError, and integers of over 4300 digits
         raise ValueError(f"not valid JSON: {exc}") from None
-    if isinstance(data, str):
-        check_text(data, "the JSON")
-        data = data.encode("utf-8")
-    if _SURROGATE_ESCAPE.search(data):  # only then can a lone surrogate be in it
+    if _SURROGATE_ESCAPE.search(text):  # only then can a lone surrogate be in it
         _check_strings(document)
     return document

@@ -156,7 +156,10 @@ def _decode_tensor(spec: dict, binary: bytes | None) -> Tensor:
         elements = _flat(spec.get("data"))
         if not all(isinstance(e, str) for e in elements) or len(elements) != count:
             raise _invalid(f"input {name!r}: BYTES data in JSON must be {count} strings")
-        return Tensor(name, datatype, shape, [e.encode("utf-8") for e in elements])
+        try:
+            return Tensor(name, datatype, shape, [e.encode("utf-8") for e in elements])
+        except UnicodeEncodeError:
+            raise _invalid(f"input {name!r}: a BYTES element is not UTF-8 text") from None
     raise _invalid(f"input {name!r}: datatype {datatype!r} is not accepted (FP32 or BYTES)")
 
 
@@ -181,7 +184,7 @@ def _requested_outputs(specs, binary_default: bool) -> dict[str, bool]:
     wanted: dict[str, bool] = {}
     for spec in specs:
         name = spec.get("name") if isinstance(spec, dict) else None
-        if name not in OUTPUTS:
+        if not isinstance(name, str) or name not in OUTPUTS:
             raise ApiError(400, "unknown_output",
                            f"unknown output {name!r}; this model has {list(OUTPUTS)}")
         params = _params(spec)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 from serve_app.traffic.access import AccessControl
+from serve_app.untrusted import finite_float
 
 STALE_S = 120.0  # a note not refreshed for this long belongs to a replica that is gone
 FUTURE_S = 30.0  # clocks of nodes differ by less; a note from further ahead is not believed
@@ -66,9 +67,11 @@ def read_note(raw: bytes, now: float) -> tuple[dict[str, float], dict[str, float
         return None
     if not isinstance(note, dict):
         return None
-    at = note.get("at")
-    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at) \
-            or not -FUTURE_S <= now - at <= STALE_S:
+    try:
+        at = finite_float(note.get("at"), "at")
+    except ValueError:
+        return None
+    if not -FUTURE_S <= now - at <= STALE_S:
         return None
     spent = _amounts(note.get("spent"), 0.0)
     levels = _amounts(note.get("levels"), -MAX_TOTAL)
