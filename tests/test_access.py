@@ -21,6 +21,7 @@ from serve_app.api.responses import without_paths
 from serve_app.config import RouterSettings
 from serve_app.traffic import access
 from serve_app.traffic.access import AccessControl, AccessDenied
+from tests.waiting import eventually, wait_for_metrics
 
 
 class Clock:
@@ -337,11 +338,9 @@ def test_rotation_by_redeploy_is_live(keyed, clips):
 
 
 def wait_until_accepted(keyed, key: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while httpx.get(keyed.url + "/v1/models", headers=bearer(key),
-                    timeout=30).status_code != 200:
-        assert time.monotonic() < deadline, "the key was never accepted"
-        time.sleep(0.25)
+    eventually(lambda: httpx.get(keyed.url + "/v1/models", headers=bearer(key),
+                                 timeout=30).status_code == 200,
+               "the key accepted", timeout_s)
 
 
 def test_logs_and_metrics_name_key_ids_never_keys(keyed, clips):
@@ -357,37 +356,28 @@ def test_logs_and_metrics_name_key_ids_never_keys(keyed, clips):
     assert metered[-1] == 429, metered
     pattern = os.path.join(keyed.cluster.temp_dir, "session_latest", "logs", "serve",
                            f"replica_{keyed.app['name']}_Router_*.log")
-    deadline = time.monotonic() + 30
-    lines: dict[str, dict] = {}
-    text = ""
-    while time.monotonic() < deadline and len(lines) < 2:
+
+    def logged() -> tuple[dict[str, dict], str]:
         text = "".join(Path(path).read_text(encoding="utf-8") for path in glob.glob(pattern))
         lines = {entry["request_id"]: entry for entry in
                  (json.loads(line[line.index("{"):]) for line in text.splitlines()
                   if f'"request_id": "{request_id}' in line)}
-        time.sleep(0.5)
+        assert len(lines) >= 2, lines
+        return lines, text
+
+    lines, text = eventually(logged, "both requests in the router's log", 30, interval_s=0.5)
     assert (lines[request_id]["key"], lines[request_id]["status"]) == ("alpha", 200)
     assert (lines[request_id + "-bad"]["key"], lines[request_id + "-bad"]["status"]) == \
         ("invalid", 401)
     assert not [key for key in (*keyed.keys.values(), wrong) if key in text]
 
-    wanted = [("_requests_total{", 'key="alpha"', 'outcome="admitted"'),
-              ("_requests_total{", 'key="invalid"', 'outcome="unauthorized"'),
-              ("_requests_total{", 'key="meter"', 'outcome="rate_limited"'),
-              ("_audio_seconds_total{", 'key="alpha"')]
-
-    def found(lines: list[str]) -> bool:
-        return all(any(all(piece in line for piece in pieces) for line in lines)
-                   for pieces in wanted)
-
-    deadline = time.monotonic() + 60
-    metrics: list[str] = []
-    while time.monotonic() < deadline and not found(metrics):
-        metrics = [line for line in httpx.get(keyed.cluster.metrics_url, timeout=10)
-                   .text.splitlines() if line.startswith("ray_emotion2vec_key_")]
-        time.sleep(0 if found(metrics) else 2)
-    assert found(metrics), metrics
-    assert not [key for key in keyed.keys.values() if key in "\n".join(metrics)]
+    scraped = wait_for_metrics(
+        keyed.cluster.metrics_url,
+        ("ray_emotion2vec_key_requests_total", {"key": "alpha", "outcome": "admitted"}),
+        ("ray_emotion2vec_key_requests_total", {"key": "invalid", "outcome": "unauthorized"}),
+        ("ray_emotion2vec_key_requests_total", {"key": "meter", "outcome": "rate_limited"}),
+        ("ray_emotion2vec_key_audio_seconds_total", {"key": "alpha"}))
+    assert not [key for key in keyed.keys.values() if key in scraped.text]  # anywhere in it
 
 
 def test_a_missing_key_file_refuses_the_config_not_the_keys(keyed, tmp_path):

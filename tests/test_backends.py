@@ -6,7 +6,6 @@ In-process engines share one artefact cache; the deployed variant at the end reu
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -21,6 +20,7 @@ from serve_app.inference import backends
 from serve_app.inference.engine import EmotionEngine
 from serve_app.inference.graph import PaddedEncoder
 from tests import clips as clip_maker
+from tests.waiting import eventually, scrape
 
 pytest.importorskip("openvino")
 
@@ -185,20 +185,12 @@ def test_backend_is_a_setting_that_needs_a_reload():
         ModelSettings(source="/m", backend="tensorrt")
 
 
-def _metric_line(cluster, variant: str, backend: str) -> str:
-    deadline = time.monotonic() + 60
-    lines: list[str] = []
-    text = ""
-    while time.monotonic() < deadline:
-        text = httpx.get(cluster.metrics_url, timeout=30).text
-        lines = [m for m in text.splitlines() if m.startswith("ray_emotion2vec_backend{")]
-        line = next((m for m in lines if f'variant="{variant}"' in m
-                     and f'backend="{backend}"' in m), "")
-        if line:
-            return line
-        time.sleep(2)
-    seen = sorted({m.split("{")[0] for m in text.splitlines() if m.startswith("ray_emotion2vec")})
-    return f"no {variant}/{backend} line among {lines}; metrics seen: {seen}"
+def _backend_samples(cluster, variant: str, backend: str) -> dict:
+    """The ray_emotion2vec_backend samples of this variant and the backend it runs (waited for:
+    the gauge reaches the endpoint seconds after the replica sets it)."""
+    return eventually(lambda: scrape(cluster.metrics_url, timeout_s=30).require(
+        "ray_emotion2vec_backend", application="compiled", variant=variant, backend=backend),
+        f"the backend gauge of {variant}", 60, interval_s=2)
 
 
 def test_the_service_reports_the_backend_that_runs(cluster, tiny, cache, engines):
@@ -246,7 +238,8 @@ def test_the_service_reports_the_backend_that_runs(cluster, tiny, cache, engines
         expected = engines["torch", "fp32"].predict(clip, "utterance", False).scores
         np.testing.assert_allclose(list(body["scores"].values()), expected, atol=1e-5, rtol=0)
         for variant, runs in (("fast", "openvino"), ("fallback", "torch")):
-            line = _metric_line(cluster, variant, runs)
-            assert 'requested="openvino"' in line and line.endswith(" 1.0"), line
+            samples = _backend_samples(cluster, variant, runs)
+            assert {(dict(labels)["requested"], value) for labels, value in samples.items()} \
+                == {("openvino", 1.0)}, samples
     finally:
         cluster.remove("compiled")

@@ -25,6 +25,7 @@ from tests import conversation
 from tests.clips import espeak_available
 from tests.media import FORMATS, bomb, encode
 from tests.test_segments_service import segments
+from tests.waiting import eventually
 
 # The job shares the session's 2-CPU cluster with the tiny app: a quarter CPU per stage.
 SMALL = ("--num-cpus", "0.25", "--decode-cpus", "0.25", "--no-progress")
@@ -138,10 +139,8 @@ def test_a_killed_job_resumes_and_writes_each_path_once(config, address, tmp_pat
     job = subprocess.Popen([sys.executable, "-m", "serve_app.tools.cli", "batch", *args],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while not list(out.glob("part-*.parquet")) and job.poll() is None \
-                and time.monotonic() < deadline:
-            time.sleep(0.02)
+        eventually(lambda: list(out.glob("part-*.parquet")) or job.poll() is not None,
+                   "a part written (or the job ended)", JOB_TIMEOUT_S, interval_s=0.02)
         assert job.poll() is None, f"the job ended before it could be killed: {job.stderr}"
         job.send_signal(signal.SIGKILL)
     finally:

@@ -27,6 +27,7 @@ from tests.conftest import TINY_CONFIG
 from tests.processes import Session
 from tests.test_lifecycle import tiny
 from tests.traffic import Traffic, post_clip
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.cluster  # starts its own Ray (`ray start`, `serve run`)
 BIN = Path(sys.executable).parent  # the environment's `serve` and `ray`
@@ -64,11 +65,14 @@ def write_config(folder: Path, port: int, **variant_configs: dict) -> Path:
 
 def wait_until(ready, what: str, session: Session, timeout_s: float = START_S) -> None:
     """Poll ready() until it is true; fail at once, with the log's end, if the command ends."""
-    deadline = time.monotonic() + timeout_s
-    while not ready():
+    def check() -> bool:
+        if ready():
+            return True
         assert not session.exited(), f"{session.command[:2]} ended:\n{session.tail()}"
-        assert time.monotonic() < deadline, f"{what} after {timeout_s} s:\n{session.tail()}"
-        time.sleep(0.5)
+        return False
+
+    eventually(check, lambda: f"{what} (the log's end:\n{session.tail()}\n)", timeout_s,
+               interval_s=0.5, retry_on=())
 
 
 def answers(url: str) -> bool:
@@ -112,7 +116,7 @@ def test_serve_run_serves_the_config_and_stops_on_ctrl_c(tmp_path, ray_temp, cli
     phases = Phases()
     with Session([str(BIN / "serve"), "run", str(config)], tmp_path / "serve-run.log",
                  command_env(RAY_TMPDIR=ray_temp)) as run:
-        wait_until(lambda: answers(url + "/ready"), "not ready", run)
+        wait_until(lambda: answers(url + "/ready"), "/ready answering", run)
         phases.done("serve run until /ready")
         body = predict(url, clips["tone_16k_mono_wav"])
         assert (body["model_version"], body["model"]["source"]) == ("large", "tiny-seed2")
@@ -146,11 +150,11 @@ def test_serve_deploy_swaps_a_variant_without_a_failed_request(tmp_path, ray_tem
     phases = Phases()
     with Session(head_command, tmp_path / "ray-start.log", head_env) as head:
         wait_until(lambda: answers(dashboard + "/api/serve/applications/"),
-                   "the dashboard does not answer", head)
+                   "the dashboard answering", head)
         phases.done("ray start until the dashboard answers")
         config = write_config(tmp_path, http_port)
         deploy(config)
-        wait_until(lambda: answers(url + "/ready"), "not ready", head)
+        wait_until(lambda: answers(url + "/ready"), "/ready answering", head)
         phases.done("serve deploy until /ready")
         clip = clips["tone_16k_mono_wav"]
         old_scores = predict(url, clip, model_version="base")["scores"]
@@ -167,7 +171,7 @@ def test_serve_deploy_swaps_a_variant_without_a_failed_request(tmp_path, ray_tem
                 return (info["identity"] or {}).get("sha256") not in (
                     None, before["identity"]["sha256"])
 
-            wait_until(swapped, "base was not swapped", head, timeout_s=120)
+            wait_until(swapped, "base swapped", head, timeout_s=120)
             swapped_at = time.monotonic()
             phases.done("serve deploy again until base is swapped, under load")
             traffic.wait_for(2, since=swapped_at)

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from serve_app.audio.waveform import Limits
 from serve_app.errors import ApiError
 from tests import media
 from tests.media import FORMATS
+from tests.waiting import eventually
 
 LIMITS = Limits(max_duration_s=30)
 
@@ -178,7 +178,4 @@ def test_workers_die_with_the_router(m4a, tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     worker = int(done.stdout)
-    deadline = time.monotonic() + 10
-    while not _gone(worker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _gone(worker)
+    eventually(lambda: _gone(worker), f"worker {worker} gone", 10, interval_s=0.05)

@@ -27,6 +27,7 @@ from serve_app.errors import ApiError
 from tests import media
 from tests.media import FORMATS, Spec
 from tests.traffic import Background
+from tests.waiting import eventually
 
 SECONDS = 2.0
 LIMITS = Limits(max_duration_s=120)  # the router's default cap
@@ -288,10 +289,12 @@ def test_nothing_a_playlist_names_is_opened(tmp_path, monkeypatch):
             assert exc.errno == errno.ENXIO
 
     decoding = Background(attempt)
-    deadline = time.monotonic() + 60
-    while not decoding.done() and time.monotonic() < deadline:
+
+    def decoded() -> bool:
         poll()
-        time.sleep(0.01)
+        return decoding.done()
+
+    eventually(decoded, "the playlists decoded", 60, interval_s=0.01, retry_on=())
     poll()
     outcomes = decoding.result(timeout_s=0)
     assert not opened.is_set()

@@ -24,6 +24,7 @@ from serve_app.audio import sndfile
 from serve_app.errors import ApiError
 from tests.test_lifecycle import Client, make_app, tiny
 from tests.traffic import Traffic, post_clip
+from tests.waiting import eventually, wait_for_metrics
 
 
 def encode(samples: np.ndarray, rate: int, fmt: str = "WAV", subtype: str | None = None) -> bytes:
@@ -243,18 +244,21 @@ def test_slow_model_answers_504(tight, cluster, tmp_path):
     cluster.put({**app, "deployments": [
         {**d, "user_config": short_timeout} if d is router else d for d in app["deployments"]]})
     try:
-        deadline = time.monotonic() + 30  # the router takes the new limit live
-        while (response := tight.predict(clip)).status_code == 200:
-            assert time.monotonic() < deadline, response.json()["timings_ms"]
+        def timed_out() -> httpx.Response:
+            response = tight.predict(clip)
+            assert response.status_code != 200, response.json()["timings_ms"]
+            return response
+
+        # the router takes the new limit live
+        response = eventually(timed_out, "the short model timeout taken", 30, interval_s=0)
         assert response.status_code == 504, response.text
         assert response.json()["error"]["code"] == "model_timeout"
     finally:  # the usual timeout again, and seen: a 25 s clip is answered in time
         cluster.put(app)
         short = tmp_path / "25s.wav"
         soundfile.write(short, tone(25.0), 16_000)
-        deadline = time.monotonic() + 30
-        while tight.predict(short).status_code != 200:
-            assert time.monotonic() < deadline, "the router kept the short model timeout"
+        eventually(lambda: tight.predict(short).status_code == 200,
+                   "the usual model timeout back (a 25 s clip answered)", 30, interval_s=0)
 
 
 def test_killed_replica_is_replaced_and_no_request_hangs(cluster, tmp_path_factory, clips):
@@ -305,13 +309,15 @@ def test_one_access_log_line_per_request(client, clips, service):
                 headers={"x-request-id": request_id + "-bad"})
     pattern = os.path.join(service.cluster.temp_dir, "session_latest", "logs", "serve",
                            "replica_emotion2vec_Router_*.log")
-    deadline = time.monotonic() + 30
-    lines: list[dict] = []
-    while time.monotonic() < deadline and len(lines) < 2:
+
+    def logged() -> list[dict]:
         lines = [json.loads(line[line.index("{"):]) for path in glob.glob(pattern)
                  for line in Path(path).read_text().splitlines()
                  if f'"request_id": "{request_id}' in line]
-        time.sleep(0.5)
+        assert len(lines) >= 2, lines
+        return lines
+
+    lines = eventually(logged, "both requests in the router's log", 30, interval_s=0.5)
     by_id = {line["request_id"]: line for line in lines}
     ok, bad = by_id[request_id], by_id[request_id + "-bad"]
     assert (ok["variant"], ok["status"]) == ("turbo", 200)
@@ -325,24 +331,15 @@ def test_metrics_reach_the_prometheus_endpoint(client, clips, service):
                                                            .read_bytes())},
                            data={"model_version": variant}).status_code == 200
     client.post("/v1/predict", files={"file": ("a.wav", b"junk")})
-    wanted = ['ray_emotion2vec_requests_total{', 'outcome="2xx"', 'outcome="4xx"',
-              'ray_emotion2vec_inference_latency_ms_bucket{',
-              'ray_emotion2vec_audio_seconds_total{',
-              'ray_emotion2vec_model_loads_total{', 'ray_emotion2vec_model_loaded{',
-              'ray_emotion2vec_queue_length{', 'ray_emotion2vec_request_latency_ms_bucket{',
-              'ray_emotion2vec_batch_size_bucket{']
-    deadline = time.monotonic() + 60
-    text = ""
-    while time.monotonic() < deadline:
-        text = httpx.get(service.cluster.metrics_url, timeout=10).text
-        if all(piece in text for piece in wanted):
-            break
-        time.sleep(2)
-    missing = [piece for piece in wanted if piece not in text]
-    assert not missing, missing
-    base_ok = [line for line in text.splitlines() if line.startswith(
-        "ray_emotion2vec_requests_total{") and 'variant="base"' in line and 'outcome="2xx"' in line]
-    assert base_ok and float(base_ok[0].rsplit(" ", 1)[1]) >= 1
+    base_ok = {"application": service.app["name"], "variant": "base", "outcome": "2xx"}
+    scraped = wait_for_metrics(
+        service.cluster.metrics_url,
+        ("ray_emotion2vec_requests_total", base_ok),
+        ("ray_emotion2vec_requests_total", {"outcome": "4xx"}),
+        *((f"ray_emotion2vec_{name}", {}) for name in (
+            "inference_latency_ms_bucket", "audio_seconds_total", "model_loads_total",
+            "model_loaded", "queue_length", "request_latency_ms_bucket", "batch_size_bucket")))
+    assert scraped.total("ray_emotion2vec_requests_total", **base_ok) >= 1
 
 
 def test_a_replica_whose_model_breaks_reports_unhealthy(cluster, tmp_path_factory, clips):
@@ -367,11 +364,8 @@ def test_a_replica_whose_model_breaks_reports_unhealthy(cluster, tmp_path_factor
         response = client.predict(clips["tone_16k_mono_wav"])
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "model_error"
-        deadline = time.monotonic() + 90
-        while serve.status().applications["breaks"].deployments["base"].status not in (
-                "UNHEALTHY", "DEPLOY_FAILED"):
-            assert time.monotonic() < deadline, "never reported unhealthy"
-            time.sleep(1)
+        eventually(lambda: serve.status().applications["breaks"].deployments["base"].status in (
+            "UNHEALTHY", "DEPLOY_FAILED"), "base reported unhealthy", 90, interval_s=1)
         assert client.variant("base")["state"] == "failed"
     finally:
         cluster.remove("breaks")

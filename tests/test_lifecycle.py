@@ -16,6 +16,7 @@ import soundfile
 from serve_app.audio import sndfile
 from tests.conftest import tiny_app
 from tests.traffic import Traffic, post_clip
+from tests.waiting import eventually
 
 APP = "lifecycle"
 PREFIX = "/lc"
@@ -55,14 +56,13 @@ class Client:
         return self.http.get("/v1/models").json()["variants"][name]
 
     def wait(self, name: str, condition, timeout_s: float = 90) -> dict:
-        deadline = time.monotonic() + timeout_s
-        info = None
-        while time.monotonic() < deadline:
+        """The variant's /v1/models entry, once condition(entry) holds."""
+        def met() -> dict:
             info = self.variant(name)
-            if condition(info):
-                return info
-            time.sleep(0.25)
-        raise TimeoutError(f"{name} never met the condition: {info}")
+            assert condition(info), info
+            return info
+
+        return eventually(met, f"{name} meeting the condition", timeout_s)
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +94,13 @@ def lifecycle(cluster, root, lifecycle_app):
     for name in ("base", "large"):
         lifecycle_app.wait(name, lambda i, n=name: i["state"] == "ready" and (
             i["identity"] or {}).get("source") == f"tiny-seed{11 if n == 'base' else 12}")
-    deadline = time.monotonic() + 60
-    while (models := lifecycle_app.http.get("/v1/models").json())["aliases"] or \
-            models["default_version"] != "base":
-        assert time.monotonic() < deadline, f"the router was not restored: {models}"
-        time.sleep(0.25)
+
+    def restored() -> bool:
+        models = lifecycle_app.http.get("/v1/models").json()
+        assert not models["aliases"] and models["default_version"] == "base", models
+        return True
+
+    eventually(restored, "the router restored (no aliases, default base)", 60)
 
 
 def expected_scores(funasr_models, directory: Path, clip: Path) -> list[float]:
@@ -170,10 +172,8 @@ def test_default_and_aliases_change_live(cluster, root, lifecycle, clips):
     cluster.put({**app, "deployments": [
         {**d, "user_config": router} if d["name"] == "Router" else d
         for d in app["deployments"]]})
-    deadline = time.monotonic() + 60
-    while lifecycle.http.get("/v1/models").json()["aliases"] != router["aliases"]:
-        assert time.monotonic() < deadline, "the router never took the new aliases"
-        time.sleep(0.25)
+    eventually(lambda: lifecycle.http.get("/v1/models").json()["aliases"] == router["aliases"],
+               "the router taking the new aliases", 60)
     assert lifecycle.http.get("/v1/models").json()["default_version"] == "large"
     assert lifecycle.predict(clip).json()["model_version"] == "large"
     assert lifecycle.predict(clip, model_version="newest").json()["model_version"] == "base"
@@ -273,10 +273,7 @@ def test_autoscaling_to_zero_frees_everything_and_scales_back(cluster, root, cli
     cluster.put(app)
     try:
         assert cluster.wait_for("scale0", ("RUNNING", "DEPLOY_FAILED")).status == "RUNNING"
-        deadline = time.monotonic() + 90
-        while running_replicas() > 0:
-            assert time.monotonic() < deadline, "never scaled to zero"
-            time.sleep(0.5)
+        eventually(lambda: running_replicas() == 0, "scaled to zero", 90, interval_s=0.5)
         client = Client(cluster.url, "/scale0")
         assert client.variant("base")["state"] == "scaled_to_zero"  # and asking started none
         assert running_replicas() == 0

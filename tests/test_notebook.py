@@ -3,12 +3,11 @@ including its live alias switch."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.waiting import eventually
 
 NOTEBOOK = REPO / "notebooks" / "tour.ipynb"
 ARTIFACTS = REPO / "artifacts"
@@ -44,10 +43,8 @@ def test_tour_notebook_runs(service, client, tmp_path, monkeypatch):
         nbformat.write(notebook, ARTIFACTS / "tour-executed.ipynb")
         # Put the test cluster back as it was (the notebook re-pointed an alias).
         service.cluster.put(service.app)
-        deadline = time.monotonic() + 60
-        while client.get("/v1/models").json()["aliases"].get("fast") != "turbo":
-            assert time.monotonic() < deadline, "the alias was not restored"
-            time.sleep(0.5)
+        eventually(lambda: client.get("/v1/models").json()["aliases"].get("fast") == "turbo",
+                   "the alias fast -> turbo restored", 60, interval_s=0.5)
 
     outputs = [out for cell in notebook.cells if cell.cell_type == "code"
                for out in cell.outputs]

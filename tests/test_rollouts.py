@@ -21,6 +21,7 @@ from tests.test_lifecycle import Client, make_app, tiny
 from tests.test_routing import within_binomial
 from tests.test_stream import next_event, open_stream
 from tests.traffic import Background, Traffic
+from tests.waiting import eventually, wait_for_metrics
 
 APP = "rollouts"
 PREFIX = "/ro"
@@ -69,14 +70,14 @@ def set_router(cluster, client: Client, user_config: dict) -> None:
                                         for d in app["deployments"]]})
     expected = RoutingTable(user_config["default_version"], user_config.get("aliases", {}),
                             VARIANTS).fractions()
-    deadline = time.monotonic() + 60
-    while True:
+
+    def taken() -> bool:
         body = client.http.get("/v1/rollouts").json()
-        if body["routes"] == expected and set(body["shadow"]) == set(user_config.get("shadow",
-                                                                                     {})):
-            return
-        assert time.monotonic() < deadline, f"the router never took {user_config}: {body}"
-        time.sleep(0.2)
+        assert body["routes"] == expected and set(body["shadow"]) == set(
+            user_config.get("shadow", {})), body
+        return True
+
+    eventually(taken, f"the router taking {user_config}", 60, interval_s=0.2)
 
 
 def post(http: httpx.Client, wav: bytes, version: str | None = None,
@@ -84,18 +85,6 @@ def post(http: httpx.Client, wav: bytes, version: str | None = None,
     return http.post("/v1/predict", files={"file": ("c.wav", wav)},
                      data={"model_version": version} if version else {},
                      headers={"x-session-key": key} if key else {})
-
-
-def wait_for_metrics(cluster, wanted: list[str], timeout_s: float = 60) -> None:
-    """Wait until every piece appears in the Prometheus endpoint's text."""
-    deadline = time.monotonic() + timeout_s
-    text = ""
-    while time.monotonic() < deadline:
-        text = httpx.get(cluster.metrics_url, timeout=10).text
-        if all(piece in text for piece in wanted):
-            return
-        time.sleep(1)
-    assert not [piece for piece in wanted if piece not in text]
 
 
 def test_weighted_split_sticky_sessions_and_routed_by(cluster, rollouts, short_clip):
@@ -143,7 +132,9 @@ def test_weighted_split_sticky_sessions_and_routed_by(cluster, rollouts, short_c
     parameters = rollouts.http.get("/openapi.json").json()["paths"]["/v1/predict"]["post"][
         "parameters"]
     assert ("X-Session-Key", "header") in {(p["name"], p["in"]) for p in parameters}
-    wait_for_metrics(cluster, ['route="canary"'])  # the requests count per route
+    wait_for_metrics(cluster.metrics_url,  # the requests count per route
+                     ("ray_emotion2vec_requests_total", {"application": APP, "route": "canary"}),
+                     interval_s=1)
 
 
 def test_canary_ramp_by_redeploys_under_load_fails_no_request(cluster, rollouts, short_clip):
@@ -201,13 +192,13 @@ def clip_set(folder: Path, clips: dict[str, Path]) -> list[Path]:
 
 
 def wait_shadow(client: Client, primary: str, done, timeout_s: float = 60) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def reported() -> dict:
         stats = client.http.get("/v1/rollouts").json()["shadow"][primary]
-        if done(stats):
-            return stats
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.2)
+        assert done(stats), stats
+        return stats
+
+    return eventually(reported, f"the shadow statistics of {primary}", timeout_s,
+                      interval_s=0.2)
 
 
 def test_shadow_reports_what_calling_both_variants_gives(cluster, rollouts, clips, tmp_path):
@@ -293,6 +284,7 @@ def test_a_full_shadow_queue_drops_and_counts(cluster, rollouts, short_clip, tmp
     assert stats["dropped"] - before["dropped"] == 3
     assert (stats["compared"] - before["compared"], stats["errors"]) == (1, before["errors"])
     # Shadow outcomes and score differences are exported, per target.
-    wait_for_metrics(cluster, ['ray_emotion2vec_shadow_requests_total{', 'outcome="dropped"',
-                               'ray_emotion2vec_shadow_score_diff_bucket{',
-                               'target="large_ft"'])
+    shadow = {"application": APP, "primary": "large", "target": "large_ft"}
+    wait_for_metrics(cluster.metrics_url,
+                     ("ray_emotion2vec_shadow_requests_total", {**shadow, "outcome": "dropped"}),
+                     ("ray_emotion2vec_shadow_score_diff_bucket", shadow), interval_s=1)

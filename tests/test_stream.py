@@ -14,7 +14,6 @@ import time
 from contextlib import contextmanager
 from urllib.parse import urlencode
 
-import httpx
 import numpy as np
 import pytest
 import soundfile
@@ -28,6 +27,7 @@ from serve_app.config import RouterSettings
 from serve_app.errors import ApiError
 from tests.clips import tone
 from tests.conftest import APP_NAME
+from tests.waiting import Scrape, eventually, scrape
 
 EMOTIONS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised",
             "unknown"]
@@ -380,41 +380,28 @@ def test_bad_input_is_refused_with_1008(service, messages, params, code):
 
 
 def test_metrics_count_streams_and_a_dropped_stream_leaves_none_open(service):
-    def scrape() -> dict[str, float]:
-        text = httpx.get(service.cluster.metrics_url, timeout=10).text
-        values: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("ray_emotion2vec_stream") and f'application="{APP_NAME}"' in line:
-                name, value = line.rsplit(" ", 1)
-                key = name.split("{")[0] + ("" if "variant=" not in name else
-                                            "/" + name.split('variant="')[1].split('"')[0])
-                if key.endswith("_bucket") or "_bucket/" in key:
-                    continue
-                values[key] = values.get(key, 0) + float(value)
-        return values
+    turbo = {"application": APP_NAME, "variant": "turbo"}  # summed over the router's replicas
 
-    def wait_for(predicate, what: str, keep_alive=None) -> dict:
-        deadline = time.monotonic() + 60
-        while True:
-            values = scrape()
-            if predicate(values):
-                return values
-            assert time.monotonic() < deadline, f"{what}: {values}"
+    def streams_open(count: int, keep_alive=None) -> Scrape:
+        scraped = scrape(service.cluster.metrics_url)
+        active = scraped.samples("ray_emotion2vec_streams_active", **turbo)
+        if not active or sum(active.values()) != count:
             if keep_alive:
                 keep_alive()
-            time.sleep(1)
+            raise AssertionError(f"turbo streams open: {active or 'no sample'}")
+        return scraped
 
     raw = as_int16(tone(1.2, 16_000)).tobytes()
     with open_stream(service.url, model_version="turbo", window_s=0.5,
                      hop_s=0.25) as (ws, _):
         ws.send(raw)
-        wait_for(lambda v: v.get("ray_emotion2vec_streams_active/turbo") == 1,
-                 "one turbo stream open", keep_alive=lambda: ws.send(b"\x00\x00" * 16))
+        eventually(lambda: streams_open(1, keep_alive=lambda: ws.send(b"\x00\x00" * 16)),
+                   "one turbo stream open", 60, interval_s=1)
         drop(ws)
-    values = wait_for(lambda v: v.get("ray_emotion2vec_streams_active/turbo") == 0,
-                      "no turbo stream open after the drop")
-    assert values["ray_emotion2vec_stream_audio_seconds_total/turbo"] >= 1.2
-    assert values["ray_emotion2vec_stream_event_lag_ms_count/turbo"] >= 1
+    scraped = eventually(lambda: streams_open(0), "no turbo stream open after the drop", 60,
+                         interval_s=1)
+    assert scraped.total("ray_emotion2vec_stream_audio_seconds_total", **turbo) >= 1.2
+    assert scraped.total("ray_emotion2vec_stream_event_lag_ms_count", **turbo) >= 1
 
 
 # -- limits: the session app's router, reconfigured in place for these tests ----------------
@@ -425,13 +412,12 @@ def reconfigure_router(service, **overrides) -> None:
                    if d["name"] == "Router" else d for d in app["deployments"]]
     service.cluster.put({**app, "deployments": deployments})
     want = overrides.get("stream_idle_timeout_s", 10.0)
-    deadline = time.monotonic() + 60
-    while True:
+
+    def taken() -> bool:
         with open_stream(service.url) as (_, ready):
-            if ready["limits"]["idle_timeout_s"] == want:
-                return
-        assert time.monotonic() < deadline, "the router never took the new settings"
-        time.sleep(0.25)
+            return ready["limits"]["idle_timeout_s"] == want
+
+    eventually(taken, f"a new stream's idle timeout {want} s (the router took the settings)", 60)
 
 
 @pytest.fixture(scope="module")
@@ -494,16 +480,19 @@ def drop(ws: ClientConnection) -> None:
 
 def open_both(service) -> list[ClientConnection]:
     """Two streams at once, both ready (retried while earlier ones are still closing)."""
-    deadline = time.monotonic() + 30
-    while True:
+
+    def both_ready() -> list[ClientConnection] | None:
         held = [connect(stream_url(service.url, model_version="base", window_s=0.5,
                                    hop_s=0.1), open_timeout=60) for _ in range(2)]
         if all(next_event(ws)["type"] == "ready" for ws in held):
             return held
         for ws in held:
             ws.close()
-        assert time.monotonic() < deadline, "the dropped streams kept their slots"
-        time.sleep(0.2)
+        return None
+
+    # an error (a refused handshake) fails at once, as the streams it opened are not closed
+    return eventually(both_ready, "two streams ready (the dropped ones' slots freed)", 30,
+                      interval_s=0.2, retry_on=())
 
 
 def test_streams_over_the_cap_get_1013_and_dropped_ones_free_their_slot(service, tight):

@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from tests.waiting import eventually
+
 JOIN_MARGIN_S = 10.0  # what a thread may take past its last request's timeout to end
 
 
@@ -143,16 +145,17 @@ class Traffic:
                  where: Callable[[Outcome], bool] | None = None) -> None:
         """Wait until `count` requests sent after `since` (and, if given, `where` they are)
         have their outcome. An exception in a sender is raised here at once."""
-        deadline = time.monotonic() + timeout_s
-
         def done() -> int:
             return sum(1 for outcome in self.since(since) if where is None or where(outcome))
 
-        while done() < count:
+        def answered() -> bool:
+            if done() >= count:
+                return True
             self.raise_errors()
-            assert time.monotonic() < deadline, (
-                f"{done()} of {count} requests answered in {timeout_s} s")
-            time.sleep(0.05)
+            return False
+
+        eventually(answered, lambda: f"{count} requests answered ({done()} were)", timeout_s,
+                   interval_s=0.05, retry_on=())
 
     def since(self, started: float) -> list[Outcome]:
         with self._lock:

@@ -25,6 +25,7 @@ from serve_app.tools.cluster import local_cluster
 from tests import clips as clip_maker
 from tests.conftest import tiny_app
 from tests.traffic import Traffic
+from tests.waiting import eventually
 
 APP = "emotion2vec"
 VARIANTS = ("base", "large")
@@ -87,14 +88,13 @@ class MultiNode:
         return self.http.get("/v1/models").json()["variants"]
 
     def wait(self, variant: str, condition, timeout_s: float = 120) -> dict:
-        deadline = time.monotonic() + timeout_s
-        info = None
-        while time.monotonic() < deadline:
+        """The variant's /v1/models entry, once condition(entry) holds."""
+        def met() -> dict:
             info = self.variants()[variant]
-            if condition(info):
-                return info
-            time.sleep(0.5)
-        raise TimeoutError(f"{variant} never met the condition: {info}")
+            assert condition(info), info
+            return info
+
+        return eventually(met, f"{variant} meeting the condition", timeout_s, interval_s=0.5)
 
 
 @pytest.fixture(scope="module")
