@@ -128,8 +128,9 @@ def test_swap_under_load_fails_no_request(cluster, root, lifecycle, clips, funas
         swap_seen_at = time.monotonic()
         traffic.wait_for(3, since=swap_seen_at)
     assert not traffic.failures(), [str(f) for f in traffic.failures()[:3]]
+    # Never 503; whether a probe fell inside the swap (a tiny model loads in a second) is
+    # chance: the rule itself is tests/test_readiness.py's, and idle release's below.
     assert not probe.failures(), [str(f) for f in probe.failures()[:3]]
-    assert "swapping" in {outcome.value for outcome in probe.outcomes}  # /ready said 200
     assert swapped["pid"] == before["pid"]  # swapped inside the same replica process
     assert swapped["load_count"] == before["load_count"] + 1
     assert swapped["identity"]["sha256"] != before["identity"]["sha256"]
@@ -242,6 +243,9 @@ def test_idle_unload_releases_memory_and_reloads(cluster, root, clips, tmp_path)
         assert unloaded["identity"] is None
         assert unloaded["rss_bytes"] < loaded["rss_bytes"] - 200 * 2**20, (
             loaded["rss_bytes"], unloaded["rss_bytes"])
+        # Released, it can still serve (the next request loads it): the pod stays ready.
+        ready = client.http.get("/ready")
+        assert (ready.status_code, ready.json()["variants"]) == (200, {"base": "unloaded"})
         # The next request loads the model again, waits for it, and succeeds.
         again = client.predict(short)
         assert again.status_code == 200
