@@ -1,7 +1,7 @@
 """The edge's known holes, each sent the crafted input that opened it (or its scaled form),
 with the 4xx, the bound or the charge asserted. No Ray cluster: the parsers, the quota notes,
-the decoder's budget and the failover middleware on their own, and POST /v1/segments through
-the request pipeline in this process (tests/inprocess.py)."""
+the decoder's budget on their own, and POST /v1/segments through the request pipeline in this
+process (tests/inprocess.py). The failover middleware's are in tests/test_failover.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 import soundfile
 from pydantic import ValidationError
 
-from serve_app.api import failover, hf
+from serve_app.api import hf
 from serve_app.api import kserve as kserve_routes
 from serve_app.api import kserve_codec as codec
 from serve_app.api.responses import save_result
@@ -267,73 +267,7 @@ def test_a_bucket_debt_is_bounded():
     assert access.levels()[("k", "audio_seconds")] == -MAX_DEBT_CAPACITIES * 60
 
 
-# -- 7. the failover middleware keeps only what it may replay --------------------------------
-class _Proxy:
-    def __init__(self, lose: set[int]):
-        self.lose, self.tries, self.seen = lose, 0, []
-
-    async def __call__(self, scope, receive, send) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        self.tries += 1
-        self.seen.append(body)
-        if self.tries in self.lose:
-            return
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": body})
-
-
-def _through(middleware, method: str, path: str, body: bytes) -> tuple[int, list]:
-    sent, messages = [], [{"type": "http.request", "body": body, "more_body": False}]
-    kept = []
-
-    async def receive() -> dict:
-        if messages:
-            return messages.pop(0)
-        await asyncio.sleep(3600)
-        raise AssertionError("unreachable")
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    original = failover._Body.receiver
-
-    def spy(self):
-        kept.append(self)
-        return original(self)
-
-    failover._Body.receiver = spy
-    try:
-        scope = {"type": "http", "method": method, "path": path, "headers": []}
-        asyncio.run(asyncio.wait_for(middleware(scope, receive, send), 10))
-    finally:
-        failover._Body.receiver = original
-    return sent[0]["status"], kept
-
-
-def test_failover_keeps_no_body_it_will_not_replay():
-    proxy = _Proxy(lose=set())
-    middleware = failover.ReplayLostRequests(proxy)
-    status, bodies = _through(middleware, "POST", "/v1/stream-of-something", b"x" * 1000)
-    assert status == 200 and bodies[0].kept == []  # not replayable: nothing copied
-    status, bodies = _through(middleware, "POST", "/v1/predict", b"y" * 1000)
-    assert status == 200 and bodies[0].kept == []  # answered: released
-
-
-def test_a_body_lost_before_is_not_replayed_again():
-    proxy = _Proxy(lose={1, 3})
-    middleware = failover.ReplayLostRequests(proxy)
-    assert _through(middleware, "POST", "/v1/predict", b"poison")[0] == 200  # lost, replayed
-    assert proxy.tries == 2
-    assert _through(middleware, "POST", "/v1/predict", b"poison")[0] == 503  # lost again
-    assert proxy.tries == 3  # not sent to a third replica
-    proxy.lose = {4}
-    assert _through(middleware, "POST", "/v1/predict", b"other")[0] == 200  # others replay
-    assert proxy.tries == 5
+# -- 7. the failover middleware keeps only what it may replay: tests/test_failover.py --------
 
 
 # -- 8. VAD settings that cannot terminate ---------------------------------------------------

@@ -37,7 +37,8 @@ class Proxy:
 
 
 def call(app, method: str, path: str, chunks: list[bytes], disconnect: bool = False) -> dict:
-    """One HTTP request through the middleware: the response's status, headers and body."""
+    """One HTTP request through the middleware (a new one around `app`, or `app` itself when
+    it is one): the response's status, headers and body."""
     messages = [{"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1}
                 for i, chunk in enumerate(chunks)]
     sent: list[dict] = []
@@ -54,7 +55,9 @@ def call(app, method: str, path: str, chunks: list[bytes], disconnect: bool = Fa
         sent.append(message)
 
     scope = {"type": "http", "method": method, "path": path, "headers": []}
-    asyncio.run(asyncio.wait_for(failover.ReplayLostRequests(app)(scope, receive, send), 10))
+    middleware = app if isinstance(app, failover.ReplayLostRequests) else \
+        failover.ReplayLostRequests(app)
+    asyncio.run(asyncio.wait_for(middleware(scope, receive, send), 10))
     if not sent:
         return {}
     return {"status": sent[0]["status"], "headers": dict(sent[0]["headers"]),
@@ -119,3 +122,31 @@ def test_replayable_requests():
     assert failover.replayable(scope("POST", "/v1/segments"))
     assert not failover.replayable(scope("POST", "/v1/predictions"))
     assert not failover.replayable(scope("DELETE", "/v1/predict"))
+
+
+def test_only_a_body_that_may_be_replayed_is_kept_and_only_until_answered(monkeypatch):
+    bodies = []
+    original = failover._Body.receiver
+
+    def kept(self):
+        bodies.append(self)
+        return original(self)
+
+    monkeypatch.setattr(failover._Body, "receiver", kept)
+    assert call(Proxy(lose=set()), "POST", "/v1/stream-of-x", [b"x" * 1000])["status"] == 200
+    assert not bodies[-1].keep and bodies[-1].kept == []  # never replayed: never copied
+    assert call(Proxy(lose=set()), "POST", "/v1/predict", [b"y" * 1000])["status"] == 200
+    assert bodies[-1].kept == []  # answered: released
+
+
+def test_a_body_lost_before_is_not_replayed_into_a_third_replica():
+    proxy = Proxy(lose={1, 3})
+    middleware = failover.ReplayLostRequests(proxy)
+    assert call(middleware, "POST", "/v1/predict", [b"poison"])["status"] == 200  # replayed
+    assert len(proxy.tries) == 2
+    lost_again = call(middleware, "POST", "/v1/predict", [b"poison"])
+    assert lost_again["status"] == 503 and len(proxy.tries) == 3  # not sent again
+    assert b"lost with a replica before" in lost_again["body"]
+    proxy.lose = {4}
+    assert call(middleware, "POST", "/v1/predict", [b"other"])["status"] == 200  # others are
+    assert len(proxy.tries) == 5
