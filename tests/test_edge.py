@@ -8,6 +8,7 @@ swaps, failover, metrics export, the real proxy) stays in the cluster tests."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 
@@ -86,6 +87,22 @@ def test_segments_and_models_answer_as_declared(edge):
     models = protocol.ModelsAnswer.model_validate(edge.get("/v1/models").json())
     assert set(models.variants) == set(NAMES) and models.aliases == {"fast": "base"}
     assert protocol.HealthAnswer.model_validate(edge.get("/health").json()).status == "ok"
+
+
+def test_hugging_face_and_kserve_answer_as_declared(edge):
+    labels = edge.post("/v1/audio-classification/fast", content=wav(),
+                       params={"top_k": "3"}).json()
+    assert [protocol.HfLabel.model_validate(item).label for item in labels][:1] and \
+        len(labels) == 3
+    audio = base64.b64encode(wav()).decode()
+    inferred = edge.post("/v2/models/base/infer", json={"inputs": [
+        {"name": "audio", "datatype": "BYTES", "shape": [1], "data": [audio]}]})
+    body = protocol.V2InferResponse.model_validate(inferred.json())
+    assert [output.name for output in body.outputs] == ["scores", "labels", "emotion"]
+    metadata = protocol.V2ModelMetadata.model_validate(edge.get("/v2/models/fast").json())
+    assert metadata.versions == [body.model_version]
+    refused = edge.post("/v2/models/nope/infer", json={"inputs": []})
+    assert refused.status_code == 404 and protocol.V2Error.model_validate(refused.json())
 
 
 def test_the_openapi_is_generated_from_the_protocol(edge):

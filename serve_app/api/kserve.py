@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from serve_app.api import kserve_codec as codec
-from serve_app.api import readiness, upload
+from serve_app.api import protocol, readiness, upload
 from serve_app.api.app import Parts
 from serve_app.errors import ApiError
 from serve_app.labels import emotion_fields, english_name, parse_label_set
@@ -170,57 +170,67 @@ async def infer(pipeline: Pipeline, request: Request, name: str,
 
 
 router = APIRouter(prefix="/v2")
-_ERRORS = {status: {"description": "KServe's error shape, {\"error\": \"<code>: <message>\"}"}
+_ERRORS = {status: {"model": protocol.V2Error}
            for status in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
+_METADATA = {200: {"model": protocol.V2ModelMetadata}, **_ERRORS}
+_READY = {200: {"model": protocol.V2ModelReady}, **_ERRORS}
+_INFER = {"responses": {200: {"model": protocol.V2InferResponse, "content": {
+              codec.BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
+                        **_ERRORS},
+          "openapi_extra": protocol.json_or_raw_body(
+              protocol.V2InferRequest, "the binary tensor extension: a JSON header of "
+              "Inference-Header-Content-Length bytes, then each binary tensor's bytes")}
 
 
-@router.get("", summary="KServe v2: server metadata")
+@router.get("", summary="KServe v2: server metadata", response_model=protocol.V2ServerMetadata)
 async def v2_server() -> JSONResponse:
     from serve_app.api.app import VERSION
 
     return server(VERSION)
 
 
-@router.get("/health/live", summary="KServe v2: liveness (as /health)")
+@router.get("/health/live", summary="KServe v2: liveness (as /health)",
+            response_model=protocol.V2Live)
 async def v2_live() -> JSONResponse:
     return live()
 
 
-@router.get("/health/ready", summary="KServe v2: readiness (as /ready)")
+@router.get("/health/ready", summary="KServe v2: readiness (as /ready)",
+            response_model=protocol.V2Ready, responses={503: {"model": protocol.V2Ready}})
 async def v2_ready(parts: Parts) -> JSONResponse:
     return await ready(parts.pipeline)
 
 
-@router.get("/models/{name}", summary="KServe v2: model metadata", responses=_ERRORS)
+@router.get("/models/{name}", summary="KServe v2: model metadata", responses=_METADATA)
 async def v2_model(request: Request, name: str, parts: Parts) -> Response:
     return await answer(metadata(parts.pipeline, request, name))
 
 
 @router.get("/models/{name}/versions/{version}", summary="KServe v2: model metadata",
-            responses=_ERRORS)
+            responses=_METADATA)
 async def v2_model_version(request: Request, name: str, version: str, parts: Parts) -> Response:
     return await answer(metadata(parts.pipeline, request, name, version))
 
 
-@router.get("/models/{name}/ready", summary="KServe v2: model readiness", responses=_ERRORS)
+@router.get("/models/{name}/ready", summary="KServe v2: model readiness", responses=_READY)
 async def v2_model_ready(request: Request, name: str, parts: Parts) -> Response:
     return await answer(model_ready(parts.pipeline, request, name))
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="KServe v2: model readiness",
-            responses=_ERRORS)
+            responses=_READY)
 async def v2_version_ready(request: Request, name: str, version: str,
                            parts: Parts) -> Response:
     return await answer(model_ready(parts.pipeline, request, name, version))
 
 
 @router.post("/models/{name}/infer", summary="KServe v2: inference (JSON or binary tensors)",
-             responses=_ERRORS)
+             **_INFER)
 async def v2_infer(request: Request, name: str, parts: Parts) -> Response:
     return await answer(infer(parts.pipeline, request, name))
 
 
 @router.post("/models/{name}/versions/{version}/infer",
-             summary="KServe v2: inference on a model version", responses=_ERRORS)
+             summary="KServe v2: inference on a model version", **_INFER)
 async def v2_infer_version(request: Request, name: str, version: str, parts: Parts) -> Response:
     return await answer(infer(parts.pipeline, request, name, version))

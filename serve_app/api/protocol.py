@@ -303,6 +303,83 @@ def json_or_raw_body(model: type[BaseModel], raw: str) -> dict:
                                                 "description": raw}}}}}
 
 
+# -- KServe Open Inference Protocol v2 (serve_app/api/kserve_codec.py) ------------------------
+class V2Tensor(_Open):
+    """An input tensor in JSON (with the binary extension, `parameters.binary_data_size` and
+    no `data`: its bytes follow the JSON header)."""
+
+    name: str
+    datatype: str = Field(description="audio: BYTES [1] (the file's base64 in JSON); waveform: "
+                          "FP32 [n] or [1, n] (16 kHz mono)")
+    shape: list[int]
+    data: list | None = None
+    parameters: dict | None = None
+
+
+class V2RequestedOutput(_Open):
+    name: Literal["scores", "labels", "emotion", "embedding"]
+    parameters: dict | None = None
+
+
+class V2InferRequest(_Open):
+    id: str | None = None
+    parameters: dict | None = Field(None, description="granularity, labels, binary_data_output")
+    inputs: list[V2Tensor]
+    outputs: list[V2RequestedOutput] | None = None
+
+
+class V2OutputTensor(_Closed):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list | None = None
+    parameters: dict | None = None
+
+
+class V2InferResponse(_Closed):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    outputs: list[V2OutputTensor]
+
+
+class V2Error(_Closed):
+    error: str = Field(description="the service's code, then its message")
+
+
+class V2ServerMetadata(_Closed):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2TensorMetadata(_Closed):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class V2ModelMetadata(_Closed):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2Live(_Closed):
+    live: bool
+
+
+class V2Ready(_Closed):
+    ready: bool
+
+
+class V2ModelReady(_Closed):
+    name: str
+    ready: bool
+
+
 def errors(*statuses: int) -> dict:
     """The `responses` of a route: these statuses answer the one error shape."""
     return {status: {"model": ErrorBody} for status in statuses}
