@@ -53,6 +53,7 @@ def api_schema(edge):
 
 
 def wav(seconds: float = 1.0, rate: int = 16_000, channels: int = 1) -> bytes:
+    """A 220 Hz tone as a 16-bit WAV file."""
     t = np.arange(int(seconds * rate)) / rate
     samples = np.tile((0.3 * np.sin(2 * np.pi * 220 * t))[:, None], (1, channels))
     buffer = io.BytesIO()
@@ -139,11 +140,45 @@ def test_the_openapi_is_generated_from_the_protocol(edge):
                                              "boundary=x"}}, 422, "missing_file"),
     ({"content": b"x", "headers": {"content-type": "multipart/form-data"}}, 400,
      "malformed_form"),
+    ({"files": {"file": ("a.wav", wav())}, "data": {"extract_embedding": "maybe"}}, 422,
+     "invalid_parameter"),
+    ({"files": {"file": ("a.wav", b"")}}, 422, "empty_audio"),
+    ({"files": {"file": ("a.wav", wav(0))}}, 422, "empty_audio"),
+    ({"content": b""}, 422, "empty_audio"),
+    ({"content": wav(11)}, 413, "payload_too_large"),
+    ({"files": {"other": ("x.wav", b"123")}, "data": {"model_version": "base"}}, 422,
+     "unknown_field"),
 ])
 def test_predict_refuses_bad_input_with_its_code(edge, send, status, code):
     answer = edge.post("/v1/predict", **send)
     assert (answer.status_code, answer.json()["error"]["code"]) == (status, code), answer.text
     protocol.ErrorBody.model_validate(answer.json())
+    assert edge.post("/v1/predict", files={"file": ("a.wav", wav())}).status_code == 200
+
+
+def test_an_unknown_version_lists_the_valid_ones(edge):
+    answer = edge.post("/v1/predict", files={"file": ("a.wav", wav())},
+                       data={"model_version": "huge"})
+    assert answer.json()["error"]["valid"] == ["base", "fast", "large"]
+
+
+def test_the_page_and_the_api_description(edge):
+    spec = edge.get("/openapi.json").json()
+    paths = spec["paths"]
+    assert {"/", "/v1/predict", "/v1/models", "/health", "/ready"} <= set(paths)
+    assert not [p for p in paths if p.startswith("/web")]
+    assert "text/html" in paths["/"]["get"]["responses"]["200"]["content"]
+    form = paths["/v1/predict"]["post"]["requestBody"]["content"]["multipart/form-data"][
+        "schema"]
+    assert form["properties"]["file"]["format"] == "binary"
+    assert form["properties"]["granularity"]["enum"] == ["utterance", "frame"]
+    assert form["properties"]["extract_embedding"]["type"] == "boolean"
+    docs = edge.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    for bad in ("/web/index.htm", "/web/..%2Frouter.py", "/web/router.py"):
+        response = edge.get(bad)
+        assert response.status_code == 404, bad
+        assert "def predict" not in response.text
 
 
 def test_raw_audio_sent_as_curl_sends_it(edge):
