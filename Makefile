@@ -1,5 +1,6 @@
 # Set-up and entry points. Every target installs what it needs on a fresh machine.
-PYTHON ?= python3
+# python3.11 where there is one (the package needs 3.11), else python3; `make PYTHON=...` to choose.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
 # Keep Ray on loopback, and quiet; the proxy replays requests lost with a Router replica
