@@ -32,6 +32,7 @@ import psutil
 import soundfile
 
 from benchmarks.batch_parity import mixed_clips
+from benchmarks.results import add_results_dir, relative_config, write_result
 from serve_app.audio import sndfile
 from serve_app.inference.engine import EmotionEngine
 from serve_app.tools.batch.parts import read_rows
@@ -134,7 +135,7 @@ def one_variant_app(config: Path, variant: str) -> dict:
     return app
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"))
@@ -147,7 +148,11 @@ def main() -> None:
     parser.add_argument("--tiny-counts", default="400,4000",
                         help="tiny-file counts for the driver memory check ('' to skip)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
-    args = parser.parse_args()
+    return add_results_dir(parser)
+
+
+def main() -> None:
+    args = _parser().parse_args()
     config = Path(args.config).resolve()
     work = Path(tempfile.mkdtemp(prefix="e2v-batch-bench-"))
     folder = work / "files"
@@ -187,6 +192,16 @@ def main() -> None:
               f"start), then {steady:.2f} files/s ({steady / rates['engine']:.2f} x engine)")
         print("batch peak RSS: " + ", ".join(f"{kind} {rss / MB:.0f} MB"
                                              for kind, rss in peaks.items()), flush=True)
+        result = {
+            "benchmark": "batch", "variant": args.variant, "files": len(files),
+            "clip_s": f"{args.min_s:g}-{args.max_s:g} s ({audio_s / 3600:.2f} h of audio)",
+            "rows": [{"path": name, "files_per_s": round(rate, 2),
+                      "x_engine": round(rate / rates["engine"], 2)}
+                     for name, rate in rates.items()],
+            "first_rows": {"rows": int(first_rows), "s": round(float(first_s), 1),
+                           "then_files_per_s": round(steady, 2),
+                           "then_x_engine": round(steady / rates["engine"], 2)},
+            "peak_rss_mb": {kind: round(rss / MB) for kind, rss in peaks.items()}, "tiny": []}
 
         tiny_config = REPO / "configs" / "tiny.yaml"
         for count in [int(n) for n in args.tiny_counts.split(",") if n]:
@@ -203,6 +218,11 @@ def main() -> None:
                 args.timeout)
             print(f"{count} tiny files: {count / wall:.1f} files/s, driver peak RSS "
                   f"{peaks['driver'] / MB:.0f} MB", flush=True)
+            result["tiny"].append({"files": count, "files_per_s": round(count / wall, 1),
+                                   "driver_mb": round(peaks["driver"] / MB)})
+    write_result("batch", result, results_dir=args.results_dir,
+                 config=f"{relative_config(str(config))} ({args.variant}); the job with "
+                        f"--num-cpus {args.num_cpus}")
 
 
 if __name__ == "__main__":

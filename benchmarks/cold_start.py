@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.results import add_results_dir, write_result
 from serve_app.checkpoints import generate
 
 CACHE = Path("~/.cache/emotion2vec-serve/checkpoints").expanduser()
@@ -50,19 +51,24 @@ def _status_mb(field: str) -> float:
     raise KeyError(field)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", default="base,large")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--optimizer-state", action="store_true",
                         help="checkpoints with optimizer state beside the weights, as published")
     parser.add_argument("--measure", nargs=2, metavar=("DIR", "LOADER"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return add_results_dir(parser)
+
+
+def main() -> None:
+    args = _parser().parse_args()
     if args.measure:
         print(json.dumps(measure(*args.measure, args.threads)))
         return
     print(f"{'arch':6} {'model.pt':>9} {'weights':>8} {'loader':7} {'load s':>7} {'ready s':>8} "
           f"{'peak RSS added':>15} {'x weights':>9} {'file-backed':>12}")
+    rows = []
     for arch in args.archs.split(","):
         name = f"{arch}-seed0" + ("-optimizer" if args.optimizer_state else "")
         directory = generate.write_checkpoint(CACHE / name, arch, 0,
@@ -81,6 +87,18 @@ def main() -> None:
             print(f"{arch:6} {size_mb:8.0f}M {weights_mb:7.0f}M {loader:7} {result['load_s']:7.2f} "
                   f"{result['ready_s']:8.2f} {result['peak_mb']:14.0f}M "
                   f"{result['peak_mb'] / weights_mb:9.2f} {result['file_mb']:11.0f}M")
+            rows.append({"arch": arch, "model_mb": round(size_mb), "weights_mb": round(weights_mb),
+                         "loader": loader, "load_s": round(result["load_s"], 2),
+                         "ready_s": round(result["ready_s"], 2),
+                         "peak_added_mb": round(result["peak_mb"]),
+                         "x_weights": round(result["peak_mb"] / weights_mb, 2),
+                         "file_backed_mb": round(result["file_mb"]),
+                         "optimizer_state": args.optimizer_state})
+    write_result("cold-start", {"benchmark": "cold_start", "rows": rows},
+                 results_dir=args.results_dir,
+                 config=f"generated random-weight checkpoints ({args.archs}), {args.threads} "
+                        "torch threads" + (", with optimizer state" if args.optimizer_state
+                                           else ""))
 
 
 if __name__ == "__main__":

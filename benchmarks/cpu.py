@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.results import add_results_dir, write_result
 from serve_app.checkpoints import generate
 
 CHECKPOINTS = Path("~/.cache/emotion2vec-serve/checkpoints").expanduser()
@@ -107,7 +108,7 @@ def engine(path: Path, backend: str, precision: str, cache: str, threads: int = 
 
 
 def speed(archs: list[str], rounds: int, cache: str, batch: int,
-          combos: list[tuple[str, str]]) -> None:
+          combos: list[tuple[str, str]]) -> dict:
     clip = varied_clips(5)[4][1]  # 5 s
     clip = np.resize(clip, 80_000).astype(np.float32)
     print(f"\n== speed: 5 s clip, in-process, 2 threads, median of {rounds} interleaved rounds ==")
@@ -116,6 +117,7 @@ def speed(archs: list[str], rounds: int, cache: str, batch: int,
     print(f"{'arch':6} {'backend':9} {'precision':9} {'ms':>7} {'vs eager fp32':>14} "
           f"{'cpu ms':>7} {'cpu vs eager':>13} "
           f"{f'batch {batch}: ms/clip':>18} {'batched/single':>15}")
+    rows = []
     for arch in archs:
         path = checkpoint(arch)
         engines = {combo: engine(path, *combo, cache) for combo in combos}
@@ -142,20 +144,28 @@ def speed(archs: list[str], rounds: int, cache: str, batch: int,
             print(f"{arch:6} {combo[0]:9} {combo[1]:9} {ms * 1000:7.0f} {ms / base:14.2f} "
                   f"{cpu_ms * 1000:7.0f} {cpu_ms / cpu_base:13.2f} "
                   f"{per_clip * 1000:18.0f} {per_clip / ms:15.2f}", flush=True)
+            rows.append({"arch": arch, "backend": combo[0], "precision": combo[1],
+                         "ms": round(ms * 1000), "vs_eager": round(ms / base, 2),
+                         "cpu_ms": round(cpu_ms * 1000),
+                         "cpu_vs_eager": round(cpu_ms / cpu_base, 2),
+                         "batch_ms_per_clip": round(per_clip * 1000),
+                         "batched_vs_single": round(per_clip / ms, 2)})
         del engines
+    return {"clip_s": 5, "threads": 2, "rounds": rounds, "batch": batch, "rows": rows}
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def fidelity(archs: list[str], count: int, cache: str, backends: list[str]) -> None:
+def fidelity(archs: list[str], count: int, cache: str, backends: list[str]) -> dict:
     from funasr import AutoModel
 
     clips = varied_clips(count)
     print(f"\n== fidelity over {len(clips)} clips ({', '.join(n for n, _ in clips[:6])}, ...) ==")
     print(f"{'arch':6} {'backend':9} {'precision':9} {'against':8} {'max score diff':>15} "
           f"{'max emb diff':>13} {'min cosine':>11} {'top-1 agree':>12} {'min margin':>11}")
+    rows = []
     for arch in archs:
         path = checkpoint(arch)
         auto = AutoModel(model=str(path), device="cpu", ncpu=2, disable_update=True,
@@ -178,7 +188,12 @@ def fidelity(archs: list[str], count: int, cache: str, backends: list[str]) -> N
             print(f"{arch:6} {combo[0]:9} {combo[1]:9} {'FunASR':8} {score_diff:15.2e} "
                   f"{emb_diff:13.2e} {cos:11.6f} {agree:>6}/{len(clips):<5} "
                   f"{min(margins):11.2e}", flush=True)
+            rows.append({"arch": arch, "backend": combo[0], "precision": combo[1],
+                         "against": "FunASR", "max_score_diff": score_diff,
+                         "max_emb_diff": emb_diff, "min_cosine": cos,
+                         "top1": f"{agree}/{len(clips)}", "min_margin": min(margins)})
             del loaded
+    return {"clips": len(clips), "rows": rows}
 
 
 def child(path: str, backend: str, precision: str, cache: str) -> None:
@@ -207,10 +222,11 @@ def run_child(path: Path, backend: str, precision: str, cache: str) -> dict:
     return json.loads(lines[-1])
 
 
-def cold_start(archs: list[str]) -> None:
+def cold_start(archs: list[str]) -> dict:
     print("\n== time to a warm engine (fresh process each) and RSS after a 5 s predict ==")
     print(f"{'arch':6} {'backend':9} {'precision':9} {'cache':6} {'ready s':>8} {'RSS MB':>8} "
           f"{'peak MB':>8} {'RSS vs eager':>13}")
+    rows = []
     for arch in archs:
         path = checkpoint(arch)
         with tempfile.TemporaryDirectory(prefix="e2v-cold-") as cache:
@@ -225,12 +241,14 @@ def cold_start(archs: list[str]) -> None:
                 print(f"{arch:6} {backend:9} {precision:9} {row['cache'] or '-':6} "
                       f"{row['ready_s']:8.1f} {row['rss_mb']:8.0f} {row['peak_mb']:8.0f} "
                       f"{row['rss_mb'] / eager_rss[precision]:13.2f}", flush=True)
+                rows.append({"arch": arch, "backend": backend, "precision": precision,
+                             "cache": row["cache"], "ready_s": round(row["ready_s"], 1),
+                             "rss_mb": round(row["rss_mb"]), "peak_mb": round(row["peak_mb"]),
+                             "rss_vs_eager": round(row["rss_mb"] / eager_rss[precision], 2)})
+    return {"rows": rows}
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(*sys.argv[2:6])
-        return
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", default="base,large")
     parser.add_argument("--stages", default="speed,fidelity,cold")
@@ -244,6 +262,14 @@ def main() -> None:
                         help="backend/precision pairs of the speed table (torch/fp32 first: "
                              "the ratios' base); torch/reduced is emulated, so slow, without "
                              "bf16 units")
+    return add_results_dir(parser)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(*sys.argv[2:6])
+        return
+    parser = _parser()
     args = parser.parse_args()
     combos = [tuple(pair.split("/")) for pair in args.combos.split(",")]
     if combos[0] != ("torch", "fp32") or not set(combos) <= set(COMBOS):
@@ -252,12 +278,17 @@ def main() -> None:
 
     torch.set_num_threads(2)
     archs, stages = args.archs.split(","), args.stages.split(",")
+    result: dict = {"benchmark": "cpu"}
     if "speed" in stages:
-        speed(archs, args.rounds, args.cache, args.batch, combos)
+        result["speed"] = speed(archs, args.rounds, args.cache, args.batch, combos)
     if "fidelity" in stages:
-        fidelity(archs, args.clips, args.cache, args.fidelity_backends.split(","))
+        result["fidelity"] = fidelity(archs, args.clips, args.cache,
+                                      args.fidelity_backends.split(","))
     if "cold" in stages:
-        cold_start(archs)
+        result["cold"] = cold_start(archs)
+    write_result("cpu", result, results_dir=args.results_dir,
+                 config=f"generated random-weight checkpoints ({args.archs}), in-process, "
+                        f"combos {args.combos}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import numpy as np
 import soundfile
 
 from benchmarks.load import run_stage
+from benchmarks.results import add_results_dir, relative_config, write_result
 from serve_app.audio import ffmpeg, sndfile
 from serve_app.audio.pool import DecodePool
 from serve_app.audio.waveform import Limits
@@ -75,7 +76,7 @@ def measure(run, reps: int, pool: DecodePool | None = None) -> tuple[float, floa
     return statistics.median(times) * 1000, cpu / reps * 1000
 
 
-def decode_table(reps: int) -> None:
+def decode_table(reps: int) -> list[dict]:
     loop = asyncio.new_event_loop()
     pool = DecodePool(1)
     data = clips()
@@ -88,6 +89,7 @@ def decode_table(reps: int) -> None:
     def shown(result) -> str:
         return "-" if result is None else f"{result[0]:.1f} / {result[1]:.1f}"
 
+    rows = []
     try:
         for name, body in data.items():
             libsndfile = measure(lambda body=body: sndfile.decode_sndfile(body, LIMITS), reps)
@@ -97,12 +99,17 @@ def decode_table(reps: int) -> None:
             cost = f"{worker[0] - thread[0]:+.1f} / {worker[1] - thread[1]:+.1f}"
             print(f"{name:16} {len(body) / 1000:6.1f} {shown(libsndfile):>13} {shown(thread):>15} "
                   f"{shown(worker):>15} {cost:>12}")
+            rows.append({"format": name, "kb": round(len(body) / 1000, 1),
+                         **{key: None if value is None else [round(v, 1) for v in value]
+                            for key, value in (("libsndfile", libsndfile), ("thread", thread),
+                                               ("worker", worker))}})
     finally:
         loop.run_until_complete(pool.close())
         loop.close()
+    return rows
 
 
-def throughput_table(config: str, clients: int, seconds: float) -> None:
+def throughput_table(config: str, clients: int, seconds: float) -> list[dict]:
     wav = io.BytesIO()
     soundfile.write(wav, media.tone(SECONDS, 16_000)[0], 16_000, format="WAV")
     m4a = media.encode(media.FORMATS["m4a_aac"][0], SECONDS)
@@ -121,6 +128,7 @@ def throughput_table(config: str, clients: int, seconds: float) -> None:
               f"{seconds:g} s per stage ({config}, variant base)")
         print(f"{'upload':14} {'ok':>6} {'other':>6} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
               f"{'decode p50':>11}")
+        rows = []
         for label, filename, body, workers in stages:
             serve_handle.put(with_workers(workers))
             serve_handle.wait_for(app["name"], ("RUNNING",), timeout_s=900)
@@ -133,19 +141,36 @@ def throughput_table(config: str, clients: int, seconds: float) -> None:
             decode = statistics.median(stage["decodes"]) if ok else float("nan")
             print(f"{label:14} {ok:6d} {other:6d} {ok / seconds:7.1f} {p50:8.0f} {p99:8.0f} "
                   f"{decode:9.1f}ms" + (f"   {dict(stage['outcomes'])}" if other else ""))
+            rows.append({"upload": label, "ok": ok, "other": other,
+                         "req_per_s": round(ok / seconds, 1),
+                         "p50_ms": round(p50) if ok else None,
+                         "p99_ms": round(p99) if ok else None,
+                         "decode_p50_ms": round(decode, 1) if ok else None})
+    return rows
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--stage-seconds", type=float, default=10.0)
     parser.add_argument("--skip-service", action="store_true", help="the decode table only")
-    args = parser.parse_args()
-    decode_table(args.reps)
+    return add_results_dir(parser)
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    result = {"benchmark": "decode_formats", "clip_s": SECONDS, "reps": args.reps,
+              "decode": decode_table(args.reps)}
     if not args.skip_service:
-        throughput_table(args.config, args.clients, args.stage_seconds)
+        result |= {"clients": args.clients,
+                   "service": f"{SECONDS:g} s clips, {args.stage_seconds:g} s per stage, "
+                              f"{relative_config(args.config)}'s base",
+                   "throughput": throughput_table(args.config, args.clients, args.stage_seconds)}
+    write_result("decode-formats", result, results_dir=args.results_dir,
+                 config="in-process decoders" + ("" if args.skip_service
+                                                 else f"; {relative_config(args.config)}"))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,6 +40,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from benchmarks.batch_parity import mixed_clips
+from benchmarks.results import RESULTS, add_results_dir, write_result
+from benchmarks.tables import gpu_lines
 from serve_app.checkpoints import generate
 from serve_app.config import ModelSettings
 from serve_app.inference.engine import EmotionEngine
@@ -226,52 +229,13 @@ def environment(device: str, threads: int, profile_name: str, funasr_version: st
 
 def render(report: dict) -> str:
     """The table, from the JSON report alone (so the JSON holds every number it shows)."""
-    env, variants = report["environment"], report["variants"]
+    env = report["environment"]
     lines = [f"{env['device_name']} ({env['device']}), torch {env['torch']}, "
              f"CUDA {env['cuda'] or '-'}, FunASR {env['funasr']}, Python {env['python']}, "
              f"{env['threads']} CPU threads, profile {env['profile']}"
              f"{', TF32 matmul' if env['tf32_matmul'] else ''}; RANDOM weights; "
              f"{report['total_s']:.0f} s in all"]
-
-    def num(value, fmt: str, width: int) -> str:
-        return f"{'-':>{width}}" if value is None else format(value, f">{width}{fmt}")
-
-    def mib(memory: dict | None, key: str) -> str:
-        return num(None if memory is None else memory[key], ".0f", 9)
-
-    lines.append("variant  arch   params  dtype     ckpt s  load s  1st s  "
-                 "GPU MiB: loaded alloc  reserved  peak alloc  reserved")
-    for name, v in variants.items():
-        lines.append(f"{name:<8} {v['arch']:<6} {v['params_m']:>5.1f}M  {v['dtype']:<9} "
-                     f"{v['checkpoint_s']:>6.1f}  {v['load_s']:>6.2f}  {v['first_predict_s']:>5.2f}"
-                     f"  {mib(v['memory_after_load'], 'allocated_mib'):>21} "
-                     f"{mib(v['memory_after_load'], 'reserved_mib')} "
-                     f"{mib(v['memory_peak'], 'allocated_mib'):>11} "
-                     f"{mib(v['memory_peak'], 'reserved_mib')}")
-    clips = [entry["clip_s"] for entry in next(iter(variants.values()))["latency"]]
-    lines.append("latency ms (p50/p99)  "
-                 + "".join(f"{format(s, 'g') + ' s clip':>18}" for s in clips))
-    for name, v in variants.items():
-        cells = ["{:.1f}/{:.1f}".format(e["p50_ms"], e["p99_ms"]) for e in v["latency"]]
-        lines.append(f"{name:<22}" + "".join(f"{cell:>18}" for cell in cells))
-    lines.append("padded batches  clip s  batch  median ms   clips/s  audio s/s  x batch 1  "
-                 "max diff vs single")
-    for name, v in variants.items():
-        for e in v["batches"]:
-            lines.append(f"{name:<15} {report['batch_clip_s']:>6g}  {e['batch']:>5}  "
-                         f"{e['median_ms']:>9.1f}  {e['clips_per_s']:>8.1f}  "
-                         f"{e['audio_s_per_s']:>9.1f}  {e['x_batch1']:>9.2f}  "
-                         f"{e['max_diff_vs_single']:>18.2e}")
-    lines.append("max score diff   engine vs FunASR inference   device vs CPU fp32 (top-1 agree)")
-    for name, v in variants.items():
-        agree = v["cpu_fp32_top1_agreement"]
-        lines.append(f"{name:<16} {v['funasr_max_diff']:>28.2e}   "
-                     f"{num(v['cpu_fp32_max_diff'], '.2e', 18)}"
-                     f"{'' if agree is None else f' ({agree:.0%})'}")
-    turbo = variants.get("turbo", {}).get("vs_large")
-    if turbo:
-        lines.append(f"turbo vs large over {turbo['clips']} clips: top-1 agreement "
-                     f"{turbo['top1_agreement']:.0%}, max score diff {turbo['max_diff']:.2e}")
+    lines.extend(gpu_lines(report))
     lines.extend(goals(report))
     return "\n".join(lines)
 
@@ -348,7 +312,7 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     parser.add_argument("--quick", action="store_true",
@@ -362,11 +326,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tf32", action="store_true",
                         help="allow TF32 for fp32 matrix products (the service does not)")
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
-    args = parser.parse_args(argv)
+    return add_results_dir(parser, default=None,
+                           note="; the --quick dry run writes none unless given")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     report = run(args)
     print(render(report))
     if args.out:
         print(f"JSON: {args.out}")
+    if args.quick and args.results_dir is None:
+        return
+    write_result("gpu", {"benchmark": "gpu", **report}, results_dir=args.results_dir or RESULTS,
+                 argv=["benchmarks/gpu.py", *(sys.argv[1:] if argv is None else argv)],
+                 config=f"benchmarks.gpu's own random-weight checkpoints ("
+                        f"{report['environment']['profile']} profile) on {args.device}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import argparse
 import glob
 import itertools
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.results import add_results_dir, write_result
 from serve_app.api import failover
 from serve_app.tools.cli import new_key
 from serve_app.tools.cluster import LocalServe, load_app, local_cluster
@@ -289,7 +291,7 @@ def run(routers: int, clients: int, quota_s: float, rpm: int, fast: bool) -> dic
         return {"routers": routers, "quota": quota, "loss": loss}
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--routers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--clients", type=int, default=4)
@@ -298,7 +300,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--default-node-death", action="store_true")
     parser.add_argument("--no-replay", action="store_true",
                         help="without the proxy middleware (serve_app/api/failover.py)")
-    args = parser.parse_args(argv)
+    return add_results_dir(parser)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     if args.no_replay:  # before Ray starts: the proxy reads it once
         os.environ[failover.ENV_VAR] = ""
     results = [run(n, args.clients, args.quota_s, args.rpm, not args.default_node_death)
@@ -317,6 +323,22 @@ def main(argv: list[str] | None = None) -> None:
               f"{loss['back_s']:>10.1f} {gaps:>22}  {loss['statuses']}")
     for result in results:
         print(result)
+    rows = []
+    for result in results:
+        loss = result["loss"]
+        lost = {status: n for status, n in loss["statuses"].items() if status != 200}
+        rows.append({"routers": result["routers"], "replay": not args.no_replay,
+                     "quota": result["quota"],
+                     "runs": [{"answers": sum(loss["statuses"].values()), "lost": loss["lost"],
+                               "lost_as": ", ".join(f"{n} x {status}"
+                                                    for status, n in lost.items()) or None,
+                               "replayed": loss["replayed"], "back_s": round(loss["back_s"], 1),
+                               "no_200_s": {v: round(loss["no_200_s"][v], 1)
+                                            for v in VARIANTS}}]})
+    write_result("ha", {"benchmark": "ha", "rows": rows}, results_dir=args.results_dir,
+                 config=f"configs/tiny.yaml's {' and '.join(VARIANTS)} on a 4-node local "
+                        f"cluster, {args.clients} clients",
+                 argv=["benchmarks/ha.py", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import soundfile
 
+from benchmarks.results import add_results_dir, relative_config, write_result
 from serve_app.checkpoints import generate
 from serve_app.tools.cluster import load_app, local_serve
 
@@ -40,14 +41,18 @@ def with_checkpoint(app: dict, variant: str, seed: int) -> dict:
     return app
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"))
     parser.add_argument("--variant", default="base")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--clip-seconds", type=float, default=2.0)
-    args = parser.parse_args()
+    return add_results_dir(parser)
+
+
+def main() -> None:
+    args = _parser().parse_args()
 
     app = load_app(args.config)
     swapped = with_checkpoint(app, args.variant, seed=1)
@@ -115,11 +120,15 @@ def main() -> None:
             for thread in threads:
                 thread.join(timeout=150)
 
+    phases = []
+
     def phase(name: str, keep) -> None:
         latencies = [lat for start, lat, status in results if keep(start) and status == 200]
         if latencies:
             p50, p99 = (np.percentile(latencies, q) * 1000 for q in (50, 99))
             print(f"  {name:7} {len(latencies):5d} ok   p50 {p50:6.0f} ms   p99 {p99:6.0f} ms")
+            phases.append({"phase": name, "ok": len(latencies), "p50_ms": round(p50),
+                           "p99_ms": round(p99)})
 
     def during(moment: float) -> bool:
         return any(start <= moment <= end for start, end, _ in swaps)
@@ -142,6 +151,17 @@ def main() -> None:
     mb = 2**20
     print(f"replica RSS: before {np.median(before) / mb:.0f} MB, during swaps max "
           f"{max(inside, default=0) / mb:.0f} MB, after {np.median(after) / mb:.0f} MB")
+    write_result("hot-swap", {
+        "benchmark": "hot_swap", "variant": args.variant, "clients": args.clients,
+        "seconds": args.seconds, "clip_s": args.clip_seconds, "sent": len(results),
+        "failed": len(failed), "failed_statuses": sorted(set(failed)), "phases": phases,
+        "swap_results": [last["result"] for _, _, last in swaps],
+        "swap_replica_s": [round(last["duration_s"], 2) for _, _, last in swaps],
+        "swap_deploy_s": [round(end - start, 2) for start, end, _ in swaps],
+        "rss_mb": {"before": round(float(np.median(before)) / mb),
+                   "during_max": round(max(inside, default=0) / mb),
+                   "after": round(float(np.median(after)) / mb)}},
+        results_dir=args.results_dir, config=relative_config(args.config))
 
 
 if __name__ == "__main__":

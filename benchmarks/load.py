@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import soundfile
 
+from benchmarks.results import add_results_dir, relative_config, write_result
 from serve_app.tools.cluster import load_app, local_serve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,14 +67,18 @@ def run_stage(url: str, variant: str, body: bytes, clients: int, seconds: float,
             "retry_after_missing": retry_after_missing}
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"))
     parser.add_argument("--variant", default="base")
     parser.add_argument("--stages", default="1,4,16,64", help="concurrent clients per stage")
     parser.add_argument("--stage-seconds", type=float, default=15.0)
     parser.add_argument("--clip-seconds", type=float, default=2.0)
-    args = parser.parse_args()
+    return add_results_dir(parser)
+
+
+def main() -> None:
+    args = _parser().parse_args()
 
     t = np.arange(int(args.clip_seconds * 16_000)) / 16_000
     buffer = io.BytesIO()
@@ -88,6 +93,7 @@ def main() -> None:
         print(f"{'clients':>7} {'sent':>6} {'ok':>6} {'503':>6} {'other':>6} {'p50 ms':>8} "
               f"{'p99 ms':>8} {'ok/s':>6}")
         totals: Counter = Counter()
+        rows = []
         for clients in (int(c) for c in args.stages.split(",")):
             stage = run_stage(serve_handle.url, args.variant, buffer.getvalue(), clients,
                               args.stage_seconds)
@@ -102,10 +108,20 @@ def main() -> None:
                   + (f"   others: {dict(outcomes)}" if other else "")
                   + (f"   503 without Retry-After: {stage['retry_after_missing']}"
                      if stage["retry_after_missing"] else ""))
+            rows.append({"clients": clients, "sent": sum(outcomes.values()), "ok": outcomes[200],
+                         "503": outcomes[503], "other": other,
+                         "p50_ms": None if p50 != p50 else round(p50),
+                         "p99_ms": None if p99 != p99 else round(p99),
+                         "ok_per_s": round(outcomes[200] / args.stage_seconds, 1),
+                         "retry_after_missing": stage["retry_after_missing"]})
         ready = httpx.get(f"{serve_handle.url}/ready", timeout=30)
         other = sum(n for status, n in totals.items() if status not in (200, 503))
         print(f"\ntotal sent {sum(totals.values())}, ok {totals[200]}, 503 {totals[503]}, "
               f"other errors {other}; /ready after: {ready.status_code} {ready.json()}")
+    write_result("load", {"benchmark": "load", "variant": args.variant,
+                          "clip_s": args.clip_seconds, "stage_s": args.stage_seconds,
+                          "rows": rows, "ready_after": ready.status_code},
+                 results_dir=args.results_dir, config=relative_config(args.config))
 
 
 if __name__ == "__main__":

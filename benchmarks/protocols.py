@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 import soundfile
 
+from benchmarks.results import add_results_dir, relative_config, write_result
 from benchmarks.serve_latency import speech_clip
 from serve_app.api.kserve_codec import HEADER_LENGTH, join_bytes, parse_infer_request
 from serve_app.tools.cluster import load_app, local_serve
@@ -83,13 +84,17 @@ def codec_ms(waveform: np.ndarray, repeats: int = 5) -> dict[str, float]:
         "JSON bytes": len(json_body), "binary bytes": len(binary_body)}
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--variant", default="base")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--requests", type=int, default=30, help="per entry")
-    args = parser.parse_args()
+    return add_results_dir(parser)
+
+
+def main() -> None:
+    args = _parser().parse_args()
 
     waveform = speech_clip(args.seconds)
     buffer = io.BytesIO()
@@ -118,13 +123,25 @@ def main() -> None:
     print(f"{args.seconds:g} s clip ({len(wav)} bytes as wav), variant {args.variant} of "
           f"{args.config}, {args.requests} requests per entry, round-robin\n")
     print(f"{'entry':<20} {'p50 ms':>8} {'p90 ms':>8} {'p50 / predict':>14}")
+    rows = []
     for name, values in latencies.items():
         p50 = statistics.median(values)
         print(f"{name:<20} {p50:8.1f} {np.percentile(values, 90):8.1f} {p50 / base:14.2f}")
+        rows.append({"entry": name, "p50_ms": round(p50, 1),
+                     "p90_ms": round(float(np.percentile(values, 90)), 1),
+                     "ratio": round(p50 / base, 2)})
     codec = codec_ms(waveform)
     print(f"\nKServe codec in-process, {args.seconds:g} s waveform: JSON "
           f"{codec['JSON']:.1f} ms ({codec['JSON bytes']} bytes), binary "
           f"{codec['binary']:.2f} ms ({codec['binary bytes']} bytes)")
+    write_result("protocols", {
+        "benchmark": "protocols", "variant": args.variant, "clip_s": args.seconds,
+        "requests": args.requests, "rows": rows,
+        "codec": {"json_ms": round(codec["JSON"], 1),
+                  "json_mb": round(codec["JSON bytes"] / 1e6, 2),
+                  "binary_ms": round(codec["binary"], 2),
+                  "binary_mb": round(codec["binary bytes"] / 1e6, 2)}},
+        results_dir=args.results_dir, config=f"{relative_config(args.config)} ({args.variant})")
 
 
 if __name__ == "__main__":

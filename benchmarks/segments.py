@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.results import add_results_dir, relative_config, write_result
 from serve_app.tools.cluster import load_app, local_serve
 from tests import conversation
 
@@ -52,7 +53,7 @@ def one_run(url: str, data: bytes, variant: str, timeout_s: float) -> dict:
     return {"elapsed_s": elapsed, **response.json()}
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"))
     parser.add_argument("--seconds", type=float, default=600.0, help="recording length")
@@ -60,7 +61,11 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(f"{f}x{b}" for f, b in RUNS),
                         help="in-flight x max_batch_size per run")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
-    args = parser.parse_args()
+    return add_results_dir(parser)
+
+
+def main() -> None:
+    args = _parser().parse_args()
     call = conversation.tile(conversation.make(), args.seconds)
     data = call.wav_bytes()
     app = load_app(args.config, segments={"max_recording_bytes": len(data) + 2**20})
@@ -70,6 +75,7 @@ def main() -> None:
           "the speech")
     print(f"{'in flight':>9} {'batch':>5} {'segments':>8} {'total s':>8} {'RTF':>6} "
           f"{'seg/s':>6} {'VAD s':>6} {'VAD %':>6} {'router MB':>9} {'replica MB':>10}")
+    rows, before = [], None
     router_title = f"ServeReplica:{app_name}:Router"
     variant_title = f"ServeReplica:{app_name}:{args.variant}"
     with local_serve() as serve_handle:
@@ -85,6 +91,8 @@ def main() -> None:
             serve_handle.wait_for(app_name, ("RUNNING",), timeout_s=900)
             time.sleep(2)  # a reconfigure lands in place; let it settle
             if run == args.runs.split(",")[0]:
+                before = {"router_mb": round(peak_rss_mb(router_title) or 0),
+                          "replica_mb": round(peak_rss_mb(variant_title) or 0)}
                 print(f"{'(before)':>9} {'':>5} {'':>8} {'':>8} {'':>6} {'':>6} {'':>6} {'':>6} "
                       f"{peak_rss_mb(router_title) or 0:9.0f} "
                       f"{peak_rss_mb(variant_title) or 0:10.0f}", flush=True)
@@ -95,8 +103,19 @@ def main() -> None:
                   f"{total / call.duration_s:6.3f} {segments / total:6.1f} {vad_s:6.1f} "
                   f"{100 * vad_s / total:5.1f}% {peak_rss_mb(router_title) or 0:9.0f} "
                   f"{peak_rss_mb(variant_title) or 0:10.0f}", flush=True)
+            rows.append({"in_flight": in_flight, "batch": batch, "segments": segments,
+                         "total_s": round(total, 1), "rtf": round(total / call.duration_s, 3),
+                         "segments_per_s": round(segments / total, 1), "vad_s": round(vad_s, 1),
+                         "vad_pct": round(100 * vad_s / total, 1),
+                         "router_mb": round(peak_rss_mb(router_title) or 0),
+                         "replica_mb": round(peak_rss_mb(variant_title) or 0)})
     print("RTF: total time / audio duration. MB: peak RSS (VmHWM) so far of the router and of "
           "the variant's replica.")
+    write_result("segments", {
+        "benchmark": "segments",
+        "call": f"a {call.duration_s / 60:.1f}-minute two-speaker call, {len(call.turns)} turns",
+        "before": before, "rows": rows},
+        results_dir=args.results_dir, config=f"{relative_config(args.config)} ({args.variant})")
 
 
 if __name__ == "__main__":

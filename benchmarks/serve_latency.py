@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 import soundfile
 
+from benchmarks.results import add_results_dir, relative_config, write_result
 from serve_app.checkpoints import generate
 from serve_app.config import ModelSettings
 from serve_app.tools.cluster import load_app, local_serve
@@ -90,12 +91,16 @@ def inprocess_latencies(settings: ModelSettings, clip: np.ndarray, count: int) -
     return times
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"))
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--clip-seconds", type=float, default=5.0)
-    args = parser.parse_args()
+    return add_results_dir(parser)
+
+
+def main() -> None:
+    args = _parser().parse_args()
 
     app = load_app(args.config)
     variants = {d["name"]: ModelSettings.model_validate(d["user_config"])
@@ -134,12 +139,25 @@ def main() -> None:
           "in-process = FunASR AutoModel.generate, same checkpoint, clip and threads\n")
     print(f"{'variant':8} {'http p50':>9} {'http p99':>9} {'in-proc p50':>12} {'ratio':>6}"
           f" {'in-proc p50 (quiet)':>20} {'ratio':>6}")
+    written = []
     for name, http_times, beside, quiet in rows:
         p50 = statistics.median(http_times)
         beside_p50, quiet_p50 = statistics.median(beside), statistics.median(quiet)
+        written.append({"variant": name, "http_p50_ms": round(p50 * 1000),
+                        "http_p99_ms": round(percentile(http_times, 99) * 1000),
+                        "inproc_p50_ms": round(beside_p50 * 1000),
+                        "ratio": round(p50 / beside_p50, 2),
+                        "quiet_p50_ms": round(quiet_p50 * 1000),
+                        "quiet_ratio": round(p50 / quiet_p50, 2)})
         print(f"{name:8} {p50 * 1000:7.0f}ms {percentile(http_times, 99) * 1000:7.0f}ms "
               f"{beside_p50 * 1000:10.0f}ms {p50 / beside_p50:6.2f} {quiet_p50 * 1000:18.0f}ms "
               f"{p50 / quiet_p50:6.2f}")
+    write_result("serve-latency", {
+        "benchmark": "serve_latency", "ready_s": round(ready_s, 1),
+        "ready_note": (f"included generating checkpoints for {missing}" if missing
+                       else "checkpoints already on disk"),
+        "clip_s": args.clip_seconds, "requests": args.requests, "rows": written},
+        results_dir=args.results_dir, config=relative_config(args.config))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 import soundfile
 
+from benchmarks.results import add_results_dir, relative_config, write_result
 from benchmarks.serve_latency import http_latencies, percentile, speech_clip
 from serve_app.tools.cluster import LocalServe, load_app, local_serve
 
@@ -78,13 +79,17 @@ def drain(serve: LocalServe, sent: int, timeout_s: float = 300) -> dict:
         time.sleep(0.2)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"))
     parser.add_argument("--requests", type=int, default=20, help="per round and mode")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clip-seconds", type=float, default=5.0)
-    args = parser.parse_args()
+    return add_results_dir(parser)
+
+
+def main() -> None:
+    args = _parser().parse_args()
 
     app = shadowed_app(args.config)
     buffer = io.BytesIO()
@@ -112,10 +117,14 @@ def main() -> None:
           f" clip {args.clip_seconds:g} s; {args.rounds} interleaved rounds of "
           f"{args.requests} sequential requests per mode\n")
     print(f"{'mode':12} {'requests':>8} {'p50':>9} {'p99':>9}   (every request answered 200)")
+    modes = []
     for on, label in ((False, "no shadow"), (True, "shadow")):
         times = latencies[on]
         print(f"{label:12} {len(times):8d} {np.median(times) * 1000:7.0f}ms "
               f"{percentile(times, 99) * 1000:7.0f}ms")
+        modes.append({"mode": label, "requests": len(times),
+                      "p50_ms": round(float(np.median(times)) * 1000),
+                      "p99_ms": round(percentile(times, 99) * 1000)})
     print(f"shadow/no shadow: p50 {np.median(latencies[True]) / np.median(latencies[False]):.2f}"
           f", p99 {percentile(latencies[True], 99) / percentile(latencies[False], 99):.2f}")
     compared = totals["compared"]
@@ -123,6 +132,16 @@ def main() -> None:
           f"{totals['errors']}; top-1 agreement "
           f"{totals['agreed'] / compared if compared else float('nan'):.2f}, largest score "
           f"difference {totals['max_diff']:.4f}")
+    write_result("shadow", {
+        "benchmark": "shadow", "primary": PRIMARY, "shadow": SHADOW,
+        "clip_s": args.clip_seconds, "rounds": args.rounds, "requests": args.requests,
+        "modes": modes,
+        "p50_ratio": round(float(np.median(latencies[True]) / np.median(latencies[False])), 2),
+        "p99_ratio": round(percentile(latencies[True], 99) / percentile(latencies[False], 99), 2),
+        "compared": compared, "dropped": totals["dropped"], "errors": totals["errors"],
+        "top1_agreement": round(totals["agreed"] / compared, 2) if compared else None,
+        "max_score_diff": round(totals["max_diff"], 4)},
+        results_dir=args.results_dir, config=relative_config(args.config))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.results import add_results_dir, relative_config, write_result
 from serve_app.tools.cluster import load_app, local_serve
 from serve_app.tools.stream_client import stream_audio
 
@@ -95,6 +96,7 @@ async def bench(url: str, args: argparse.Namespace) -> None:
     print(f"{'variant':<8} {'streams':>7} {'windows':>8} {'skipped':>8} {'failed':>7} "
           f"{'p50 ms':>8} {'p99 ms':>8}")
     most: dict[str, str] = {}
+    rows: list[dict] = []
     for variant in args.variants.split(","):
         await stage(url, variant, 1, min(args.seconds, 3.0), args.rate, args.hop)  # warm up
         known: dict[int, dict] = {}
@@ -103,11 +105,22 @@ async def bench(url: str, args: argparse.Namespace) -> None:
             print(row(variant, known[streams]), flush=True)
         most[variant] = await most_streams(url, variant, args.seconds, args.rate, known,
                                            args.max_streams, args.hop)
+        rows += [{"variant": variant, "streams": n, "windows": r["windows"],
+                  "skipped": r["skipped"], "failed": r["failed"], "p50_ms": round(r["p50"]),
+                  "p99_ms": round(r["p99"])} for n, r in sorted(known.items())]
     print("most real-time streams without a skipped window: " +
           ", ".join(f"{variant} {n}" for variant, n in most.items()))
+    write_result("stream", {
+        "benchmark": "stream",
+        "stream": f"{args.seconds:g} s streams at real-time pace, 2 s windows "
+                  f"every {args.hop or 0.5:g} s" + ("" if args.hop else " (the config's default)"),
+        "rows": rows,
+        "most_streams_without_skipping": {v: int(n) if n.isdigit() else n
+                                          for v, n in most.items()}},
+        results_dir=args.results_dir, config=relative_config(args.config))
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"))
     parser.add_argument("--variants", default="base,large,turbo")
@@ -118,7 +131,11 @@ def main() -> None:
                         help="seconds between windows (default: the config's stream_hop_s)")
     parser.add_argument("--max-streams", type=int, default=32,
                         help="stop looking for the most streams here")
-    args = parser.parse_args()
+    return add_results_dir(parser)
+
+
+def main() -> None:
+    args = _parser().parse_args()
     # Room for every stream the search may open; the stream limits otherwise as configured.
     app = load_app(args.config, max_streams=max(64, args.max_streams))
     with local_serve() as serve_handle:

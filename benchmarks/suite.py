@@ -30,6 +30,7 @@ import httpx
 import numpy as np
 import soundfile
 
+from benchmarks.results import add_results_dir, relative_config, write_result
 from benchmarks.serve_latency import http_latencies, inprocess_latencies, speech_clip
 from serve_app.checkpoints import generate
 from serve_app.config import ModelSettings
@@ -178,7 +179,7 @@ def turbo_fidelity(large: ModelSettings, turbo: ModelSettings) -> dict:
             "min_cosine": min(cosines), "mean_cosine": statistics.mean(cosines)}
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"))
     parser.add_argument("--device", choices=["auto", "cpu"], default="auto")
@@ -187,7 +188,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--concurrent-seconds", type=float, default=30.0)
     parser.add_argument("--clip-seconds", type=float, default=5.0)
-    args = parser.parse_args()
+    return add_results_dir(parser)
+
+
+def main() -> None:
+    args = _parser().parse_args()
 
     import torch
 
@@ -276,6 +281,31 @@ def main() -> None:
     print(f"turbo fidelity over {fidelity['clips']} speech clips: top-1 agreement "
           f"{fidelity['top1']:.0%}, max score difference {fidelity['max_score_diff']:.4f}, "
           f"embedding cosine min {fidelity['min_cosine']:.4f} / mean {fidelity['mean_cosine']:.4f}")
+
+    def ms(seconds: float | None) -> int | None:
+        return None if seconds is None else round(float(seconds) * 1000)
+
+    clients = []
+    for (name, backend, size), result in concurrent.items():
+        eager = concurrent.get((name, "torch", 1))
+        clients.append({"variant": name, "backend": backend, "batch": size,
+                        "clips_per_s": round(result["clips_s"], 2),
+                        "x_eager": (round(result["clips_s"] / eager["clips_s"], 2) if eager
+                                    else None),
+                        "audio_s_per_s": round(result["audio_s_s"], 1), "p50_ms": ms(result["p50"]),
+                        "p99_ms": ms(result["p99"]), "failed": result["failed"]})
+    write_result("cpu-suite" if device == "CPU" else "gpu-suite", {
+        "benchmark": "suite", "clip": f"{args.clip_seconds:g} s espeak-ng speech",
+        "served": [{"variant": name, "backend": row["backend"],
+                    "naive_p50_ms": ms(row.get("naive")),
+                    "inproc_p50_ms": ms(row.get("inproc")), "http_p50_ms": ms(row["http_p50"]),
+                    "http_p99_ms": ms(row["http_p99"])} for name, row in rows.items()],
+        "clients": {"count": args.clients, "seconds": args.concurrent_seconds, "rows": clients},
+        "turbo_served_vs_large_eager_inproc": round(
+            rows["turbo"]["http_p50"] / rows["large"]["inproc"], 2),
+        "turbo_fidelity": {"clips": fidelity["clips"], "top1_agreement": fidelity["top1"],
+                           "max_score_diff": round(fidelity["max_score_diff"], 4)}},
+        results_dir=args.results_dir, config=relative_config(args.config))
 
 
 if __name__ == "__main__":

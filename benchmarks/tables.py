@@ -15,7 +15,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 PAGES = [REPO / "docs" / "performance.md", REPO / "docs" / "cpu.md",
-         REPO / "benchmarks" / "README.md"]
+         REPO / "benchmarks" / "README.md", REPO / "docs" / "protocols.md",
+         REPO / "docs" / "batch.md", REPO / "docs" / "segments.md",
+         REPO / "docs" / "streaming.md", REPO / "docs" / "rollouts.md",
+         REPO / "docs" / "high-availability.md"]
 BLOCK = re.compile(r"(<!-- results: (?P<file>[\w.-]+\.json) -->\n)(?P<body>.*?)(<!-- /results -->)",
                    re.S)
 
@@ -34,7 +37,9 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def caption(result: dict) -> list[str]:
-    lines = [f"Measured {result['date']} with `{result['command']}` on {result['config']}; "
+    date = result["date"]
+    when = date if date[:1].isdigit() else f"(date {date})"
+    lines = [f"Measured {when} with `{result['command']}` on {result['config']}; "
              f"CPU: {result['cpu_flags']}."]
     if result.get("note"):
         lines.append(f"({result['note']}.)")
@@ -67,12 +72,275 @@ def render_stream(result: dict) -> list[str]:
             "", f"Most real-time streams without a skipped window: {held}."]
 
 
-RENDERERS = {"suite": render_suite, "stream": render_stream}
+def shown(value, spec: str | None = None) -> str:
+    """A cell: "-" for a number not measured (or not recorded), text as it is, a number in
+    spec (or as cell() gives it)."""
+    if value is None:
+        return "-"
+    if isinstance(value, str) or spec is None:
+        return cell(value)
+    return format(value, spec)
 
 
-def render(name: str) -> str:
-    result = json.loads((RESULTS / name).read_text(encoding="utf-8"))
+def columns(spec: list[tuple[str, str, str | None]], rows: list[dict]) -> list[str]:
+    """A table of rows (dicts) from (header, key, format) columns."""
+    return table([header for header, _, _ in spec],
+                 [[shown(row.get(key), fmt) for _, key, fmt in spec] for row in rows])
+
+
+def render_cold_start(result: dict) -> list[str]:
+    spec = [("arch", "arch", None), ("model.pt MB", "model_mb", ".0f"),
+            ("weights MB", "weights_mb", ".0f"), ("loader", "loader", None),
+            ("load s", "load_s", ".2f"), ("ready s", "ready_s", ".2f"),
+            ("peak RSS added MB", "peak_added_mb", ".0f"), ("x weights", "x_weights", ".2f"),
+            ("file-backed MB", "file_backed_mb", ".0f")]
+    return [*caption(result), "", *columns(spec, result["rows"])]
+
+
+def render_long_audio(result: dict) -> list[str]:
+    spec = [("clip s", "clip_s", ".0f"),
+            (f"windowed {result['window_s']:g} s: peak MB", "windowed_mb", ".0f"),
+            ("windowed: s", "windowed_s", ".2f"), ("whole clip: peak MB", "whole_mb", ".0f"),
+            ("whole clip: s", "whole_s", ".2f")]
+    return [*caption(result), f"{result['arch']}, {result['threads']} threads; peak RSS added "
+            "by one prediction, and its time:", "", *columns(spec, result["rows"])]
+
+
+def render_load(result: dict) -> list[str]:
+    spec = [("clients", "clients", None), ("sent", "sent", None), ("ok", "ok", None),
+            ("503", "503", None), ("other", "other", None), ("p50 ms", "p50_ms", ".0f"),
+            ("p99 ms", "p99_ms", ".0f"), ("ok/s", "ok_per_s", ".1f")]
+    return [*caption(result), f"{result['variant']}, {result['clip_s']:g} s clips, "
+            f"{result['stage_s']:g} s per stage:", "", *columns(spec, result["rows"])]
+
+
+def wall_cpu(pair: list | None) -> str:
+    return "-" if pair is None else f"{pair[0]:.1f} / {pair[1]:.1f}"
+
+
+def render_decode_formats(result: dict) -> list[str]:
+    decode = [[r["format"], f"{r['kb']:.1f}", wall_cpu(r["libsndfile"]), wall_cpu(r["thread"]),
+               wall_cpu(r["worker"])] for r in result["decode"]]
+    lines = [*caption(result), f"A {result['clip_s']:g} s clip; median wall / CPU ms per decode, "
+             f"{result['reps']} each:", "",
+             *table(["format", "kB", "libsndfile", "FFmpeg, thread", "FFmpeg, worker"], decode)]
+    if result.get("throughput"):
+        spec = [("upload", "upload", None), ("ok", "ok", None), ("other", "other", None),
+                ("req/s", "req_per_s", ".1f"), ("p50 ms", "p50_ms", ".0f"),
+                ("p99 ms", "p99_ms", ".0f"), ("decode p50 ms", "decode_p50_ms", ".1f")]
+        lines += ["", f"Router throughput, {result['clients']} concurrent clients, "
+                  f"{result['service']}:", "", *columns(spec, result["throughput"])]
+    return lines
+
+
+def span(values: list[float], spec: str) -> str:
+    low, high = format(min(values), spec), format(max(values), spec)
+    return low if low == high else f"{low}-{high}"
+
+
+def render_hot_swap(result: dict) -> list[str]:
+    spec = [("phase", "phase", None), ("ok", "ok", None), ("p50 ms", "p50_ms", ".0f"),
+            ("p99 ms", "p99_ms", ".0f")]
+    rss = result["rss_mb"]
+    return [*caption(result),
+            f"{result['clients']} clients for {result['seconds']:g} s, {result['clip_s']:g} s "
+            f"clips to {result['variant']}, swapped {len(result['swap_replica_s'])} times: "
+            f"{result['failed']} of {result['sent']} requests failed; each swap took "
+            f"{span(result['swap_replica_s'], '.1f')} s in the replica (load and warm-up), "
+            f"{span(result['swap_deploy_s'], '.1f')} s from `serve deploy` to serving; the "
+            f"replica's RSS {shown(rss['before'], '.0f')} MB before, "
+            f"{shown(rss['during_max'], '.0f')} MB at most during, "
+            f"{shown(rss['after'], '.0f')} MB after.", "", *columns(spec, result["phases"])]
+
+
+def render_shadow(result: dict) -> list[str]:
+    spec = [("mode", "mode", None), ("requests", "requests", None), ("p50 ms", "p50_ms", ".0f"),
+            ("p99 ms", "p99_ms", ".0f")]
+    agree = result["top1_agreement"]
+    return [*caption(result),
+            f"Primary {result['primary']}, shadow {result['shadow']}; {result['rounds']} "
+            f"interleaved rounds of {result['requests']} requests per mode; shadow / no shadow: "
+            f"p50 {result['p50_ratio']:.2f}x, p99 {result['p99_ratio']:.2f}x; shadow calls "
+            f"compared {result['compared']}, dropped {result['dropped']}, errors "
+            f"{result['errors']}, top-1 agreement {shown(agree, '.0%')}.", "",
+            *columns(spec, result["modes"])]
+
+
+def render_serve_latency(result: dict) -> list[str]:
+    spec = [("variant", "variant", None), ("HTTP p50 ms", "http_p50_ms", ".0f"),
+            ("HTTP p99 ms", "http_p99_ms", ".0f"), ("in-process p50 ms", "inproc_p50_ms", ".0f"),
+            ("ratio", "ratio", ".2f"), ("in-process p50 ms (quiet)", "quiet_p50_ms", ".0f"),
+            ("ratio (quiet)", "quiet_ratio", ".2f")]
+    return [*caption(result), f"Time to ready: {result['ready_s']:.1f} s ({result['ready_note']});"
+            f" a {result['clip_s']:g} s clip, {result['requests']} sequential requests per "
+            "variant:", "", *columns(spec, result["rows"])]
+
+
+def render_cpu(result: dict) -> list[str]:
+    """benchmarks.cpu: whichever of its stages ran (speed, fidelity, cold)."""
+    lines = caption(result)
+    if result.get("speed"):
+        speed = result["speed"]
+        spec = [("arch", "arch", None), ("backend", "backend", None),
+                ("precision", "precision", None), ("ms", "ms", ".0f"),
+                ("vs eager fp32", "vs_eager", ".2f"), ("cpu ms", "cpu_ms", ".0f"),
+                ("cpu vs eager", "cpu_vs_eager", ".2f"),
+                (f"batch {speed['batch']}: ms/clip", "batch_ms_per_clip", ".0f"),
+                ("batched/single", "batched_vs_single", ".2f")]
+        lines += ["", f"Speed: a {speed['clip_s']:g} s clip, in-process, {speed['threads']} "
+                  f"threads, median of {speed['rounds']} interleaved rounds:", "",
+                  *columns(spec, speed["rows"])]
+    if result.get("fidelity"):
+        spec = [("arch", "arch", None), ("backend", "backend", None),
+                ("precision", "precision", None), ("against", "against", None),
+                ("max score diff", "max_score_diff", ".2e"),
+                ("max emb diff", "max_emb_diff", ".2e"), ("min cosine", "min_cosine", ".6f"),
+                ("top-1 agree", "top1", None), ("min margin", "min_margin", ".2e")]
+        lines += ["", f"Fidelity over {result['fidelity']['clips']} clips:", "",
+                  *columns(spec, result["fidelity"]["rows"])]
+    if result.get("cold"):
+        spec = [("arch", "arch", None), ("backend", "backend", None),
+                ("precision", "precision", None), ("cache", "cache", None),
+                ("ready s", "ready_s", ".1f"), ("RSS MB", "rss_mb", ".0f"),
+                ("peak MB", "peak_mb", ".0f"), ("RSS vs eager", "rss_vs_eager", ".2f")]
+        lines += ["", "Time to a warm engine (fresh process each) and RSS after a 5 s predict:",
+                  "", *columns(spec, result["cold"]["rows"])]
+    return lines
+
+
+def render_fidelity_tests(result: dict) -> list[str]:
+    spec = [("comparison", "comparison", None), ("max score diff", "max_score_diff", None),
+            ("min embedding cosine", "min_cosine", None), ("top-1 agreement", "top1", None),
+            ("smallest top-1 margin", "min_margin", None)]
+    return [*caption(result), "", *columns(spec, result["rows"])]
+
+
+def render_protocols(result: dict) -> list[str]:
+    spec = [("entry", "entry", None), ("p50 ms", "p50_ms", ".1f"), ("p90 ms", "p90_ms", ".1f"),
+            ("p50 / predict", "ratio", ".2f")]
+    codec = result["codec"]
+    return [*caption(result), f"A {result['clip_s']:g} s clip, {result['requests']} requests "
+            "per entry, round-robin:", "", *columns(spec, result["rows"]), "",
+            f"The codec alone on a {result['clip_s']:g} s waveform: JSON {codec['json_ms']:.1f} ms"
+            f" ({codec['json_mb']:.2f} MB), binary {codec['binary_ms']:.2f} ms "
+            f"({codec['binary_mb']:.2f} MB)."]
+
+
+def render_batch(result: dict) -> list[str]:
+    spec = [("path", "path", None), ("files/s", "files_per_s", ".2f"),
+            ("x engine", "x_engine", ".2f")]
+    first = result["first_rows"]
+    peaks = ", ".join(f"{kind} {mb:.0f} MB" for kind, mb in result["peak_rss_mb"].items())
+    return [*caption(result), f"{result['files']} files of {result['clip_s']}:", "",
+            *columns(spec, result["rows"]), "",
+            f"- batch: first {first['rows']} rows after {first['s']:.1f} s (the engine's start), "
+            f"then {first['then_files_per_s']:.2f} files/s ({first['then_x_engine']:.2f} x "
+            "engine)",
+            f"- batch peak RSS: {peaks}",
+            *(f"- {tiny['files']} tiny files: {tiny['files_per_s']:.1f} files/s, driver peak "
+              f"RSS {tiny['driver_mb']:.0f} MB" for tiny in result["tiny"])]
+
+
+def render_segments(result: dict) -> list[str]:
+    rows = [[f"{r['in_flight']}" + (" (sequential)" if r["in_flight"] == 1 else ""),
+             f"{r['batch']}" + (" (padded passes)" if r["batch"] > 1 else ""), r["segments"],
+             f"{r['total_s']:.1f}", f"{r['rtf']:.3f}", f"{r['segments_per_s']:.1f}",
+             f"{r['vad_s']:.1f}", f"{r['vad_pct']:.1f} %", f"{r['router_mb']:.0f}",
+             f"{r['replica_mb']:.0f}"] for r in result["rows"]]
+    call = result["call"]
+    return [*caption(result), f"{call[:1].upper()}{call[1:]}:", "",
+            *table(["segments in flight", "variant batch", "segments", "total s", "RTF",
+                    "segments/s", "VAD s", "VAD share", "router peak MB", "replica peak MB"],
+                   rows)]
+
+
+def render_ha(result: dict) -> list[str]:
+    def joined(runs: list[dict], show) -> str:
+        return ", ".join(show(run) for run in runs)
+
+    rows = []
+    for row in result["rows"]:
+        runs, replay = row["runs"], row["replay"]
+        mode = ("off (Serve alone)" if not replay
+                else f"on, {len(runs)} runs" if len(runs) > 1 else "on")
+        lost = joined(runs, lambda r: f"{r['lost']}" + (f" ({r['lost_as']})"
+                                                          if r.get("lost_as") else ""))
+        replayed = joined(runs, lambda r: "n/a" if r["replayed"] is None
+                          else str(r["replayed"])) if replay else "-"
+        rows.append([row["routers"], mode, joined(runs, lambda r: str(r["answers"])), lost,
+                     replayed, joined(runs, lambda r: f"{r['back_s']:.1f}") + " s",
+                     joined(runs, lambda r: f"{r['no_200_s']['base']:.1f}") + " s / "
+                     + joined(runs, lambda r: f"{r['no_200_s']['large']:.1f}") + " s"])
+    return [*caption(result), "", *table(
+        ["routers", "proxy replay", "answers", "lost (not 200)", "replayed",
+         "every variant serves again after", "longest wait for a 200: base / large"], rows)]
+
+
+def gpu_lines(report: dict) -> list[str]:
+    """benchmarks.gpu's table from its JSON report alone, without its heading line and goals."""
+    variants = report["variants"]
+
+    def num(value, fmt: str, width: int) -> str:
+        return f"{'-':>{width}}" if value is None else format(value, f">{width}{fmt}")
+
+    def mib(memory: dict | None, key: str) -> str:
+        return num(None if memory is None else memory[key], ".0f", 9)
+
+    lines = ["variant  arch   params  dtype     ckpt s  load s  1st s  "
+             "GPU MiB: loaded alloc  reserved  peak alloc  reserved"]
+    for name, v in variants.items():
+        lines.append(f"{name:<8} {v['arch']:<6} {v['params_m']:>5.1f}M  {v['dtype']:<9} "
+                     f"{v['checkpoint_s']:>6.1f}  {v['load_s']:>6.2f}  {v['first_predict_s']:>5.2f}"
+                     f"  {mib(v['memory_after_load'], 'allocated_mib'):>21} "
+                     f"{mib(v['memory_after_load'], 'reserved_mib')} "
+                     f"{mib(v['memory_peak'], 'allocated_mib'):>11} "
+                     f"{mib(v['memory_peak'], 'reserved_mib')}")
+    clips = [entry["clip_s"] for entry in next(iter(variants.values()))["latency"]]
+    lines.append("latency ms (p50/p99)  "
+                 + "".join(f"{format(s, 'g') + ' s clip':>18}" for s in clips))
+    for name, v in variants.items():
+        cells = ["{:.1f}/{:.1f}".format(e["p50_ms"], e["p99_ms"]) for e in v["latency"]]
+        lines.append(f"{name:<22}" + "".join(f"{cell:>18}" for cell in cells))
+    lines.append("padded batches  clip s  batch  median ms   clips/s  audio s/s  x batch 1  "
+                 "max diff vs single")
+    for name, v in variants.items():
+        for e in v["batches"]:
+            lines.append(f"{name:<15} {report['batch_clip_s']:>6g}  {e['batch']:>5}  "
+                         f"{e['median_ms']:>9.1f}  {e['clips_per_s']:>8.1f}  "
+                         f"{e['audio_s_per_s']:>9.1f}  {e['x_batch1']:>9.2f}  "
+                         f"{e['max_diff_vs_single']:>18.2e}")
+    lines.append("max score diff   engine vs FunASR inference   device vs CPU fp32 (top-1 agree)")
+    for name, v in variants.items():
+        agree = v["cpu_fp32_top1_agreement"]
+        lines.append(f"{name:<16} {v['funasr_max_diff']:>28.2e}   "
+                     f"{num(v['cpu_fp32_max_diff'], '.2e', 18)}"
+                     f"{'' if agree is None else f' ({agree:.0%})'}")
+    turbo = variants.get("turbo", {}).get("vs_large")
+    if turbo:
+        lines.append(f"turbo vs large over {turbo['clips']} clips: top-1 agreement "
+                     f"{turbo['top1_agreement']:.0%}, max score diff {turbo['max_diff']:.2e}")
+    return lines
+
+
+def render_gpu(result: dict) -> list[str]:
+    return [*caption(result), "", "```", *gpu_lines(result), "```"]
+
+
+RENDERERS = {"suite": render_suite, "stream": render_stream, "cold_start": render_cold_start,
+             "long_audio": render_long_audio, "load": render_load,
+             "decode_formats": render_decode_formats, "hot_swap": render_hot_swap,
+             "shadow": render_shadow, "serve_latency": render_serve_latency, "cpu": render_cpu,
+             "fidelity_tests": render_fidelity_tests, "protocols": render_protocols,
+             "batch": render_batch, "segments": render_segments, "ha": render_ha,
+             "gpu": render_gpu}
+
+
+def render_result(result: dict) -> str:
     return "\n".join(RENDERERS[result["benchmark"]](result)) + "\n"
+
+
+def render(name: str, results: Path | None = None) -> str:
+    return render_result(json.loads(((results or RESULTS) / name).read_text(encoding="utf-8")))
 
 
 def blocks(text: str) -> list[tuple[str, str]]:
