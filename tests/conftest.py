@@ -123,6 +123,7 @@ def keyed(cluster, service, tmp_path_factory) -> KeyedService:
     app = tiny_app(service.checkpoints["base"].parent)
     app.update(name=KEYED_APP, route_prefix=KEYED_PREFIX)
     app["args"]["variants"] = {"base": {"num_cpus": 0.05}}
+    app["args"]["vad_num_cpus"] = None  # no VAD deployment: nothing here segments
     app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Router", "base")]
     router = next(d for d in app["deployments"] if d["name"] == "Router")
     router["user_config"] = {"default_version": "base", "api_keys": lines,

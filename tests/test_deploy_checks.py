@@ -11,6 +11,15 @@ from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("config", ["deploy.yaml", "configs/single-gpu.yaml"])
+def test_gpu_configs_name_the_fix_on_a_cpu_node(config):
+    args = AppArgs.model_validate(load_app(REPO / config)["args"])
+    with pytest.raises(ResourceError, match=r"GPUs.*configs/cpu\.yaml"):
+        check_resources(args, [{"CPU": 2.0, HEAD_RESOURCE: 1.0}])
+
+
+# The check above, where it runs: in the builder, on a deploy to a running CPU cluster
+# (single-gpu.yaml's refusal comes from the same check: its arithmetic is above).
+@pytest.mark.parametrize("config", ["deploy.yaml"])
 def test_gpu_config_fails_fast_on_a_cpu_cluster(service, config):
     cluster = service.cluster
     before = cluster_pids(service)

@@ -25,9 +25,11 @@ PREFIX = "/lc"
 def make_app(checkpoint_root: Path, name: str = APP, prefix: str = PREFIX,
              variants: tuple[str, ...] = ("base", "large"), router: dict | None = None,
              **model_overrides) -> dict:
-    """The tiny config as another app; model_overrides: variant -> user_config updates."""
+    """The tiny config as another app, with no VAD deployment (none of its users segments:
+    a replica fewer to start); model_overrides: variant -> user_config updates."""
     app = tiny_app(checkpoint_root)
     app.update(name=name, route_prefix=prefix)
+    app["args"]["vad_num_cpus"] = None
     app["args"]["variants"] = {v: app["args"]["variants"][v] for v in variants}
     app["deployments"] = [d for d in app["deployments"] if d["name"] in (*variants, "Router")]
     for deployment in app["deployments"]:
