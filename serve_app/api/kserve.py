@@ -77,7 +77,7 @@ def live() -> JSONResponse:
 
 async def ready(pipeline: Pipeline) -> JSONResponse:
     """The pod can serve requests: the same fact as /ready."""
-    ok = readiness.pod_ready(await pipeline.variants.states())
+    ok = readiness.pod_ready(await pipeline.variants.info())
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503,
                         headers=readiness.not_ready_headers(ok))
 
@@ -125,7 +125,7 @@ async def model_ready(pipeline: Pipeline, request: Request, name: str,
     /ready?variant=)."""
     admission = pipeline.admit(request, {})
     infos, _ = await _model(pipeline, name, version)
-    ok = readiness.all_can_serve({target: info["state"] for target, info in infos.items()})
+    ok = readiness.all_can_serve(infos)
     headers = {**admission.headers, **(readiness.not_ready_headers(ok) or {})}
     return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503,
                         headers=headers)

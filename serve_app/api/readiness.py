@@ -4,8 +4,9 @@ lifecycle.py, and serve_app/api/variant_client.py for `scaled_to_zero`).
 
 A variant *can serve* when a request to it gets an answer: ready, swapping (the old model
 serves until the new one is in), unloading or unloaded by idle release (the next request loads
-it again and waits), scaled to zero (the next request starts a replica). It cannot while it
-loads for the first time or waits for its config, nor once it failed with no model.
+it again and waits), loading again after such a release (its requests wait), scaled to zero
+(the next request starts a replica). It cannot while it loads for the first time or waits for
+its config, nor once it failed with no model.
 
 The pod is ready when it can serve requests: no variant is still starting, and at least one
 can serve. A variant that failed alone makes only its own requests 503, not the pod: taking
@@ -22,19 +23,23 @@ STARTING = frozenset({"loading", "waiting_for_config"})
 RETRY_AFTER_S = 5
 
 
-def can_serve(state: str) -> bool:
-    return state in CAN_SERVE
+def can_serve(info: Mapping) -> bool:
+    """A variant's /v1/models entry (its state, and load_count where a replica answered)."""
+    state = info.get("state")
+    reloading = state == "loading" and (info.get("load_count") or 0) > 0
+    return state in CAN_SERVE or reloading
 
 
-def pod_ready(states: Mapping[str, str]) -> bool:
+def pod_ready(infos: Mapping[str, Mapping]) -> bool:
     """Whether the pod can serve requests (see the module docstring)."""
-    return not any(state in STARTING for state in states.values()) and \
-        any(can_serve(state) for state in states.values())
+    starting = any(info.get("state") in STARTING and not can_serve(info)
+                   for info in infos.values())
+    return not starting and any(can_serve(info) for info in infos.values())
 
 
-def all_can_serve(states: Mapping[str, str]) -> bool:
+def all_can_serve(infos: Mapping[str, Mapping]) -> bool:
     """The strict view, for one variant or a model name's variants: every one can serve."""
-    return bool(states) and all(can_serve(state) for state in states.values())
+    return bool(infos) and all(can_serve(info) for info in infos.values())
 
 
 def not_ready_headers(ready: bool) -> dict[str, str] | None:

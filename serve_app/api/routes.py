@@ -147,13 +147,13 @@ async def health(parts: Parts) -> JSONResponse:
             response_model=protocol.ReadyAnswer,
             responses={503: {"model": protocol.ReadyAnswer}, **protocol.errors(404)})
 async def ready(parts: Parts, variant: str | None = None) -> JSONResponse:
-    states = await parts.pipeline.variants.states()
+    infos = await parts.pipeline.variants.info()
     if variant is not None:
-        if variant not in states:
+        if variant not in infos:
             raise ApiError(404, "unknown_variant", f"no variant {variant[:64]!r}; variants: "
-                           f"{list(states)}", valid=list(states))
-        ok = readiness.all_can_serve({variant: states[variant]})
+                           f"{list(infos)}", valid=list(infos))
+        ok = readiness.all_can_serve({variant: infos[variant]})
     else:
-        ok = readiness.pod_ready(states)
-    return JSONResponse({"ready": ok, "variants": states}, status_code=200 if ok else 503,
-                        headers=readiness.not_ready_headers(ok))
+        ok = readiness.pod_ready(infos)
+    return JSONResponse({"ready": ok, "variants": {n: i["state"] for n, i in infos.items()}},
+                        status_code=200 if ok else 503, headers=readiness.not_ready_headers(ok))
