@@ -119,6 +119,9 @@ class ModelSettings(_Strict):
     # (serve_app/inference/timeline.py)
     timeline_window_s: float = Field(default=1.0, ge=0.02, le=60.0)
     timeline_hop_s: float = Field(default=0.5, ge=0.02, le=60.0)
+    # Custom heads (serve_app/heads) are read on first use and kept, least recently used out.
+    max_resident_heads: int = Field(default=256, ge=1, le=100_000,
+                                    description="custom heads held per replica")
 
     @field_validator("source")
     @classmethod
@@ -172,6 +175,8 @@ class ApiKeySpec(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="hex sha256 of the key")
     requests_per_minute: int | None = Field(default=None, ge=1)
     audio_seconds_per_minute: float | None = Field(default=None, gt=0)
+    # Custom heads: every key reads and uses them; `write` also registers and deletes them.
+    heads: Literal["read", "write"] = "read"
 
     @field_validator("sha256")
     @classmethod
@@ -245,6 +250,43 @@ class SegmentSettings(_Strict):
                       max_channels=self.max_split_channels if split else predict.max_channels)
 
 
+def _check_weights(where: str, aliases: dict) -> dict:
+    """Weighted aliases: finite weights >= 0, one above 0 (variants' and heads' alike)."""
+    for alias, target in aliases.items():
+        if isinstance(target, str):
+            continue
+        if not target:
+            raise ValueError(f"{where}.{alias}: name at least one target with a weight")
+        for name, weight in target.items():
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"{where}.{alias}.{name}: weight {weight} must be a "
+                                 "finite number >= 0")
+        if not any(weight > 0 for weight in target.values()):
+            raise ValueError(f"{where}.{alias}: give at least one target a weight above 0")
+    return aliases
+
+
+class HeadSettings(_Strict):
+    """Custom heads at the Router (serve_app/heads): upload bounds, how fresh its view of
+    heads_dir is, and rollouts between head revisions."""
+
+    # A registered or deleted head is seen (and a deleted one answers 404) within this long.
+    refresh_s: float = Field(default=2.0, ge=0.0, le=300.0)
+    max_head_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024,
+                                description="a head file's size (beyond: 422 invalid_head)")
+    # head alias -> NAME@REV, or a weighted set {NAME@REV: weight} (a canary between head
+    # revisions, sticky per X-Session-Key, as variant aliases).
+    aliases: dict[str, str | dict[str, float]] = Field(default_factory=dict)
+    # NAME@REV -> NAME@REV: requests scored by the first are scored by the second too, in the
+    # background, and compared (GET /v1/rollouts).
+    shadow: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("aliases")
+    @classmethod
+    def _weights(cls, aliases: dict) -> dict:
+        return _check_weights("heads.aliases", aliases)
+
+
 class RouterSettings(_Strict):
     """The Router deployment's user_config."""
 
@@ -292,6 +334,10 @@ class RouterSettings(_Strict):
     max_streams: int = Field(default=16, ge=1, description="open streams per router replica")
     # POST /v1/segments (serve_app/segments): its own limits, VAD and concurrency.
     segments: SegmentSettings = Field(default_factory=SegmentSettings)
+    # Custom heads (docs/heads.md): a directory or a filesystem URI (s3://, gs://, file://)
+    # that every node sees; `heads train` writes there, `head=NAME[@REV]` reads there.
+    heads_dir: str = "~/.cache/emotion2vec-serve/heads"
+    heads: HeadSettings = Field(default_factory=HeadSettings)
 
     @model_validator(mode="after")
     def _stream_hop(self) -> RouterSettings:
@@ -312,18 +358,7 @@ class RouterSettings(_Strict):
     @field_validator("aliases")
     @classmethod
     def _weights(cls, aliases: dict) -> dict:
-        for alias, target in aliases.items():
-            if isinstance(target, str):
-                continue
-            if not target:
-                raise ValueError(f"aliases.{alias}: name at least one variant with a weight")
-            for variant, weight in target.items():
-                if not math.isfinite(weight) or weight < 0:
-                    raise ValueError(f"aliases.{alias}.{variant}: weight {weight} must be a "
-                                     "finite number >= 0")
-            if not any(weight > 0 for weight in target.values()):
-                raise ValueError(f"aliases.{alias}: give at least one variant a weight above 0")
-        return aliases
+        return _check_weights("aliases", aliases)
 
     def decode_limits(self) -> Limits:
         """What a decode of one upload may produce and take."""

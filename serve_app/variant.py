@@ -19,12 +19,15 @@ import time
 from ray import serve
 
 from serve_app.config import MAX_BATCH_SIZE, ModelSettings, default_of
+from serve_app.heads.headfile import Head
+from serve_app.heads.resident import ResidentHeads
 from serve_app.inference.engine import EmotionEngine, Prediction
 from serve_app.inference.lifecycle import ModelLifecycle, rss_bytes
 from serve_app.inference.passes import padded_chunks
 from serve_app.metrics import ModelMetrics
 from serve_app.wire import (
     TARGET_SR,
+    HeadRef,
     InferenceRequest,
     ModelDescription,
     TimelineWindow,
@@ -73,6 +76,7 @@ class EmotionModel:
         self.metrics = ModelMetrics(variant)
         self.lifecycle = ModelLifecycle(variant, self._build, metrics=self.metrics)
         self.largest_batch = 0
+        self.heads = ResidentHeads(default_of(ModelSettings, "max_resident_heads"))
         # One worker: FunASR's model is not reentrant, so requests queue in front of it.
         self._inference = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"{variant}-inference")
@@ -82,6 +86,7 @@ class EmotionModel:
         # Batching settings apply at once, whatever the model (no reload for them).
         self._batched.set_max_batch_size(settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.heads.resize(settings.max_resident_heads)
         await self.lifecycle.configure(settings)
 
     def _build(self, settings: ModelSettings) -> EmotionEngine:
@@ -103,19 +108,21 @@ class EmotionModel:
     def info(self) -> dict:
         return {"variant": self.variant, **self.lifecycle.info(), "pid": self.pid,
                 "node": self.node, "rss_bytes": rss_bytes(),
-                "largest_batch": self.largest_batch}
+                "largest_batch": self.largest_batch,
+                "heads": {"resident": len(self.heads), "loads": self.heads.loads}}
 
     # -- inference -----------------------------------------------------------------------
     @serve.batch(max_batch_size=MAX_BATCH_SIZE,
                  batch_wait_timeout_s=default_of(ModelSettings, "batch_wait_timeout_s"))
-    async def _batched(self, requests: list[tuple[EmotionEngine, InferenceRequest]]) -> list:
+    async def _batched(self, requests: list[tuple[EmotionEngine, InferenceRequest, Head | None]]
+                       ) -> list:
         """Requests gathered by Serve, run as padded batches of the same engine and options,
         each at most max_batch_audio_s of padded audio (serve_app/inference/passes.py); results
         in request order."""
         results: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
-        for index, (engine, request) in enumerate(requests):
-            # Label sets are applied per clip after the forward pass: they do not split groups.
+        for index, (engine, request, _) in enumerate(requests):
+            # Label sets and heads apply per clip after pooling: they do not split groups.
             options = request.options
             groups.setdefault((id(engine), options.granularity, options.extract_embedding),
                               []).append(index)
@@ -123,7 +130,7 @@ class EmotionModel:
         # The newest config's bound, as for the batch size: batching settings apply at once.
         max_padded = int(self.lifecycle.target.max_batch_audio_s * TARGET_SR)
         for indices in groups.values():
-            engine, first = requests[indices[0]]
+            engine, first, _ = requests[indices[0]]
             options = first.options
             lengths = [len(requests[i][1].waveform) for i in indices]
             for positions in padded_chunks(lengths, max_padded):
@@ -131,7 +138,8 @@ class EmotionModel:
                 waves = [requests[i][1].waveform for i in chunk]
                 predictions = await loop.run_in_executor(
                     self._inference, engine.predict_batch, waves, options.granularity,
-                    options.extract_embedding, [requests[i][1].options.labels for i in chunk])
+                    options.extract_embedding, [requests[i][1].options.labels for i in chunk],
+                    [requests[i][2] for i in chunk])
                 self.metrics.forward(predictions[0].inference_ms, batch_size=len(chunk))
                 self.largest_batch = max(self.largest_batch, len(chunk))
                 for i, prediction in zip(chunk, predictions):
@@ -142,20 +150,35 @@ class EmotionModel:
         arrived = time.perf_counter()
         async with self.lifecycle.use() as engine:
             check_waveform(request.waveform, engine.settings.max_audio_s)
-            engine.label_set(request.options.labels)  # an unknown name fails alone, not a batch
+            head = await request_head(self.heads, engine, request.options.head)
+            # An unknown label or a head for another checkpoint fails alone, not a batch.
+            engine.label_set(request.options.labels, head)
             if self.lifecycle.target.max_batch_size > 1:
-                prediction = await self._batched((engine, request))
+                prediction = await self._batched((engine, request, head))
             else:
                 options = request.options
                 prediction = await asyncio.get_running_loop().run_in_executor(
                     self._inference, engine.predict, request.waveform, options.granularity,
-                    options.extract_embedding, options.labels)
+                    options.extract_embedding, options.labels, head)
                 self.metrics.forward(prediction.inference_ms, batch_size=1)
-        return answer(self.variant, engine, prediction, (time.perf_counter() - arrived) * 1000)
+        return answer(self.variant, engine, prediction, (time.perf_counter() - arrived) * 1000,
+                      request.options.head)
+
+
+
+async def request_head(heads: ResidentHeads, engine: EmotionEngine,
+                       ref: HeadRef | None) -> Head | None:
+    """A request's custom head, resident or read now (in a thread), checked against the
+    engine's checkpoint (HeadBackboneMismatch)."""
+    if ref is None:
+        return None
+    head = heads.cached(ref) or await asyncio.to_thread(heads.get, ref)
+    engine.check_head(head)
+    return head
 
 
 def answer(variant: str, engine: EmotionEngine, prediction: Prediction,
-           elapsed_ms: float) -> VariantAnswer:
+           elapsed_ms: float, head: HeadRef | None = None) -> VariantAnswer:
     """An engine's prediction as the answer a variant sends back (serve_app/wire.py)."""
     info = engine.info
     return VariantAnswer(
@@ -170,4 +193,5 @@ def answer(variant: str, engine: EmotionEngine, prediction: Prediction,
                         inference_ms=prediction.inference_ms),
         logits=prediction.logits,
         sha256=info.sha256,
+        head=None if head is None else head.answer(),
     )

@@ -34,6 +34,8 @@ class InferenceOptions:
     # A label set (serve_app/labels.py: parsed English names); None: every label. The variant
     # refuses an unknown name (UnknownLabel) before any work.
     labels: tuple[str, ...] | None = None
+    # A custom head (its labels replace the nine); None: the checkpoint's own head.
+    head: HeadRef | None = None
 
 
 @dataclass(frozen=True)
@@ -103,3 +105,20 @@ class VariantAnswer(Scores):
     # -inf): Hugging Face's function_to_apply=sigmoid/none.
     logits: list[float] | None = None
     sha256: str | None = None  # of the checkpoint that answered: KServe's model version
+    head: dict | None = None   # the custom head that scored it: name, revision, sha256
+
+
+@dataclass(frozen=True)
+class HeadRef:
+    """A custom head a request is scored with (serve_app/heads): the router resolves
+    `head=NAME[@REV]` to one revision; the variant reads the file at `uri` (once per replica,
+    kept by sha256) and refuses it unless its content has that sha256."""
+
+    name: str
+    revision: int
+    sha256: str
+    uri: str
+
+    def answer(self) -> dict:
+        """The answer's `head`."""
+        return {"name": self.name, "revision": self.revision, "sha256": self.sha256}

@@ -27,7 +27,8 @@ from serve_app.config import ModelSettings, RouterSettings
 from serve_app.inference.engine import EmotionEngine
 from serve_app.inference.lifecycle import ModelLifecycle
 from serve_app.metrics import RouterMetrics
-from serve_app.variant import answer
+from serve_app.heads.resident import ResidentHeads
+from serve_app.variant import answer, request_head
 from serve_app.wire import InferenceRequest, VariantAnswer, check_waveform
 
 
@@ -45,6 +46,7 @@ class LocalVariant:
     def __init__(self, name: str, settings: ModelSettings):
         self.name, self.settings = name, settings
         self.lifecycle = ModelLifecycle(name, self._build)
+        self.heads = ResidentHeads(settings.max_resident_heads)
         self._one = asyncio.Lock()
         self.predict, self.info = _Method(self._predict), _Method(self._info)
 
@@ -59,14 +61,16 @@ class LocalVariant:
         try:
             async with self.lifecycle.use() as engine, self._one:
                 check_waveform(request.waveform, engine.settings.max_audio_s)
-                engine.label_set(request.options.labels)
                 options = request.options
+                head = await request_head(self.heads, engine, options.head)
+                engine.label_set(options.labels, head)
                 prediction = await asyncio.to_thread(
                     engine.predict, request.waveform, options.granularity,
-                    options.extract_embedding, options.labels)
+                    options.extract_embedding, options.labels, head)
         except Exception as exc:  # as a handle delivers a replica's exception
             raise RayTaskError("predict", traceback.format_exc(), exc) from None
-        return answer(self.name, engine, prediction, (time.perf_counter() - arrived) * 1000)
+        return answer(self.name, engine, prediction, (time.perf_counter() - arrived) * 1000,
+                      options.head)
 
     async def _info(self) -> dict:
         return {"variant": self.name, **self.lifecycle.info()}

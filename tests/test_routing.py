@@ -110,7 +110,7 @@ def test_a_canary_ramp_only_ever_adds_keys():
     ({"canary": {"large": -1, "large_ft": 10}}, "aliases.canary.large: weight -1.0"),
     ({"canary": {"large": float("nan")}}, "aliases.canary.large: weight nan"),
     ({"canary": {"large": 0, "large_ft": 0}}, "aliases.canary: give at least one"),
-    ({"canary": {}}, "aliases.canary: name at least one variant"),
+    ({"canary": {}}, "aliases.canary: name at least one target"),
     ({"canary": {"large": "lots"}}, "aliases.canary"),
 ])
 def test_bad_weights_are_refused_naming_the_field(aliases, message):

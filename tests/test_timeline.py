@@ -8,6 +8,7 @@ import torch
 
 from serve_app.config import ModelSettings
 from serve_app.inference.engine import EmotionEngine
+from serve_app.inference.heads import masked_scores
 from serve_app.inference.timeline import emotion_timeline, to_frames, window_bounds
 from tests.clips import tone
 
@@ -30,6 +31,11 @@ def test_window_bounds_refuses_empty_windows():
         window_bounds(10, 0, 1)
 
 
+def scorer(head, keep):
+    """The checkpoint head's way of scoring pooled windows (serve_app/inference/heads.py)."""
+    return lambda pooled: masked_scores(head(pooled), [keep] * len(pooled))
+
+
 @pytest.fixture
 def head():
     torch.manual_seed(0)
@@ -39,7 +45,7 @@ def head():
 def test_times_scores_and_mask(head):
     frames = torch.randn(260, 16)  # 5.2 s at 50 frames a second
     keep = [0, 1, 3, 4, 5, 6, 7, 8]  # class 2 masked
-    timeline = emotion_timeline(frames, head, keep=keep, window_s=1.0, hop_s=0.5)
+    timeline = emotion_timeline(frames, scorer(head, keep), window_s=1.0, hop_s=0.5)
     assert [(w["start_s"], w["end_s"]) for w in timeline] == [
         (0.0, 1.0), (0.5, 1.5), (1.0, 2.0), (1.5, 2.5), (2.0, 3.0), (2.5, 3.5), (3.0, 4.0),
         (3.5, 4.5), (4.0, 5.0), (4.5, 5.2)]
@@ -56,7 +62,7 @@ def test_times_scores_and_mask(head):
 
 def test_a_window_over_the_whole_clip_is_the_utterance(head):
     frames = torch.randn(73, 16)
-    (only,) = emotion_timeline(frames, head, keep=range(9), window_s=10.0, hop_s=5.0)
+    (only,) = emotion_timeline(frames, scorer(head, range(9)), window_s=10.0, hop_s=5.0)
     assert (only["start_s"], only["end_s"]) == (0.0, 1.46)
     utterance = torch.softmax(head(frames.mean(dim=0, keepdim=True)), dim=-1)[0].tolist()
     assert only["scores"] == pytest.approx(utterance, abs=1e-7)

@@ -69,13 +69,13 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 def build_api(parts: Services) -> FastAPI:
     """The whole HTTP API over `parts`."""
-    from serve_app.api import hf, kserve, routes, segments
+    from serve_app.api import heads, hf, kserve, routes, segments
 
     api = FastAPI(title=TITLE, version=VERSION, description="Speech emotion recognition with "
                   "emotion2vec+ (base, large, turbo) on Ray Serve.")
     api.state.services = parts
     api.add_exception_handler(ApiError, _api_error)
     api.add_exception_handler(RequestValidationError, _validation_error)
-    for router in (routes.router, segments.router, hf.router, kserve.router):
+    for router in (routes.router, segments.router, heads.router, hf.router, kserve.router):
         api.include_router(router)
     return api

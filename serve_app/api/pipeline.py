@@ -4,6 +4,7 @@ access log stay one copy. Torch-free, and no web framework beyond a connection's
 
     async with pipeline.request(connection) as call:   # admits (401/429); logs once at the end
         route = call.resolve(model_version, session_key)  # variant, alias, weighted alias
+        options = await call.choose_head(options, head)   # head=NAME[@REV] or a head alias
         audio = await call.decode(data)                   # or call.accept(samples, rate)
         answer = await call.infer(route, audio.waveform, options)  # timeouts, retry, shadow
         return call.respond(JSONResponse(shape(answer)))
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -33,11 +35,15 @@ from serve_app.audio.pool import Decoder
 from serve_app.audio.waveform import DecodedAudio
 from serve_app.config import RouterSettings
 from serve_app.errors import AccessDenied, ApiError
+from serve_app.heads.catalog import HeadCatalog
+from serve_app.heads.headfile import InvalidHead, UnknownHead, parse_reference
+from serve_app.heads.registry import HeadRegistry
+from serve_app.labels import UnknownLabel, select
 from serve_app.metrics import RouterMetrics
 from serve_app.traffic.access import AccessControl, Admission
-from serve_app.traffic.routing import Route, RoutingTable
+from serve_app.traffic.routing import Aliases, Route, RoutingTable
 from serve_app.traffic.shadow import Shadow
-from serve_app.wire import InferenceOptions, InferenceRequest, VariantAnswer
+from serve_app.wire import HeadRef, InferenceOptions, InferenceRequest, VariantAnswer
 
 access_log = logging.getLogger("ray.serve.emotion2vec.access")
 
@@ -60,6 +66,8 @@ class Pipeline:
         self.decoder = Decoder(settings.decode_workers)
         self.routes = RoutingTable(settings.default_version, {}, variants.names)
         self.shadow = Shadow(variants, metrics.shadow)
+        self.head_routes = Aliases({})
+        self.heads = self._catalog(settings)
 
     async def configure(self, settings: RouterSettings) -> None:
         """Apply a new router config; one the variants cannot serve raises ValueError and
@@ -70,9 +78,22 @@ class Pipeline:
         self.routes = RoutingTable(settings.default_version, settings.aliases,
                                    self.variants.names)
         self.shadow.configure(settings)
+        self.head_routes = Aliases(settings.heads.aliases)
+        if self._catalog_layout(settings) != self._catalog_layout(self._catalog_settings):
+            self.heads = self._catalog(settings)
         if settings.decode_workers != self.decoder.workers:
             old, self.decoder = self.decoder, Decoder(settings.decode_workers)
             await old.close()
+
+    @staticmethod
+    def _catalog_layout(settings: RouterSettings) -> tuple:
+        return settings.heads_dir, settings.heads.max_head_bytes, settings.heads.refresh_s
+
+    def _catalog(self, settings: RouterSettings) -> HeadCatalog:
+        """The view of heads_dir, rebuilt (its cache dropped) only when where or how changes."""
+        self._catalog_settings = settings
+        return HeadCatalog(HeadRegistry(settings.heads_dir, settings.heads.max_head_bytes),
+                           settings.heads.refresh_s)
 
     # -- steps shared with the stream -----------------------------------------------------
     def admit(self, connection: Connection, trace: dict,
@@ -98,6 +119,41 @@ class Pipeline:
             raise ApiError(400, "unknown_model_version",
                            f"unknown model_version {requested!r}; valid: {valid}", valid=valid)
         return route
+
+    async def head(self, reference: str) -> HeadRef:
+        """NAME@REV or NAME (its latest revision) -> the HeadRef a variant reads (404
+        unknown_head; 503 while heads_dir cannot be read)."""
+        name, revision = parse_reference(reference)
+        try:
+            ref, _ = await asyncio.to_thread(self.heads.resolve, name, revision)
+        except (UnknownHead, InvalidHead) as exc:
+            raise exc.api_error() from None
+        except OSError as exc:
+            raise ApiError(503, "heads_unavailable", f"cannot read heads_dir: {exc}",
+                           headers={"Retry-After": "2"}) from None
+        return ref
+
+    async def check_labels(self, variant: str, requested: tuple[str, ...] | None,
+                           head: HeadRef | None) -> None:
+        """Refuse a label set that the head (custom, or the variant's own) lacks, before any
+        audio arrives."""
+        if head is None:
+            return await self.variants.check_labels(variant, requested)
+        labels = (await asyncio.to_thread(self.heads.metadata, head.name, head.revision))["labels"]
+        try:
+            select(requested, labels)
+        except UnknownLabel as exc:
+            raise exc.api_error() from None
+
+    async def choose_head(self, requested: str, session_key: str | None
+                          ) -> tuple[HeadRef, str | None]:
+        """A request's `head`: a head alias (a canary between revisions: picked by weight,
+        sticky per session key) or NAME[@REV]; and the weighted alias that chose, if any."""
+        requested = requested.strip()
+        routed_by = requested if self.head_routes.is_weighted(requested) else None
+        if requested in self.head_routes:
+            requested = self.head_routes.pick(requested, session_key)
+        return await self.head(requested), routed_by
 
     def charge_audio(self, admission: Admission, seconds: float) -> None:
         """Decoded audio counts against the key's audio quota."""
@@ -152,6 +208,18 @@ class Call:
         self.trace.update(variant=route.variant, route=route.name)
         return route
 
+    async def choose_head(self, options: InferenceOptions, requested: str | None,
+                          session_key: str | None = None) -> InferenceOptions:
+        """`options` with the request's custom head (none asked: unchanged)."""
+        if not requested:
+            return options
+        ref, routed_by = await self.pipeline.choose_head(
+            requested, self.connection.headers.get("x-session-key") or session_key)
+        self.trace["head"] = f"{ref.name}@{ref.revision}"
+        if routed_by:
+            self.trace["head_routed_by"] = routed_by
+        return dataclasses.replace(options, head=ref)
+
     async def decode(self, data: bytes, limits: audio.Limits | None = None) -> DecodedAudio:
         """An uploaded file's bytes -> 16 kHz mono, within the router's decode limits (or a
         route's own: POST /v1/segments takes recordings)."""
@@ -192,8 +260,16 @@ class Call:
         self.model_ms += (time.perf_counter() - started) * 1000
         self.trace["model_ms"] = round(self.model_ms, 1)
         if shadow:
-            self.pipeline.shadow.submit(route.variant, waveform, answer)
+            self.submit_shadows(route.variant, waveform, answer, options.head)
         return answer
+
+    def submit_shadows(self, variant: str, waveform: np.ndarray, answer: VariantAnswer,
+                       head: HeadRef | None) -> None:
+        """The shadows of the variant, and of the head revision, that answered (background)."""
+        pipeline = self.pipeline
+        pipeline.shadow.submit(variant, waveform, answer, head)
+        if head is not None:
+            pipeline.shadow.submit_head(variant, head, waveform, answer, pipeline.head)
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000

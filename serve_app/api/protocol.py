@@ -48,6 +48,9 @@ class PredictFields(_Closed):
     labels: str | None = Field(None, description="a label set: comma-separated label names "
                                "(e.g. angry,happy,neutral,sad); the softmax over them alone, "
                                "the other logits masked. Default: every label")
+    head: str | None = Field(None, description="a custom head (GET /v1/heads): NAME, NAME@REV "
+                             "or a head alias; its labels replace the nine. Default: the "
+                             "checkpoint's own head")
 
 
 class SegmentsFields(_Closed):
@@ -56,6 +59,7 @@ class SegmentsFields(_Closed):
     extract_embedding: bool = Field(False, description="each segment carries its utterance "
                                     "embedding")
     labels: str | None = PredictFields.model_fields["labels"]
+    head: str | None = PredictFields.model_fields["head"]
     channels: Literal["mix", "split"] = Field("mix", description="split: score each channel "
                                               "of a multi-channel call on its own (speakers "
                                               "ch0, ch1, ...); mix: channels averaged, as "
@@ -106,10 +110,20 @@ class PredictTimings(_Closed):
     total: float
 
 
+class HeadUsed(_Closed):
+    """The custom head that scored an answer (one revision, exactly: its sha256)."""
+
+    name: str
+    revision: int
+    sha256: str
+
+
 class PredictionBody(LabelledEmotion):
     request_id: str
     model_version: str
     routed_by: str | None = Field(description="the weighted alias that chose the variant")
+    head: HeadUsed | None = Field(None, description="the custom head that scored it; null: "
+                                  "the checkpoint's own head")
     granularity: Granularity
     audio: AudioInfo
     model: ModelInfo
@@ -148,6 +162,7 @@ class SegmentsSummary(_Closed):
     request_id: str
     model_version: str
     routed_by: str | None
+    head: HeadUsed | None = None
     audio: AudioInfo
     model: ModelInfo
     segmentation: Literal["vad", "given"]
@@ -191,6 +206,7 @@ class StreamReady(_Closed):
     request_id: str
     model_version: str
     routed_by: str | None
+    head: HeadUsed | None = None
     sample_rate: int
     encoding: str
     segments: bool | None = None

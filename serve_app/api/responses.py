@@ -64,6 +64,7 @@ def prediction(answer: VariantAnswer, *, request_id: str, variant: str,
         "request_id": request_id,
         "model_version": variant,
         "routed_by": routed_by,
+        "head": answer.head,  # the custom head that scored it; None: the checkpoint's own
         **emotion_fields(answer.labels, answer.scores),
         "granularity": str(granularity),
         "audio": audio,

@@ -10,6 +10,7 @@ deployment through its handle.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import html
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from serve_app.api.app import Parts
 from serve_app.api.stream import StreamHooks, refuse
 from serve_app.api.stream_protocol import INTERNAL, NORMAL, TRY_LATER, StreamError, parse_params
 from serve_app.errors import ApiError
-from serve_app.wire import VariantAnswer
+from serve_app.wire import InferenceOptions, VariantAnswer
 
 router = APIRouter()
 
@@ -65,7 +66,8 @@ async def predict(request: Request, parts: Parts) -> JSONResponse:
     async with parts.pipeline.request(request) as call:
         sent = await upload.read_upload(request, PREDICT, call.settings.max_upload_bytes)
         route = call.resolve(sent.params.get("model_version"))
-        options = upload.parse_options(sent.params)
+        options = await call.choose_head(upload.parse_options(sent.params),
+                                         sent.params.get("head"))
         decoded = await call.decode(sent.data)
         answer = await call.infer(route, decoded.waveform, options)
         result = results.prediction(
@@ -92,7 +94,10 @@ async def live(websocket: WebSocket, parts: Parts) -> None:
             try:
                 params = parse_params(websocket.query_params, call.settings)
                 route = call.resolve(params.model_version, params.session_key)
-                await pipeline.variants.check_labels(route.variant, params.labels)
+                options = await call.choose_head(InferenceOptions(labels=params.labels),
+                                                 params.head, params.session_key)
+                params = dataclasses.replace(params, head_ref=options.head)
+                await pipeline.check_labels(route.variant, params.labels, options.head)
             except StreamError as exc:
                 call.status, call.trace["code"] = 400, exc.code
                 return await refuse(websocket, exc)
@@ -103,7 +108,7 @@ async def live(websocket: WebSocket, parts: Parts) -> None:
                 pipeline.access.check_audio(call.admission.key_id)
 
             def shadow(waveform: np.ndarray, answer: VariantAnswer) -> None:
-                pipeline.shadow.submit(route.variant, waveform, answer)  # the whole stream's
+                call.submit_shadows(route.variant, waveform, answer, params.head)  # whole stream
 
             closed = await parts.streams.run(websocket, route, params, call.settings,
                                              call.request_id, started,

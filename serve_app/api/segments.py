@@ -113,6 +113,8 @@ class SegmentsRoute:
             extract_embedding=upload.parse_bool("extract_embedding",
                                                 sent.params.get("extract_embedding")),
             labels=parse_label_set(sent.params.get("labels")))  # a label set for every segment
+        # One head revision for the whole recording (a head canary picks once per request).
+        options = await call.choose_head(options, sent.params.get("head"))
         channels = sent.params.get("channels", "mix")
         if channels not in CHANNELS:
             raise ApiError(422, "invalid_parameter", f"channels must be one of "
@@ -185,6 +187,7 @@ class SegmentsRoute:
         return {
             "request_id": call.request_id, "model_version": job.route.variant,
             "routed_by": job.route.routed_by,
+            "head": job.options.head and job.options.head.answer(),
             "audio": results.audio_fields(audio.duration_s, audio.sample_rate, audio.channels,
                                           audio.format),
             "model": results.without_paths(model or {"variant": job.route.variant}),

@@ -333,6 +333,7 @@ class _Session:
         params, limits = self.params, self.limits
         return {"type": "ready", "request_id": self.request_id, "model_version": self.variant,
                 "routed_by": self.routed_by, "sample_rate": params.sample_rate,
+                **({"head": params.head_ref.answer()} if params.head_ref else {}),
                 "encoding": params.encoding,
                 **({"segments": True} if params.segments else {}),
                 "window_s": params.window_s, "hop_s": params.hop_s,
@@ -345,7 +346,8 @@ class _Session:
         """The 16 kHz waveform of these samples, and the variant's answer for it."""
         waveform = await asyncio.to_thread(to_target_rate, samples, self.params.sample_rate)
         try:
-            request = InferenceRequest(waveform, InferenceOptions(labels=self.params.labels))
+            request = InferenceRequest(waveform, InferenceOptions(labels=self.params.labels,
+                                                                  head=self.params.head_ref))
             return waveform, await self.streams.variants.predict(
                 self.variant, request, self.settings.model_timeout_s)
         except ApiError as exc:

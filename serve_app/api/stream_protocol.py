@@ -18,7 +18,7 @@ import numpy as np
 from serve_app.config import STREAM_HOP_S, STREAM_WINDOW_S, RouterSettings
 from serve_app.errors import ApiError, refuse_unknown
 from serve_app.labels import parse_label_set
-from serve_app.wire import TARGET_SR
+from serve_app.wire import TARGET_SR, HeadRef
 
 ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 SAMPLE_RATES = (8_000, 96_000)
@@ -26,7 +26,7 @@ SAMPLE_RATES = (8_000, 96_000)
 # checks the key (serve_app/traffic/access.py) and routes by the session key
 # (serve_app/traffic/routing.py).
 PARAMS = ("model_version", "sample_rate", "encoding", "window_s", "hop_s", "api_key",
-          "session_key", "labels", "segments")
+          "session_key", "labels", "segments", "head")
 # Close codes (RFC 6455): normal, policy (bad parameters or input), message too big,
 # internal error, try again later (overloaded).
 NORMAL, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1000, 1008, 1009, 1011, 1013
@@ -75,6 +75,8 @@ class StreamParams:
     session_key: str | None = None
     labels: tuple[str, ...] | None = None  # a label set (serve_app/labels.py); None: all
     segments: bool = False  # utterance events (serve_app/api/stream_utterances.py)
+    head: str | None = None  # a custom head, NAME[@REV] or a head alias, as asked
+    head_ref: HeadRef | None = None  # the revision the router resolved it to
 
 
 def _number(name: str, value: str, low: float, high: float, integer: bool = False) -> float:
@@ -114,7 +116,7 @@ def parse_params(query: Mapping[str, str], settings: RouterSettings) -> StreamPa
                                 *SAMPLE_RATES, integer=True)),
         encoding=encoding, window_s=window_s, hop_s=hop_s,
         session_key=query.get("session_key") or None, labels=labels,
-        segments=_flag("segments", query.get("segments")))
+        segments=_flag("segments", query.get("segments")), head=query.get("head") or None)
 
 
 def _flag(name: str, value: str | None) -> bool:

@@ -48,6 +48,7 @@ class UploadSpec:
     audio: str                          # what the audio is, for the OpenAPI
     texts: dict[str, str] = field(default_factory=dict)  # file part -> its description
     extra_headers: tuple[dict, ...] = ()  # OpenAPI header parameters beyond X-Session-Key
+    noun: str = "audio"                 # what the file is, in errors
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -204,9 +205,9 @@ async def read_upload(request: Request, spec: UploadSpec, max_bytes: int,
         form = await read_form(request, receive, fields, max_files=1 + len(spec.texts),
                                max_part_size=max(FORM_OVERHEAD, max_text_bytes))
         if not isinstance(form.get(AUDIO_FIELD), UploadFile):
-            raise ApiError(422, "missing_file", f"send the audio in the form field "
+            raise ApiError(422, "missing_file", f"send the {spec.noun} in the form field "
                            f"{AUDIO_FIELD!r}")
-        data = await _read_part(form[AUDIO_FIELD], "audio", max_bytes)
+        data = await _read_part(form[AUDIO_FIELD], spec.noun, max_bytes)
         for name in spec.texts:
             if form.get(name) is not None:
                 texts[name] = await _read_part(form[name], name, max_text_bytes)
@@ -215,9 +216,9 @@ async def read_upload(request: Request, spec: UploadSpec, max_bytes: int,
         data = await read_capped(request, max_bytes)
         if request.headers.get("content-type", "").startswith(_URLENCODED) and \
                 is_urlencoded_form(data, spec.names):
-            raise ApiError(422, "missing_file", "send the audio as multipart/form-data in the "
-                           f"field {AUDIO_FIELD!r}, or as the raw request body (the fields as "
-                           "query parameters)")
+            raise ApiError(422, "missing_file", f"send the {spec.noun} as multipart/form-data "
+                           f"in the field {AUDIO_FIELD!r}, or as the raw request body (the "
+                           "fields as query parameters)")
     refuse_unknown(params, spec.names)
     return Upload(data, params, texts)
 

@@ -15,6 +15,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.api.protocol import VariantInfo
 from serve_app.errors import ApiError, InvalidInput
+from serve_app.heads.headfile import HeadBackboneMismatch, InvalidHead, UnknownHead
 from serve_app.labels import UnknownLabel, select
 from serve_app.wire import InferenceRequest, VariantAnswer
 
@@ -25,7 +26,7 @@ def task_error(variant: str, exc: ray.exceptions.RayTaskError) -> Exception:
     """What a variant's exception (Ray's `cause`) means here: InvalidInput is the client's
     422; a replica lost under the call is re-raised for the retry; anything else is 503."""
     cause = exc.cause
-    if isinstance(cause, UnknownLabel):
+    if isinstance(cause, (UnknownLabel, UnknownHead, InvalidHead, HeadBackboneMismatch)):
         return cause.api_error()
     if isinstance(cause, InvalidInput):
         return ApiError(422, "invalid_audio", str(cause))

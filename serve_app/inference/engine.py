@@ -44,6 +44,7 @@ from serve_app import labels as label_sets
 from serve_app.checkpoints import generate, hub, weights
 from serve_app.config import ModelSettings
 from serve_app.errors import ModelLoadError
+from serve_app.heads.headfile import Head, check_backbone
 from serve_app.inference import backends, padded
 from serve_app.inference.heads import masked_scores
 from serve_app.inference.timeline import emotion_timeline
@@ -296,23 +297,49 @@ class EmotionEngine:
             source = F.layer_norm(source, source.shape)
         return source
 
-    def label_set(self, names: Sequence[str] | None) -> tuple[int, ...]:
-        """Head indices of a parsed label set (None: every label FunASR scores); UnknownLabel
-        (with the valid names) for a name this model does not have."""
-        return label_sets.select(names, self.labels)
+    def label_set(self, names: Sequence[str] | None, head: Head | None = None
+                  ) -> tuple[int, ...]:
+        """Head indices of a parsed label set (None: every label the head scores) of the
+        checkpoint's head or a custom one; UnknownLabel (with the valid names) for a name the
+        head does not have."""
+        return label_sets.select(names, self.labels if head is None else head.labels)
 
-    def _scores(self, pooled, keeps: Sequence[Sequence[int]]) -> list[tuple[list, list]]:
-        """Float32 head on B x D pooled frames, then per row the softmax over its label set:
-        (scores, logits) per row."""
-        return masked_scores(self.model.proj(pooled), keeps)
+    def check_head(self, head: Head) -> None:
+        """HeadBackboneMismatch unless `head` was trained on this checkpoint."""
+        check_backbone(head, self.info.sha256, self.info.embedding_dim)
 
-    def _timeline(self, frames, granularity: Granularity,
-                  keep: Sequence[int]) -> list[dict] | None:
-        """granularity=frame: the head on frames pooled over windows (timeline.py)."""
+    def _scores(self, pooled, keeps: Sequence[Sequence[int]],
+                heads: Sequence[Head | None]) -> list[tuple[list, list]]:
+        """Per row of B x D pooled frames, (scores, logits) over its label set: the
+        checkpoint's head in float32 (masked softmax), or the row's custom head
+        (serve_app/heads/headfile.py: its own math and temperature)."""
+        rows: list = [None] * len(keeps)
+        builtin = [i for i, head in enumerate(heads) if head is None]
+        if builtin:
+            chosen = pooled if len(builtin) == len(heads) else pooled[builtin]
+            for i, row in zip(builtin, masked_scores(self.model.proj(chosen),
+                                                     [keeps[i] for i in builtin])):
+                rows[i] = row
+        custom = [i for i, head in enumerate(heads) if head is not None]
+        if custom:
+            embeddings = pooled[custom].float().cpu().numpy()
+            for i, embedding in zip(custom, embeddings):
+                logits = heads[i].logits(embedding[None])[0]
+                rows[i] = (heads[i].scores(logits, keeps[i]),
+                           [float(logits[k]) for k in keeps[i]])
+        return rows
+
+    def _timeline(self, frames, granularity: Granularity, keep: Sequence[int],
+                  head: Head | None) -> list[dict] | None:
+        """granularity=frame: the clip's head on frames pooled over windows (timeline.py)."""
         if granularity != Granularity.FRAME:
             return None
-        return emotion_timeline(frames, self.model.proj, keep,
-                                self.settings.timeline_window_s, self.settings.timeline_hop_s)
+        return emotion_timeline(frames, lambda pooled: self._scores(
+            pooled, [keep] * len(pooled), [head] * len(pooled)),
+            self.settings.timeline_window_s, self.settings.timeline_hop_s)
+
+    def _labels(self, keep: Sequence[int], head: Head | None) -> list[str]:
+        return [(self.labels if head is None else head.labels)[i] for i in keep]
 
     @staticmethod
     def _embedding(frames, granularity: Granularity) -> np.ndarray:
@@ -320,18 +347,18 @@ class EmotionEngine:
         return feats if granularity == Granularity.FRAME else np.mean(feats, axis=0)
 
     def predict(self, waveform: np.ndarray, granularity: Granularity, extract_embedding: bool,
-                labels: Sequence[str] | None = None) -> Prediction:
+                labels: Sequence[str] | None = None, head: Head | None = None) -> Prediction:
         import torch
 
-        keep = self.label_set(labels)  # before any work: an unknown name costs nothing
+        keep = self.label_set(labels, head)  # before any work: an unknown name costs nothing
         started = self._start()
         with torch.inference_mode():
             frames = torch.cat([self._window_frames(piece) for piece in
                                 self._windows(waveform)], dim=1)
-            ((scores, logits),) = self._scores(frames.mean(dim=1), [keep])
+            ((scores, logits),) = self._scores(frames.mean(dim=1), [keep], [head])
             embedding = self._embedding(frames[0], granularity) if extract_embedding else None
-            timeline = self._timeline(frames[0], granularity, keep)
-        return Prediction([self.labels[i] for i in keep], scores, embedding,
+            timeline = self._timeline(frames[0], granularity, keep, head)
+        return Prediction(self._labels(keep, head), scores, embedding,
                           round((time.perf_counter() - started) * 1000, 3), timeline, logits)
 
     def _windows(self, waveform: np.ndarray) -> list[np.ndarray]:
@@ -352,9 +379,11 @@ class EmotionEngine:
 
     def predict_batch(self, waveforms: list[np.ndarray], granularity: Granularity,
                       extract_embedding: bool,
-                      labels: Sequence[Sequence[str] | None] | None = None) -> list[Prediction]:
+                      labels: Sequence[Sequence[str] | None] | None = None,
+                      heads: Sequence[Head | None] | None = None) -> list[Prediction]:
         """`predict` for each clip, in input order, from one padded forward pass; `labels`:
-        each clip's label set (None: every clip scores every label).
+        each clip's label set (None: every clip scores every label); `heads`: each clip's
+        custom head (None: the checkpoint's), applied after pooling, so one pass serves any.
 
         Each clip's scores and embedding are those `predict` gives it alone (the frame
         embedding has exactly its own frames). Every Prediction carries the whole batch's
@@ -368,25 +397,28 @@ class EmotionEngine:
         if short:
             raise ValueError(f"clips {short} have fewer than {MIN_SAMPLES} samples")
         sets = list(labels) if labels is not None else [None] * len(waveforms)
-        if len(sets) != len(waveforms):
-            raise ValueError(f"{len(sets)} label sets for {len(waveforms)} clips")
-        keeps = [self.label_set(names) for names in sets]
+        custom = list(heads) if heads is not None else [None] * len(waveforms)
+        if not len(sets) == len(custom) == len(waveforms):
+            raise ValueError(f"{len(sets)} label sets and {len(custom)} heads for "
+                             f"{len(waveforms)} clips")
+        keeps = [self.label_set(names, head) for names, head in zip(sets, custom)]
         if not self._batchable or any(len(w) > self.settings.window_s * TARGET_SR
                                       for w in waveforms):
-            return [self.predict(w, granularity, extract_embedding, names)
-                    for w, names in zip(waveforms, sets)]
+            return [self.predict(w, granularity, extract_embedding, names, head)
+                    for w, names, head in zip(waveforms, sets, custom)]
         started = self._start()
         with torch.inference_mode():
             frames, lengths = self._backend.batch([self._source(w) for w in waveforms])
             # Each clip's own frames only: padded frames carry no meaning.
             clips = [frames[i, :n] for i, n in enumerate(lengths.tolist())]
-            rows = self._scores(torch.stack([clip.mean(dim=0) for clip in clips]), keeps)
+            rows = self._scores(torch.stack([clip.mean(dim=0) for clip in clips]), keeps,
+                                custom)
             embeddings = [self._embedding(clip, granularity) if extract_embedding else None
                           for clip in clips]
-            timelines = [self._timeline(clip, granularity, keep)
-                         for clip, keep in zip(clips, keeps)]
+            timelines = [self._timeline(clip, granularity, keep, head)
+                         for clip, keep, head in zip(clips, keeps, custom)]
         elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
-        return [Prediction([self.labels[i] for i in keep], scores, embedding, elapsed_ms,
+        return [Prediction(self._labels(keep, head), scores, embedding, elapsed_ms,
                            timeline, logits)
-                for keep, (scores, logits), embedding, timeline
-                in zip(keeps, rows, embeddings, timelines)]
+                for keep, head, (scores, logits), embedding, timeline
+                in zip(keeps, custom, rows, embeddings, timelines)]

@@ -12,9 +12,7 @@ gives the utterance scores.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-
-from serve_app.inference.heads import masked_scores
+from collections.abc import Callable
 
 FRAME_RATE = 50.0  # frames per second: the encoder's conv stem has a stride of 320 samples
 
@@ -41,12 +39,11 @@ def to_frames(seconds: float) -> int:
     return max(1, math.floor(seconds * FRAME_RATE + 0.5))
 
 
-def emotion_timeline(frames, head: Callable, keep: Sequence[int], window_s: float,
-                     hop_s: float) -> list[dict]:
-    """Per window: start_s, end_s, the softmax scores and the raw logits of the `keep` labels
-    (head indices, head order; the others are masked before the softmax and left out).
+def emotion_timeline(frames, score: Callable, window_s: float, hop_s: float) -> list[dict]:
+    """Per window: start_s, end_s, the softmax scores and the raw logits of the clip's labels
+    (as its utterance is scored: the label set's, head order).
 
-    frames: float32 tensor (T, D); head: the classifier (D -> classes).
+    frames: float32 tensor (T, D); score: W x D pooled windows -> W (scores, logits) pairs.
     """
     import torch
 
@@ -55,7 +52,7 @@ def emotion_timeline(frames, head: Callable, keep: Sequence[int], window_s: floa
         return []
     with torch.inference_mode():
         pooled = torch.stack([frames[start:end].float().mean(dim=0) for start, end in bounds])
-        rows = masked_scores(head(pooled), [keep] * len(bounds))
+        rows = score(pooled)
     return [{"start_s": round(start / FRAME_RATE, 3), "end_s": round(end / FRAME_RATE, 3),
              "scores": scores, "logits": logits}
             for (start, end), (scores, logits) in zip(bounds, rows)]

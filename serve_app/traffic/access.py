@@ -33,7 +33,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from serve_app.config import ApiKeys, ApiKeySpec, RouterSettings, without_inputs
-from serve_app.errors import AccessDenied
+from serve_app.errors import AccessDenied, ApiError
 
 logger = logging.getLogger("ray.serve")
 
@@ -206,6 +206,7 @@ class AccessControl:
             keep = old is not None and [b.shape() for b in old] == [b.shape() for b in fresh]
             buckets[key_id] = old if keep else fresh
         self._digests = {key_id: bytes.fromhex(spec.sha256) for key_id, spec in table.items()}
+        self._head_writers = {key_id for key_id, spec in table.items() if spec.heads == "write"}
         self._buckets = buckets
         self._file_stamp, self._next_file_check = stamp, now + FILE_CHECK_S
 
@@ -282,6 +283,13 @@ class AccessControl:
                 self._count(key_id, "requests", 1.0)
         tightest = min(buckets, key=lambda b: b.level / b.capacity, default=None)
         return Admission(key_id, tightest.headers() if tightest else {})
+
+    def check_heads_write(self, admission: Admission) -> None:
+        """403 forbidden unless the admitted key may register and delete heads (its config
+        line says `heads: write`); with no keys configured, anyone may."""
+        if self.enabled and admission.key_id not in self._head_writers:
+            raise ApiError(403, "forbidden", f"key {admission.label!r} may not change heads: "
+                           "its config line needs `heads: write`")
 
     def check_audio(self, key_id: str | None) -> None:
         """AccessDenied 429 while the key's audio balance is spent (for a stream, before each

@@ -36,6 +36,64 @@ def key_hash(key: str, variant: str) -> float:
     return (int.from_bytes(digest, "big") + 0.5) / 2.0 ** 64
 
 
+class Aliases:
+    """Names that stand for a target (a plain alias) or for a weighted set of targets (a
+    canary), picked per request as this module's docstring says. Variants and head revisions
+    (serve_app/heads) are routed by the same rule."""
+
+    def __init__(self, aliases: Mapping[str, str | Mapping[str, float]],
+                 rng: random.Random | None = None):
+        self.aliases = dict(aliases)
+        # Weighted aliases, in their configured order, with weights as given (validated by
+        # the settings: finite, >= 0, one above 0).
+        self._weighted = {alias: [(t, float(w)) for t, w in target.items()]
+                          for alias, target in aliases.items() if not isinstance(target, str)}
+        self._rng = rng or random.Random()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.aliases
+
+    def is_weighted(self, name: str) -> bool:
+        return name in self._weighted
+
+    def fractions(self) -> dict[str, dict[str, float]]:
+        """Each alias's share of requests per target (a plain alias: 1.0 to its target)."""
+        shares = {}
+        for alias, target in self.aliases.items():
+            if isinstance(target, str):
+                shares[alias] = {target: 1.0}
+            else:
+                total = sum(weight for _, weight in self._weighted[alias])
+                shares[alias] = {t: weight / total for t, weight in self._weighted[alias]}
+        return shares
+
+    def targets(self, name: str) -> list[str]:
+        """Every target an alias may route to (weighted: those with a weight above 0)."""
+        if name in self._weighted:
+            return [target for target, weight in self._weighted[name] if weight > 0]
+        return [self.aliases[name]]
+
+    def pick(self, name: str, session_key: str | None = None) -> str:
+        """The target of an alias for one request: by weight, sticky per session key."""
+        if name not in self._weighted:
+            return self.aliases[name]
+        weights = self._weighted[name]
+        return self._sticky(weights, session_key) if session_key else self._draw(weights)
+
+    def _draw(self, weights: list[tuple[str, float]]) -> str:
+        point = self._rng.random() * sum(weight for _, weight in weights)
+        for target, weight in weights:
+            if point < weight:
+                return target
+            point -= weight
+        return next(t for t, weight in reversed(weights) if weight > 0)  # float rounding
+
+    @staticmethod
+    def _sticky(weights: list[tuple[str, float]], key: str) -> str:
+        return max((weight / -math.log(key_hash(key, target)), target)
+                   for target, weight in weights if weight > 0)[1]
+
+
 class RoutingTable:
     """Resolves model_version names to variants; built once per router configuration."""
 
@@ -43,57 +101,27 @@ class RoutingTable:
                  variants: Sequence[str], rng: random.Random | None = None):
         self.default_version = default_version
         self.variants = list(variants)
-        self.aliases = dict(aliases)
-        # Weighted aliases, in their configured order, with weights as given (validated by
-        # RouterSettings: finite, >= 0, one above 0).
-        self._weighted = {alias: [(v, float(w)) for v, w in target.items()]
-                          for alias, target in aliases.items() if not isinstance(target, str)}
-        self._rng = rng or random.Random()
+        self.aliases = Aliases(aliases, rng)
 
     @property
     def names(self) -> list[str]:
         """Every name a request may ask for."""
-        return sorted([*self.variants, *self.aliases])
+        return sorted([*self.variants, *self.aliases.aliases])
 
     def fractions(self) -> dict[str, dict[str, float]]:
         """Each alias's share of requests per variant (a plain alias: 1.0 to its variant)."""
-        shares = {}
-        for alias, target in self.aliases.items():
-            if isinstance(target, str):
-                shares[alias] = {target: 1.0}
-            else:
-                total = sum(weight for _, weight in self._weighted[alias])
-                shares[alias] = {v: weight / total for v, weight in self._weighted[alias]}
-        return shares
+        return self.aliases.fractions()
 
     def targets(self, requested: str | None) -> list[str] | None:
         """Every variant a name may route to (a weighted alias: those with a weight above 0),
         or None if no variant has that name."""
         name = requested or self.default_version
-        if name in self._weighted:
-            return [variant for variant, weight in self._weighted[name] if weight > 0]
-        variant = self.aliases.get(name, name)
-        return [variant] if variant in self.variants else None
+        targets = self.aliases.targets(name) if name in self.aliases else [name]
+        return targets if all(t in self.variants for t in targets) else None
 
     def resolve(self, requested: str | None, session_key: str | None = None) -> Route | None:
         """The route for a requested model_version, or None if no variant has that name."""
         name = requested or self.default_version
-        if name in self._weighted:
-            weights = self._weighted[name]
-            variant = self._sticky(weights, session_key) if session_key else self._draw(weights)
-            return Route(name, variant, name)
-        variant = self.aliases.get(name, name)
-        return Route(name, variant, None) if variant in self.variants else None
-
-    def _draw(self, weights: list[tuple[str, float]]) -> str:
-        point = self._rng.random() * sum(weight for _, weight in weights)
-        for variant, weight in weights:
-            if point < weight:
-                return variant
-            point -= weight
-        return next(v for v, weight in reversed(weights) if weight > 0)  # float rounding
-
-    @staticmethod
-    def _sticky(weights: list[tuple[str, float]], key: str) -> str:
-        return max((weight / -math.log(key_hash(key, variant)), variant)
-                   for variant, weight in weights if weight > 0)[1]
+        routed_by = name if self.aliases.is_weighted(name) else None
+        variant = self.aliases.pick(name, session_key) if name in self.aliases else name
+        return Route(name, variant, routed_by) if variant in self.variants else None

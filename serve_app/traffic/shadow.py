@@ -1,5 +1,6 @@
 """Shadow comparison: a copy of each request a primary variant answered goes to a shadow
-variant in the background, and the two answers are compared.
+variant in the background, and the two answers are compared; likewise between two revisions
+of a custom head (settings.heads.shadow, NAME@REV -> NAME@REV), on the variant that answered.
 
 The shadow never touches the primary's response: it starts after the primary answered, runs
 as a task of its own with its own timeout, its failures are counted (and logged), and at most
@@ -15,14 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from serve_app.config import RouterSettings
 from serve_app.labels import emotion_fields
-from serve_app.wire import InferenceRequest, Scores
+from serve_app.wire import HeadRef, InferenceOptions, InferenceRequest, Scores
 
 logger = logging.getLogger("ray.serve")
 
@@ -103,22 +104,48 @@ class Shadow:
     def configure(self, settings: RouterSettings) -> None:
         """Apply the router's settings; the stats start over when routes or shadows change."""
         self.pairs = dict(settings.shadow)
+        self.head_pairs = dict(settings.heads.shadow)
         self.timeout_s = settings.shadow_timeout_s
         self.max_pending = settings.shadow_max_pending
-        layout = (settings.default_version, settings.aliases, settings.shadow)
+        layout = (settings.default_version, settings.aliases, settings.shadow,
+                  settings.heads.aliases, settings.heads.shadow)
         if layout != self._layout:
             self._layout = layout
-            self.stats = {p: ShadowStats(target) for p, target in self.pairs.items()}
+            self.stats = {p: ShadowStats(target)
+                          for p, target in [*self.pairs.items(), *self.head_pairs.items()]}
 
     def snapshot(self) -> dict[str, dict]:
         return {primary: stats.snapshot() for primary, stats in self.stats.items()}
 
-    def submit(self, primary: str, waveform: np.ndarray, answer: Scores) -> None:
-        """After `primary` answered a request with `answer`: shadow it, if configured and
-        there is room. Returns at once; call it from the event loop."""
+    def submit(self, primary: str, waveform: np.ndarray, answer: Scores,
+               head: HeadRef | None = None) -> None:
+        """After variant `primary` answered a request with `answer` (scored by `head`, which
+        the shadow variant then uses too): shadow it, if configured and there is room.
+        Returns at once; call it from the event loop."""
         target = self.pairs.get(primary)
+        if target is not None:
+            request = InferenceRequest(waveform, InferenceOptions(head=head))
+            self._start(primary, target, answer,
+                        lambda: self.variants.predict(target, request, self.timeout_s))
+
+    def submit_head(self, variant: str, head: HeadRef, waveform: np.ndarray, answer: Scores,
+                    resolve: Callable[[str], Awaitable[HeadRef]]) -> None:
+        """After `variant` answered with custom head `head`: score the same audio with the
+        head revision that shadows it (`resolve` turns NAME@REV into a HeadRef)."""
+        primary = f"{head.name}@{head.revision}"
+        target = self.head_pairs.get(primary)
         if target is None:
             return
+
+        async def shadow_answer() -> Scores:
+            options = InferenceOptions(head=await resolve(target))
+            return await self.variants.predict(variant, InferenceRequest(waveform, options),
+                                               self.timeout_s)
+
+        self._start(primary, target, answer, shadow_answer)
+
+    def _start(self, primary: str, target: str, answer: Scores,
+               shadow_answer: Callable[[], Awaitable[Scores]]) -> None:
         stats = self.stats[primary]
         if self.pending >= self.max_pending:
             stats.dropped += 1
@@ -127,15 +154,14 @@ class Shadow:
         self.pending += 1
         answer = Scores(answer.labels, answer.scores)  # not the embedding: it may be large
         task = asyncio.get_running_loop().create_task(
-            self._run(stats, primary, target, waveform, answer))
+            self._run(stats, primary, target, shadow_answer, answer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, stats: ShadowStats, primary: str, target: str, waveform: np.ndarray,
-                   answer: Scores) -> None:
+    async def _run(self, stats: ShadowStats, primary: str, target: str,
+                   shadow_answer: Callable[[], Awaitable[Scores]], answer: Scores) -> None:
         try:
-            out = await self.variants.predict(target, InferenceRequest(waveform), self.timeout_s)
-            comparison = compare(answer, out)
+            comparison = compare(answer, await shadow_answer())
         except Exception as exc:  # the shadow's failure is counted, never raised
             stats.errors += 1
             self.record(primary, target, "error", None)
