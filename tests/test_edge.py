@@ -41,7 +41,8 @@ def edge(tmp_path_factory):
     checkpoint = inprocess.tiny_checkpoint(tmp_path_factory.mktemp("checkpoints"))
     settings_ = RouterSettings(default_version="large", aliases={"fast": "base"},
                                decode_workers=0, max_upload_bytes=256 * 1024,
-                               max_duration_s=10.0)
+                               max_duration_s=10.0,
+                               heads_dir=str(tmp_path_factory.mktemp("heads")))
     with inprocess.local_service(checkpoint, settings_, NAMES) as (_, app), \
             TestClient(app) as client:
         yield client

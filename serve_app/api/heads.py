@@ -131,8 +131,13 @@ async def put_head(name: str, request: Request, parts: Parts) -> JSONResponse:
         if not NAME.fullmatch(name):
             raise InvalidHead(f"invalid name {name[:80]!r}: lower-case letters, digits, '.', "
                               "'_' and '-', at most 63").api_error()
-        sent = await upload.read_upload(request, HEAD_UPLOAD,
-                                        call.settings.heads.max_head_bytes)
+        limit = call.settings.heads.max_head_bytes
+        try:
+            sent = await upload.read_upload(request, HEAD_UPLOAD, limit)
+        except ApiError as exc:
+            if exc.status != 413:
+                raise
+            raise InvalidHead(f"larger than {limit} bytes").api_error() from None
         head = await _registry_call(call, pipeline.heads.registry.put, sent.data, name)
         pipeline.heads.forget(name)
         call.trace["head"] = f"{head.name}@{head.revision}"

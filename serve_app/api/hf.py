@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from starlette.responses import JSONResponse
 
 from serve_app.api import protocol, upload
 from serve_app.api.app import Parts
+from serve_app.api.pipeline import model_and_head
 from serve_app.audio.waveform import upload_too_large
 from serve_app.errors import ApiError, refuse_unknown
 from serve_app.labels import english_name, parse_label_set
@@ -154,14 +156,17 @@ async def classify(pipeline: Pipeline, request: Request,
                    model_version: str | None = None) -> JSONResponse:
     """POST /v1/audio-classification[/{model_version}]."""
     async with pipeline.request(request) as call:
+        model_version, head = model_and_head(model_version)  # VARIANT+HEAD: a custom head
         route = call.resolve(model_version)
+        options = await call.choose_head(InferenceOptions(), head)
         content_type = request.headers.get("content-type")
         max_bytes = call.settings.max_upload_bytes
         body = await upload.read_capped(
             request, body_limit(max_bytes) if is_json(content_type) else max_bytes)
         parsed = parse_request(body, content_type, request.query_params, max_bytes)
         decoded = await call.decode(parsed.audio)
-        answer = await call.infer(route, decoded.waveform, InferenceOptions(labels=parsed.labels))
+        answer = await call.infer(route, decoded.waveform,
+                                  dataclasses.replace(options, labels=parsed.labels))
         return call.respond(JSONResponse(classification(
             answer.labels, answer.scores, answer.logits, parsed.function_to_apply,
             parsed.top_k)))

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from serve_app.api import kserve_codec as codec
 from serve_app.api import protocol, readiness, upload
 from serve_app.api.app import Parts
+from serve_app.api.pipeline import model_and_head
 from serve_app.errors import ApiError
 from serve_app.labels import emotion_fields, english_name, parse_label_set
 from serve_app.wire import TARGET_SR, InferenceOptions
@@ -83,7 +84,8 @@ async def ready(pipeline: Pipeline) -> JSONResponse:
 
 
 def _targets(pipeline: Pipeline, name: str) -> list[str]:
-    targets = pipeline.routes.targets(name)
+    """The variants a model name may route to (VARIANT+HEAD: VARIANT's)."""
+    targets = pipeline.routes.targets(model_and_head(name)[0])
     if targets is None:
         valid = pipeline.routes.names
         raise ApiError(404, "unknown_model", f"no model {name!r}; models: {valid}", valid=valid)
@@ -101,6 +103,9 @@ async def _model(pipeline: Pipeline, name: str,
     """The infos of the variants a model name routes to, and its versions; 404 for an unknown
     name or version."""
     targets = _targets(pipeline, name)
+    head = model_and_head(name)[1]
+    if head is not None:
+        await pipeline.choose_head(head, None)  # 404 unknown_head
     infos = await pipeline.variants.info()
     mine = {target: infos[target] for target in targets}
     versions = sorted({v for info in mine.values()
@@ -142,7 +147,8 @@ async def infer(pipeline: Pipeline, request: Request, name: str,
                 version: str | None = None) -> Response:
     async with pipeline.request(request) as call:
         _targets(pipeline, name)  # an unknown model is the protocol's 404
-        route = call.resolve(name)
+        model_version, head = model_and_head(name)  # VARIANT+HEAD: a custom head
+        route = call.resolve(model_version)
         settings = call.settings
         header_length = request.headers.get(codec.HEADER_LENGTH)
         body = await upload.read_capped(request, codec.body_limit(
@@ -150,7 +156,8 @@ async def infer(pipeline: Pipeline, request: Request, name: str,
             settings.max_json_waveform_bytes))
         parsed = await parse(body, header_length)
         given = codec.model_input(parsed, settings.max_upload_bytes)
-        options = inference_options(parsed)
+        options = await call.choose_head(inference_options(parsed),
+                                         head or parsed.parameters.get("head"))
         if given.audio is not None:
             decoded = await call.decode(given.audio)
         else:

@@ -9,9 +9,9 @@ Binary tensor extension (what `tritonclient.http` sends by default): the body is
 file's base64.
 
 This model: input `audio` BYTES [1] (an encoded file, any format predict takes) or `waveform`
-FP32 [n] / [1, n] (16 kHz mono samples); parameters `granularity`, `labels`; outputs `scores`
-FP32 [N], `labels` BYTES [N], `emotion` BYTES [1], and `embedding` FP32 [frames, D] (one frame
-for granularity=utterance) only when asked for.
+FP32 [n] / [1, n] (16 kHz mono samples); parameters `granularity`, `labels`, `head`; outputs
+`scores` FP32 [N], `labels` BYTES [N], `emotion` BYTES [1], and `embedding` FP32 [frames, D]
+(one frame for granularity=utterance) only when asked for.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ BINARY_CONTENT_TYPE = "application/octet-stream"
 INPUTS = {"audio": "BYTES", "waveform": "FP32"}
 OUTPUTS = {"scores": "FP32", "labels": "BYTES", "emotion": "BYTES", "embedding": "FP32"}
 DEFAULT_OUTPUTS = ("scores", "labels", "emotion")
-PARAMETERS = ("granularity", "labels", "binary_data_output")
+PARAMETERS = ("granularity", "labels", "binary_data_output", "head")
 VERSION_DIGITS = 12      # a model's version: the first hex digits of its checkpoint's sha256
 HEADER_OVERHEAD = 64 * 1024  # the JSON header beside binary tensors
 MAX_ELEMENTS = 1 << 26   # no tensor here is larger; bounds a shape's product before any use

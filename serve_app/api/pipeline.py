@@ -48,6 +48,19 @@ from serve_app.wire import HeadRef, InferenceOptions, InferenceRequest, VariantA
 access_log = logging.getLogger("ray.serve.emotion2vec.access")
 
 
+HEAD_IN_MODEL_NAME = "+"
+
+
+def model_and_head(name: str | None) -> tuple[str | None, str | None]:
+    """Protocols whose clients name only a model (Hugging Face's URL, KServe v2's model name)
+    reach a custom head as VARIANT+HEAD[@REV] ('+HEAD': the default variant): the model_version
+    and the head asked for."""
+    if name is None or HEAD_IN_MODEL_NAME not in name:
+        return name, None
+    version, head = name.split(HEAD_IN_MODEL_NAME, 1)
+    return version or None, head
+
+
 class Connection(Protocol):
     """An HTTP request or a WebSocket (Starlette's HTTPConnection): its headers are read."""
 
@@ -213,6 +226,8 @@ class Call:
         """`options` with the request's custom head (none asked: unchanged)."""
         if not requested:
             return options
+        if not isinstance(requested, str):  # a JSON protocol's parameter
+            raise ApiError(422, "invalid_parameter", "head must be a string: NAME[@REV]")
         ref, routed_by = await self.pipeline.choose_head(
             requested, self.connection.headers.get("x-session-key") or session_key)
         self.trace["head"] = f"{ref.name}@{ref.revision}"

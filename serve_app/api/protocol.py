@@ -339,7 +339,8 @@ class V2RequestedOutput(_Open):
 
 class V2InferRequest(_Open):
     id: str | None = None
-    parameters: dict | None = Field(None, description="granularity, labels, binary_data_output")
+    parameters: dict | None = Field(None, description="granularity, labels, head, "
+                                    "binary_data_output")
     inputs: list[V2Tensor]
     outputs: list[V2RequestedOutput] | None = None
 

@@ -108,7 +108,7 @@ async def live(websocket: WebSocket, parts: Parts) -> None:
                 pipeline.access.check_audio(call.admission.key_id)
 
             def shadow(waveform: np.ndarray, answer: VariantAnswer) -> None:
-                call.submit_shadows(route.variant, waveform, answer, params.head)  # whole stream
+                call.submit_shadows(route.variant, waveform, answer, params.head_ref)  # whole
 
             closed = await parts.streams.run(websocket, route, params, call.settings,
                                              call.request_id, started,

@@ -204,9 +204,9 @@ def encode(metadata: Mapping, tensors: Mapping[str, np.ndarray]) -> bytes:
     return save(arrays, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
 
-def read_header(data: bytes) -> tuple[dict, int]:
-    """A safetensors file's JSON header (its first 8 bytes say how long it is) and where the
-    tensors start; InvalidHead for anything else (a pickle starts with 0x80: never loaded)."""
+def read_header(data: bytes) -> dict:
+    """A safetensors file's JSON header (its first 8 bytes say how long it is); InvalidHead
+    for anything else (a pickle starts with 0x80: never loaded)."""
     if len(data) < 8:
         raise InvalidHead("not a head file: shorter than a safetensors header")
     (length,) = struct.unpack("<Q", data[:8])
@@ -221,7 +221,7 @@ def read_header(data: bytes) -> tuple[dict, int]:
         raise InvalidHead(f"not a head file: its header is not JSON ({exc})") from None
     if not isinstance(header, dict):
         raise InvalidHead("not a head file: its header is not a JSON object")
-    return header, 8 + length
+    return header
 
 
 def metadata_of(header: dict) -> dict:
@@ -244,7 +244,7 @@ def decode(data: bytes, max_bytes: int) -> Head:
 
     if len(data) > max_bytes:
         raise InvalidHead(f"larger than {max_bytes} bytes")
-    header, start = read_header(data)
+    header = read_header(data)
     meta = metadata_of(header)
     described = sum(1 for key in header if key != "__metadata__")
     if described > 8:

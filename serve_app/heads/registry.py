@@ -119,7 +119,7 @@ class HeadRegistry:
                 data = first + handle.read(min(length, MAX_HEADER_BYTES + 1))
         except FileNotFoundError:
             raise UnknownHead(f"no head {name}@{revision}") from None
-        return metadata_of(read_header(data)[0])
+        return metadata_of(read_header(data))
 
     def uri(self, name: str, revision: int) -> str:
         return head_uri(self.location, name, revision)
