@@ -179,7 +179,7 @@ _OPENAPI = {**protocol.json_or_raw_body(protocol.HfRequest, "the audio file's by
                            for name, schema in protocol.schema_of(protocol.HfParameters)[
                                "properties"].items()]}
 _RESPONSES = {200: {"model": list[protocol.HfLabel]},
-              **protocol.errors(400, 401, 413, 415, 422, 429, 503, 504)}
+              **protocol.errors(400, 401, 404, 409, 413, 415, 422, 429, 503, 504)}
 
 
 @router.post("/v1/audio-classification", summary="Hugging Face audio-classification "

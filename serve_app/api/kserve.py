@@ -178,7 +178,7 @@ async def infer(pipeline: Pipeline, request: Request, name: str,
 
 router = APIRouter(prefix="/v2")
 _ERRORS = {status: {"model": protocol.V2Error}
-           for status in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
+           for status in (400, 401, 404, 409, 413, 415, 422, 429, 503, 504)}
 _METADATA = {200: {"model": protocol.V2ModelMetadata}, **_ERRORS}
 _READY = {200: {"model": protocol.V2ModelReady}, **_ERRORS}
 _INFER = {"responses": {200: {"model": protocol.V2InferResponse, "content": {

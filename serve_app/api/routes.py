@@ -61,7 +61,8 @@ async def web_asset(name: str) -> Response:
 @router.post("/v1/predict", summary="Recognise the emotion in one audio clip",
              openapi_extra=PREDICT.openapi(),
              responses={200: {"model": protocol.Prediction},
-                        **protocol.errors(400, 401, 413, 415, 422, 429, 503, 504)})
+                        **protocol.errors(400, 401, 404, 409, 413, 415, 422, 429, 503,
+                                          504)})
 async def predict(request: Request, parts: Parts) -> JSONResponse:
     async with parts.pipeline.request(request) as call:
         sent = await upload.read_upload(request, PREDICT, call.settings.max_upload_bytes)

@@ -280,6 +280,7 @@ router = APIRouter()
              responses={200: {"model": protocol.SegmentsAnswer, "content": {NDJSON: {
                  "schema": {"description": "one SegmentLine a line, then a SummaryLine (or "
                             "an ErrorLine)"}}}},
-                 **protocol.errors(400, 401, 413, 415, 422, 429, 501, 503, 504)})
+                 **protocol.errors(400, 401, 404, 409, 413, 415, 422, 429, 501, 503,
+                                   504)})
 async def segments_route(request: Request, parts: Parts) -> Response:
     return await parts.segments.handle(request)
