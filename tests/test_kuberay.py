@@ -84,6 +84,9 @@ def test_serve_config_is_deploy_yaml_with_the_documented_overrides():
         ("proxy_location",): ("HeadOnly", "EveryNode"),
         ("http_options", "host"): ("127.0.0.1", "0.0.0.0"),
         ("applications", 0, "args", "check_resources"): (None, False),
+        # Custom heads on the shared volume, where every pod sees them.
+        ("applications", 0, "deployments", 0, "user_config", "heads_dir"):
+            ("~/.cache/emotion2vec-serve/heads", "/model-cache/heads"),
     }
 
 

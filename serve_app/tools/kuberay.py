@@ -52,6 +52,12 @@ def k8s_serve_config(config: dict) -> dict:
         # GPU workers join after the head, and KubeRay submits a config once: a check at build
         # time could see no GPUs yet and fail the deploy for good. Serve waits for them instead.
         app["args"]["check_resources"] = False
+        # Custom heads where every pod sees them: the shared volume, unless the config names
+        # an object store.
+        for deployment in app.get("deployments", []):
+            settings = deployment.get("user_config") or {}
+            if deployment["name"] == "Router" and "://" not in settings.get("heads_dir", ""):
+                settings["heads_dir"] = f"{CACHE_MOUNT}/heads"
     return config
 
 
