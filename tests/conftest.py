@@ -67,6 +67,14 @@ def cluster():
         yield serve_handle
 
 
+@pytest.fixture(scope="session")
+def address(cluster) -> str:
+    """The session cluster's GCS address, for a job that joins it (`batch --address`)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 @dataclass
 class Service:
     url: str
@@ -74,6 +82,7 @@ class Service:
     checkpoints: dict[str, Path]   # variant -> checkpoint directory
     results_dir: Path
     cluster: LocalServe
+    heads_dir: Path
 
 
 @pytest.fixture(scope="session")
@@ -81,13 +90,14 @@ def service(cluster, tmp_path_factory) -> Service:
     """The tiny test config, deployed as a config file is (checkpoints generated on start)."""
     checkpoint_root = tmp_path_factory.mktemp("checkpoints")
     results_dir = tmp_path_factory.mktemp("results")
-    app = tiny_app(checkpoint_root, output_dir=str(results_dir))
+    heads_dir = tmp_path_factory.mktemp("heads")
+    app = tiny_app(checkpoint_root, output_dir=str(results_dir), heads_dir=str(heads_dir))
     cluster.put(app)
     status = cluster.wait_for(APP_NAME, ("RUNNING", "DEPLOY_FAILED", "UNHEALTHY"))
     assert status.status == "RUNNING", status
     checkpoints = {d["name"]: Path(d["user_config"]["source"])
                    for d in app["deployments"] if "source" in d["user_config"]}
-    return Service(cluster.url, app, checkpoints, results_dir, cluster)
+    return Service(cluster.url, app, checkpoints, results_dir, cluster, heads_dir)
 
 
 @dataclass

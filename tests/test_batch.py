@@ -41,13 +41,6 @@ def run_batch(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def address(cluster) -> str:
-    import ray
-
-    return ray.get_runtime_context().gcs_address
-
-
-@pytest.fixture(scope="module")
 def config(service, tmp_path_factory) -> Path:
     """The test service's own config: the job loads the checkpoints the service serves."""
     path = tmp_path_factory.mktemp("config") / "tiny.yaml"

@@ -9,6 +9,8 @@ import pytest
 import soundfile
 
 from serve_app.audio import sndfile
+from serve_app.heads import headfile
+from tests.head_files import head_bytes
 from tests.test_lifecycle import Client, make_app, tiny
 from tests.test_stream import assert_scores_equal, lockstep, open_stream, predicted
 from tests.traffic import in_threads
@@ -17,8 +19,10 @@ BATCHING = {"max_batch_size": 8, "batch_wait_timeout_s": 0.2}
 
 
 def batched_app(root, base_batching: dict = BATCHING) -> dict:
+    router = {"default_version": "base", "heads_dir": str(root / "heads")}
     return make_app(root, name="batched", prefix="/batched", variants=("base", "large"),
-                    base={**tiny(root, 8), **base_batching}, large={**tiny(root, 9), **BATCHING})
+                    router=router, base={**tiny(root, 8), **base_batching},
+                    large={**tiny(root, 9), **BATCHING})
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +96,34 @@ def test_windows_of_concurrent_streams_share_padded_batches(cluster, batched):
         for window in windows:
             start, end = round(window["start_s"] * 16_000), round(window["end_s"] * 16_000)
             assert_scores_equal(window, predicted(client.http, raw[start:end], 16_000, "large"))
+
+
+def test_one_batch_mixes_three_heads_and_the_models_own(cluster, batched):
+    """Concurrent requests for three custom heads and the nine-class head meet in the variant's
+    padded batches (heads apply after pooling: no split); each gets what it gets alone."""
+    root, client = batched
+    info = client.variant("base")
+    kinds = headfile.KINDS
+    for seed, kind in enumerate(kinds):
+        head = head_bytes(kind, info["sha256"], info["embedding_dim"], kind=kind, seed=seed)
+        assert client.http.put(f"/v1/heads/{kind}", content=head).status_code == 201
+    clips = []
+    for index, seconds in enumerate([0.6, 1.1, 1.7, 2.3, 0.9, 1.4, 2.0, 2.6]):
+        t = np.arange(int(seconds * 16_000)) / 16_000
+        samples = (0.2 * np.sin(2 * np.pi * (160 + 35 * index) * t)).astype(np.float32)
+        path = root / f"mixed{index}.wav"
+        soundfile.write(path, samples, 16_000, subtype="FLOAT")
+        clips.append((path, {"head": kinds[index % 4]} if index % 4 < 3 else {}))
+
+    def send(path, fields):
+        response = client.predict(path, model_version="base", **fields)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    together = in_threads(*[lambda c=c: send(*c) for c in clips], timeout_s=120)
+    for (path, fields), mixed in zip(clips, together):
+        alone = send(path, fields)
+        assert (mixed["head"] or {}).get("name") == fields.get("head")
+        assert list(mixed["scores"]) == list(alone["scores"])
+        np.testing.assert_allclose(list(mixed["scores"].values()),
+                                   list(alone["scores"].values()), atol=1e-5, rtol=0)

@@ -34,7 +34,7 @@ from typing import Any, TextIO
 import httpx
 
 from serve_app.tools.batch import job as batch_job
-from serve_app.tools.client import expand, post_with_retries
+from serve_app.tools.client import HEAD_HELP, expand, post_with_retries
 from serve_app.wire import Granularity, InferenceOptions
 
 API_KEY_ENV = "EMOTION2VEC_API_KEY"
@@ -90,6 +90,8 @@ async def predict_all(files: list[Path], args: argparse.Namespace,
         params["model_version"] = args.model_version
     if args.labels:
         params["labels"] = args.labels
+    if args.head:
+        params["head"] = args.head
     limit = asyncio.Semaphore(args.concurrency)
     timeout = httpx.Timeout(args.timeout, connect=min(10.0, args.timeout))
     limits = httpx.Limits(max_connections=args.concurrency)
@@ -187,6 +189,7 @@ def _parser() -> argparse.ArgumentParser:
                          default=str(InferenceOptions().granularity),
                          help="frame adds the emotion timeline to the JSONL output")
     predict.add_argument("--labels", default=None, help=LABELS_HELP)
+    predict.add_argument("--head", default=None, help=HEAD_HELP)
     predict.add_argument("--out", default="-",
                          help="results file: .jsonl or .csv (default: JSON lines on stdout)")
     predict.add_argument("--concurrency", type=int, default=4, help="requests at once")
@@ -208,6 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     live.add_argument("--hop-s", type=float, default=None,
                       help="one window each hop; default: the service's")
     live.add_argument("--labels", default=None, help=LABELS_HELP)
+    live.add_argument("--head", default=None, help=HEAD_HELP)
     live.add_argument("--fast", action="store_true",
                       help="do not wait for real time: send as fast as windows come back")
     live.add_argument("--chunk-s", type=float, default=0.1,

@@ -18,6 +18,10 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".ai
                   ".wma", ".amr"}  # FFmpeg's
 # 500/502/504: what a proxy or load balancer answers for a replica or pod that died mid-request
 RETRY_STATUSES = {429, 500, 502, 503, 504}
+# the --head flag of predict, segments and stream
+HEAD_HELP = ("a custom head: NAME, NAME@REV or a head alias (GET /v1/heads); its labels "
+             "replace the nine (default: the model's own head)")
+
 
 def expand(inputs: list[str]) -> list[Path]:
     """Files as given (any name), the audio files under each directory, sorted, and what a

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from serve_app.tools.client import expand, post_with_retries
+from serve_app.tools.client import HEAD_HELP, expand, post_with_retries
 
 ROW_FIELDS = ["path", "index", "start_s", "end_s", "speaker", "emotion", "confidence"]
 ERROR_FIELDS = ["error", "request_id"]
@@ -107,8 +107,9 @@ async def send_all(items: list[Recording], args: argparse.Namespace,
     from tqdm import tqdm
 
     params = {"channels": "split"} if args.channels == "split" else {}
-    if args.model_version:
-        params["model_version"] = args.model_version
+    for name in ("model_version", "head"):
+        if getattr(args, name):
+            params[name] = getattr(args, name)
     limit = asyncio.Semaphore(args.concurrency)
     timeout = httpx.Timeout(args.timeout, connect=min(10.0, args.timeout))
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -189,6 +190,7 @@ def add_parser(commands, api_key_default: str | None, api_key_env: str) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the service")
     parser.add_argument("--model-version", default=None,
                         help="a variant or an alias; default: the service's default")
+    parser.add_argument("--head", default=None, help=HEAD_HELP)
     parser.add_argument("--out", default="-", help="results file: .jsonl or .csv (default: "
                         "JSON lines on stdout)")
     parser.add_argument("--concurrency", type=int, default=2, help="recordings at once")

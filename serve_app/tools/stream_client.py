@@ -196,7 +196,7 @@ def stream_main(args: argparse.Namespace) -> int:
             print(line, flush=True)
 
     params = {"model_version": args.model_version, "window_s": args.window_s,
-              "hop_s": args.hop_s, "labels": args.labels}
+              "hop_s": args.hop_s, "labels": args.labels, "head": args.head}
     try:
         run = asyncio.run(stream_audio(
             args.url, mono, int(rate), params=params, on_event=show,

@@ -52,6 +52,9 @@ def add_parser(commands) -> None:
                             "(default: configs/cpu.yaml)")
     batch.add_argument("--model-version", default=None,
                        help="a variant or an alias; default: the config's default_version")
+    batch.add_argument("--head", default=None,
+                       help="a custom head from the config's heads_dir: NAME, NAME@REV or a "
+                            "head alias (default: the model's own head)")
     batch.add_argument("--embeddings", action="store_true", help="add the embedding column")
     batch.add_argument("--by-segment", action="store_true",
                        help="one row per speech segment, as POST /v1/segments cuts them: the "
@@ -98,7 +101,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         plan = plan_job(args.config, args.model_version, batch_size=args.batch_size,
                         max_duration_s=args.max_duration_s,
                         max_upload_bytes=args.max_upload_bytes,
-                        max_decoded_bytes=args.max_decoded_bytes)
+                        max_decoded_bytes=args.max_decoded_bytes, head=args.head)
         listed = expand(args.inputs)
         out = Path(args.out).resolve()
         done = prepare(out, args.resume, plan.variant, args.embeddings, args.by_segment)

@@ -1,6 +1,6 @@
 """What a batch job computes, read from a Serve config: the variant a model_version names, that
-deployment's user_config (so the job computes what the service computes) and the Router's
-decoding limits. No Ray, no torch: unit-tested on its own."""
+deployment's user_config (so the job computes what the service computes), the Router's
+decoding limits, and a custom head from its heads_dir. No Ray, no torch: unit-tested on its own."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ from serve_app.config import (
     SegmentSettings,
     without_inputs,
 )
+from serve_app.errors import ApiError
+from serve_app.heads.headfile import Head, InvalidHead, UnknownHead, decode, parse_reference
+from serve_app.heads.registry import HeadRegistry, read_file
 from serve_app.tools.cluster import load_app
 from serve_app.traffic.routing import RoutingTable
 
@@ -35,6 +38,7 @@ class JobPlan:
     max_upload_bytes: int     # files larger than this are error rows, never read
     decode_workers: int       # the Router's: FFmpeg in worker processes (0: in the thread)
     segments: SegmentSettings  # the Router's, for --by-segment (VAD, recording limits)
+    head: Head | None = None   # --head: a custom head from the Router's heads_dir
 
     @property
     def recording_limits(self) -> Limits:
@@ -57,7 +61,7 @@ def _validate(model, values: dict, what: str):
 def plan_job(config_path: str | Path, model_version: str | None = None, *,
              batch_size: int | None = None, max_duration_s: float | None = None,
              max_upload_bytes: int | None = None,
-             max_decoded_bytes: int | None = None) -> JobPlan:
+             max_decoded_bytes: int | None = None, head: str | None = None) -> JobPlan:
     """The job for `model_version` (a variant or plain alias; None: the config's default)
     of the config's single application. The flags given (not None) override the Router's
     limits and the variant's batch size."""
@@ -104,4 +108,20 @@ def plan_job(config_path: str | Path, model_version: str | None = None, *,
     limits = Limits(router.max_duration_s, router.min_duration_s, router.max_decoded_bytes,
                     router.max_decode_s)
     return JobPlan(route.variant, model, limits, router.max_upload_bytes, router.decode_workers,
-                   router.segments)
+                   router.segments, _head(router, head) if head else None)
+
+
+def _head(router: RouterSettings, requested: str) -> Head:
+    """--head: a head alias naming one revision, or NAME[@REV], read from heads_dir."""
+    target = router.heads.aliases.get(requested, requested)
+    if isinstance(target, dict):
+        raise PlanError(f"head alias {requested!r} splits requests between {sorted(target)} by "
+                        "weight; a job scores every file with one head: name one of them")
+    try:
+        name, revision = parse_reference(target)
+        registry = HeadRegistry(router.heads_dir, router.heads.max_head_bytes)
+        revision = registry.latest(name, revision)
+        return decode(read_file(registry.uri(name, revision)), router.heads.max_head_bytes)
+    except (ApiError, UnknownHead, InvalidHead, OSError) as exc:
+        message = exc.message if isinstance(exc, ApiError) else str(exc)
+        raise PlanError(f"--head {requested}: {message}") from None

@@ -55,7 +55,8 @@ def result_schema(emotions: list[str], embeddings: bool, by_segment: bool = Fals
               ("confidence", pa.float64()),
               *[(f"score_{name}", pa.float64()) for name in emotions],
               ("model_version", pa.string()), ("model_source", pa.string()),
-              ("model_sha256", pa.string()), ("weights", pa.string()), ("node_id", pa.string())]
+              ("model_sha256", pa.string()), ("weights", pa.string()), ("node_id", pa.string()),
+              ("head", pa.string())]  # the custom head, NAME@REV (null: the model's own)
     if embeddings:
         fields.append(("embedding", pa.list_(pa.float32())))
     return pa.schema(fields)
@@ -138,11 +139,17 @@ class EngineStage:
                                     plan.model.threads or default_threads(num_cpus))
         info = self.engine.load()
         self.engine.warmup()
-        self.emotions = [english_name(label) for label in self.engine.labels]
+        self.head = plan.head
+        if self.head is not None:
+            self.engine.check_head(self.head)  # trained on this checkpoint, or no job
+        labels = self.engine.labels if self.head is None else self.head.labels
+        self.emotions = [english_name(label) for label in labels]
         self.schema = result_schema(self.emotions, embeddings, by_segment)
         self.model = {"model_version": plan.variant, "model_source": info.source,
                       "model_sha256": info.sha256, "weights": info.weights,
-                      "node_id": ray.get_runtime_context().get_node_id()}
+                      "node_id": ray.get_runtime_context().get_node_id(),
+                      "head": None if self.head is None else
+                      f"{self.head.name}@{self.head.revision}"}
 
     def __call__(self, items: pa.Table) -> pa.Table:
         """Items in, rows out, in item order (a file's segment rows together)."""
@@ -190,9 +197,11 @@ class EngineStage:
         engine = self.engine
         try:
             if self.plan.model.max_batch_size == 1:
-                predictions = [engine.predict(waveforms[0], "utterance", self.embeddings)]
+                predictions = [engine.predict(waveforms[0], "utterance", self.embeddings,
+                                              None, self.head)]
             else:
-                predictions = engine.predict_batch(waveforms, "utterance", self.embeddings)
+                predictions = engine.predict_batch(waveforms, "utterance", self.embeddings,
+                                                   None, [self.head] * len(waveforms))
         except Exception as exc:
             if len(waveforms) == 1:
                 return [{"error_code": "model_error",
