@@ -39,8 +39,9 @@ from benchmarks.results import add_results_dir, write_result
 from serve_app.checkpoints import generate
 
 CHECKPOINTS = Path("~/.cache/emotion2vec-serve/checkpoints").expanduser()
+# onnxruntime runs f32 whatever the precision: its fp32 row only
 COMBOS = [("torch", "fp32"), ("torch", "reduced"), ("openvino", "fp32"),
-          ("openvino", "reduced")]
+          ("openvino", "reduced"), ("onnxruntime", "fp32")]
 VOICES = ["en", "en-us", "en-gb", "en+f3", "en+m3", "en-us+f2", "en+f4", "en-gb+m2"]
 TEXTS = ["I can't believe you did that, this is wonderful news!",
          "Please leave me alone. I am very tired today.",
@@ -114,7 +115,7 @@ def speed(archs: list[str], rounds: int, cache: str, batch: int,
     print(f"\n== speed: 5 s clip, in-process, 2 threads, median of {rounds} interleaved rounds ==")
     print("(cpu ms: the process's CPU time per call, both threads: on a shared machine the wall "
           "time mostly measures waiting; spin-waits count as CPU)")
-    print(f"{'arch':6} {'backend':9} {'precision':9} {'ms':>7} {'vs eager fp32':>14} "
+    print(f"{'arch':6} {'backend':11} {'precision':9} {'ms':>7} {'vs eager fp32':>14} "
           f"{'cpu ms':>7} {'cpu vs eager':>13} "
           f"{f'batch {batch}: ms/clip':>18} {'batched/single':>15}")
     rows = []
@@ -141,7 +142,7 @@ def speed(archs: list[str], rounds: int, cache: str, batch: int,
         for combo in combos:
             ms, cpu_ms = statistics.median(times[combo]), statistics.median(cpu[combo])
             per_clip = statistics.median(batched[combo])
-            print(f"{arch:6} {combo[0]:9} {combo[1]:9} {ms * 1000:7.0f} {ms / base:14.2f} "
+            print(f"{arch:6} {combo[0]:11} {combo[1]:9} {ms * 1000:7.0f} {ms / base:14.2f} "
                   f"{cpu_ms * 1000:7.0f} {cpu_ms / cpu_base:13.2f} "
                   f"{per_clip * 1000:18.0f} {per_clip / ms:15.2f}", flush=True)
             rows.append({"arch": arch, "backend": combo[0], "precision": combo[1],
@@ -163,7 +164,7 @@ def fidelity(archs: list[str], count: int, cache: str, backends: list[str]) -> d
 
     clips = varied_clips(count)
     print(f"\n== fidelity over {len(clips)} clips ({', '.join(n for n, _ in clips[:6])}, ...) ==")
-    print(f"{'arch':6} {'backend':9} {'precision':9} {'against':8} {'max score diff':>15} "
+    print(f"{'arch':6} {'backend':11} {'precision':9} {'against':8} {'max score diff':>15} "
           f"{'max emb diff':>13} {'min cosine':>11} {'top-1 agree':>12} {'min margin':>11}")
     rows = []
     for arch in archs:
@@ -185,7 +186,7 @@ def fidelity(archs: list[str], count: int, cache: str, backends: list[str]) -> d
             cos = min(cosine(g.embedding, r["feats"]) for g, r in zip(got, reference))
             agree = sum(int(np.argmax(g.scores) == np.argmax(r))
                         for g, r in zip(got, ref_scores))
-            print(f"{arch:6} {combo[0]:9} {combo[1]:9} {'FunASR':8} {score_diff:15.2e} "
+            print(f"{arch:6} {combo[0]:11} {combo[1]:9} {'FunASR':8} {score_diff:15.2e} "
                   f"{emb_diff:13.2e} {cos:11.6f} {agree:>6}/{len(clips):<5} "
                   f"{min(margins):11.2e}", flush=True)
             rows.append({"arch": arch, "backend": combo[0], "precision": combo[1],
@@ -224,21 +225,23 @@ def run_child(path: Path, backend: str, precision: str, cache: str) -> dict:
 
 def cold_start(archs: list[str]) -> dict:
     print("\n== time to a warm engine (fresh process each) and RSS after a 5 s predict ==")
-    print(f"{'arch':6} {'backend':9} {'precision':9} {'cache':6} {'ready s':>8} {'RSS MB':>8} "
+    print(f"{'arch':6} {'backend':11} {'precision':9} {'cache':6} {'ready s':>8} {'RSS MB':>8} "
           f"{'peak MB':>8} {'RSS vs eager':>13}")
     rows = []
     for arch in archs:
         path = checkpoint(arch)
         with tempfile.TemporaryDirectory(prefix="e2v-cold-") as cache:
             eager_rss = {}
-            # openvino fp32 twice: cold (empty cache), then warm (IR and blobs on disk)
+            # openvino and onnxruntime fp32 twice: cold (empty cache), then warm (artefacts
+            # on disk)
             for backend, precision in [("torch", "fp32"), ("torch", "reduced"),
                                        ("openvino", "fp32"), ("openvino", "fp32"),
-                                       ("openvino", "reduced")]:
+                                       ("openvino", "reduced"), ("onnxruntime", "fp32"),
+                                       ("onnxruntime", "fp32")]:
                 row = run_child(path, backend, precision, cache)
                 if backend == "torch":
                     eager_rss[precision] = row["rss_mb"]
-                print(f"{arch:6} {backend:9} {precision:9} {row['cache'] or '-':6} "
+                print(f"{arch:6} {backend:11} {precision:9} {row['cache'] or '-':6} "
                       f"{row['ready_s']:8.1f} {row['rss_mb']:8.0f} {row['peak_mb']:8.0f} "
                       f"{row['rss_mb'] / eager_rss[precision]:13.2f}", flush=True)
                 rows.append({"arch": arch, "backend": backend, "precision": precision,
@@ -255,7 +258,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--clips", type=int, default=20)
-    parser.add_argument("--fidelity-backends", default="torch,openvino",
+    parser.add_argument("--fidelity-backends", default="torch,openvino,onnxruntime",
                         help="backends checked against FunASR (torch fp32 is FunASR's own path)")
     parser.add_argument("--cache", default="~/.cache/emotion2vec-serve/compiled")
     parser.add_argument("--combos", default=",".join("/".join(c) for c in COMBOS),

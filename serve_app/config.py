@@ -75,6 +75,10 @@ class GenerateSpec(_Strict):
     optimizer_state: bool = False
 
 
+# The encoder's backends (serve_app/inference/backends/common.py's REGISTRY has the same names)
+BackendName = Literal["torch", "openvino", "onnxruntime"]
+
+
 class ModelSettings(_Strict):
     """A variant deployment's user_config: which model it serves and how."""
 
@@ -92,11 +96,12 @@ class ModelSettings(_Strict):
     loader: Literal["mmap", "funasr"] = "mmap"
     # reduced: bfloat16 autocast on CPU, float16 autocast on CUDA (what "turbo" means).
     precision: Literal["fp32", "reduced"] = "fp32"
-    # What runs the encoder (serve_app/inference/backends.py): torch, FunASR's modules in eager
+    # What runs the encoder (serve_app/inference/backends/): torch, FunASR's modules in eager
     # PyTorch; openvino, the same steps as one graph compiled for this CPU (any length and
-    # batch, fp32 equal to FunASR within float rounding; reduced: bf16). Where it cannot run,
+    # batch, fp32 equal to FunASR within float rounding; reduced: bf16); onnxruntime, that
+    # graph exported to ONNX and run by onnxruntime on the CPU (f32). Where it cannot run,
     # the variant serves on torch and says why in /v1/models.
-    backend: Literal["torch", "openvino"] = "torch"
+    backend: BackendName = "torch"
     # Compiled artefacts, one folder per checkpoint, backend version, CPU and code (reused by
     # restarts and by swaps back to a known checkpoint).
     compiled_cache_dir: str = "~/.cache/emotion2vec-serve/compiled"

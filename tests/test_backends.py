@@ -1,12 +1,15 @@
-"""The compiled CPU backend (openvino) against FunASR and eager torch, on the tiny model only
-(a compile of base or large takes minutes: benchmarks/cpu.py measures those).
+"""The compiled CPU backends (openvino, onnxruntime) against FunASR and eager torch, on the tiny
+model only (a compile of base or large takes minutes: benchmarks/cpu.py measures those), and the
+backend registry.
 
 In-process engines share one artefact cache; the deployed variant at the end reuses it."""
 
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -15,14 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from serve_app.checkpoints import generate
-from serve_app.config import ModelSettings
-from serve_app.inference import backends
+from serve_app.config import BackendName, ModelSettings
+from serve_app.inference import backends, onnx_graph
+from serve_app.inference.backends import common
 from serve_app.inference.engine import EmotionEngine
 from serve_app.inference.graph import PaddedEncoder
 from tests import clips as clip_maker
 from tests.waiting import eventually, scrape
 
 pytest.importorskip("openvino")
+COMPILED = ("openvino", "onnxruntime")
 
 
 def _clips() -> list[np.ndarray]:
@@ -49,7 +54,7 @@ def cache(tmp_path_factory):
 def engines(tiny, cache):
     """(backend, precision) -> a loaded, warmed engine on 1 thread."""
     made = {}
-    for backend in ("torch", "openvino"):
+    for backend in ("torch", *COMPILED):
         for precision in ("fp32", "reduced"):
             engine = EmotionEngine(ModelSettings(source=str(tiny), backend=backend,
                                                  precision=precision, window_s=3.0,
@@ -79,9 +84,10 @@ def test_graph_equals_funasr_per_clip_and_in_a_padded_batch(engines):
             torch.testing.assert_close(frames[i, :counts[i]], alone, atol=2e-5, rtol=0)
 
 
-def test_openvino_fp32_equals_funasr_generate(engines, tiny, funasr_models):
-    engine = engines["openvino", "fp32"]
-    assert engine.info.backend == "openvino" and engine.info.dtype == "float32"
+@pytest.mark.parametrize("backend", COMPILED)
+def test_compiled_fp32_equals_funasr_generate(engines, tiny, funasr_models, backend):
+    engine = engines[backend, "fp32"]
+    assert engine.info.backend == backend and engine.info.dtype == "float32"
     auto = funasr_models(tiny)
     for clip in _clips():  # within window_s: FunASR runs the whole clip as we do
         expected = auto.generate(clip, granularity="utterance", extract_embedding=True)[0]
@@ -94,11 +100,12 @@ def test_openvino_fp32_equals_funasr_generate(engines, tiny, funasr_models):
         np.testing.assert_allclose(got.embedding, frame["feats"], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "reduced"])
-def test_openvino_serves_every_path_as_eager_does(engines, precision):
+@pytest.mark.parametrize(("backend", "precision"), [("openvino", "fp32"), ("openvino", "reduced"),
+                                                  ("onnxruntime", "fp32")])
+def test_compiled_serves_every_path_as_eager_does(engines, backend, precision):
     """Windows (a clip longer than window_s), frame embeddings, the timeline and padded
     batches: the same answers as eager torch at the same precision."""
-    eager, compiled = engines["torch", precision], engines["openvino", precision]
+    eager, compiled = engines["torch", precision], engines[backend, precision]
     tolerance = 1e-5 if precision == "fp32" else 5e-3
     long_clip = np.concatenate([clip_maker.tone(3.0, 16_000, 200.0, 4),
                                 clip_maker.tone(1.5, 16_000, 320.0, 5)])  # two windows
@@ -138,38 +145,67 @@ def test_reduced_precision_is_bf16_close_to_fp32_and_sums_to_one(engines):
         assert not np.allclose(a.scores, b.scores, atol=1e-7, rtol=0)  # really reduced
 
 
-def test_artefacts_are_cached_per_checkpoint_and_reused(engines, tiny, cache, tmp_path):
-    first = engines["openvino", "fp32"].info.backend_info
+def test_onnxruntime_reduced_runs_f32_and_says_so(engines):
+    turbo, fp32 = engines["onnxruntime", "reduced"], engines["onnxruntime", "fp32"]
+    assert turbo.info.backend == "onnxruntime" and turbo.info.dtype == "float32"
+    assert "reduced precision is not applied" in turbo.info.backend_info["note"]
+    assert turbo.info.backend_info["cache_dir"] == fp32.info.backend_info["cache_dir"]
+    clip = _clips()[1]
+    np.testing.assert_allclose(turbo.predict(clip, "utterance", False).scores,
+                               fp32.predict(clip, "utterance", False).scores, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("backend", "artefact", "library"),
+                         [("openvino", "encoder.xml", "openvino"),
+                          ("onnxruntime", "encoder.onnx", "onnxruntime")])
+def test_artefacts_are_cached_per_checkpoint_and_reused(engines, tiny, cache, tmp_path, backend,
+                                                         artefact, library):
+    first = engines[backend, "fp32"].info.backend_info
     folder = first["cache_dir"]
+    assert (Path(folder) / artefact).is_file()
     key = json.loads((Path(folder) / "key.json").read_text())
-    assert key["checkpoint_sha256"] == engines["openvino", "fp32"].info.sha256
-    assert {"openvino", "torch", "cpu", "code", "backend"} <= set(key)
-    again = EmotionEngine(ModelSettings(source=str(tiny), backend="openvino",
+    assert key["checkpoint_sha256"] == engines[backend, "fp32"].info.sha256
+    assert {library, "torch", "cpu", "code", "backend"} <= set(key)
+    assert key["backend"] == backend
+    again = EmotionEngine(ModelSettings(source=str(tiny), backend=backend,
                                         compiled_cache_dir=str(cache)), "cpu", 1)
     again.load()
     assert again.info.backend_info["cache"] == "hit"
     assert again.info.backend_info["cache_dir"] == folder
     other = tmp_path / "tiny-seed4"
     generate.write_checkpoint(other, "tiny", 4)
-    different = EmotionEngine(ModelSettings(source=str(other), backend="openvino",
+    different = EmotionEngine(ModelSettings(source=str(other), backend=backend,
                                             compiled_cache_dir=str(cache)), "cpu", 1)
     different.load()
     assert different.info.backend_info["cache"] == "miss"
     assert different.info.backend_info["cache_dir"] != folder
 
 
-def test_a_backend_that_cannot_run_leaves_eager_torch_with_the_reason(tiny, tmp_path, engines):
+def test_the_cache_key_follows_the_code_that_builds_the_artefact(tmp_path):
+    """A change to the exporter's source (a comment will do) is a new key, so a new folder."""
+    changed = tmp_path / "onnx_graph.py"
+    changed.write_text(Path(onnx_graph.__file__).read_text() + "# changed\n")
+    before = common.cache_key("abc", "onnxruntime", {}, [onnx_graph])
+    after = common.cache_key("abc", "onnxruntime", {}, [SimpleNamespace(__file__=str(changed))])
+    assert before["code"] != after["code"]
+    assert common.key_dir(tmp_path, before) != common.key_dir(tmp_path, after)
+    assert common.cache_key("abc", "onnxruntime", {}, [onnx_graph]) == before  # stable
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_a_backend_that_cannot_run_leaves_eager_torch_with_the_reason(tiny, tmp_path, engines,
+                                                                      backend):
     """Its cache cannot be written (a file where the folder should be): a real failure of the
     conversion, and the engine still loads, on eager torch, saying why."""
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")
-    engine = EmotionEngine(ModelSettings(source=str(tiny), backend="openvino",
+    engine = EmotionEngine(ModelSettings(source=str(tiny), backend=backend,
                                          compiled_cache_dir=str(blocked / "compiled")), "cpu", 1)
     engine.load()
     engine.warmup()
     info = engine.info.backend_info
-    assert engine.info.backend == "torch" and info["requested"] == "openvino"
-    assert "openvino unavailable, running eager torch" in info["note"]
+    assert engine.info.backend == "torch" and info["requested"] == backend
+    assert f"{backend} unavailable, running eager torch" in info["note"]
     assert engine.identity()["backend"] == "torch"
     clip = _clips()[0]
     np.testing.assert_allclose(engine.predict(clip, "utterance", False).scores,
@@ -180,8 +216,23 @@ def test_a_backend_that_cannot_run_leaves_eager_torch_with_the_reason(tiny, tmp_
 def test_backend_is_a_setting_that_needs_a_reload():
     torch_settings = ModelSettings(source="/m")
     assert torch_settings.backend == "torch"
-    assert ModelSettings(source="/m", backend="openvino").load_key() != torch_settings.load_key()
+    for backend in COMPILED:
+        assert ModelSettings(source="/m", backend=backend).load_key() \
+            != torch_settings.load_key()
     with pytest.raises(ValueError):
+        ModelSettings(source="/m", backend="tensorrt")
+
+
+def test_the_registry_names_exactly_the_settings_backends():
+    """Each name the setting allows has a module with the interface; an unknown name is
+    refused by the registry as by the config."""
+    assert set(backends.REGISTRY) == set(typing.get_args(BackendName))
+    for name in backends.REGISTRY:
+        module = backends.backend_module(name)
+        assert callable(module.build) and isinstance(module.COMPILED, bool)
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        backends.backend_module("tensorrt")
+    with pytest.raises(ValueError, match="onnxruntime"):  # the error lists the valid ones
         ModelSettings(source="/m", backend="tensorrt")
 
 

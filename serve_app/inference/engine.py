@@ -23,9 +23,10 @@ the others' logits are masked before the softmax (serve_app/inference/heads.py),
 the forward pass, so clips batched together may ask for different sets. Predictions carry only
 the set's labels, with their softmax scores and raw float32 logits.
 
-The encoder runs on the configured backend (serve_app/inference/backends.py): eager PyTorch, or
-the same steps compiled by OpenVINO; the head, softmax, pooling, windows and timeline are this
-file's on every backend. A backend that cannot run leaves eager PyTorch, said in `info`.
+The encoder runs on the configured backend (serve_app/inference/backends/): eager PyTorch, or
+the same steps compiled by OpenVINO or exported to onnxruntime; the head, softmax, pooling,
+windows and timeline are this file's on every backend. A backend that cannot run leaves eager
+PyTorch, said in `info`.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class ModelInfo:
     embedding_dim: int = 0
     parameter_count: int = 0   # of the model as served (the pre-training decoder dropped)
     sample_rate: int = TARGET_SR  # what the model takes; the router resamples to it
-    backend: str = "torch"     # what runs the encoder (backends.py)
+    backend: str = "torch"     # what runs the encoder (backends/)
     backend_info: dict | None = None  # requested, precision, note (why not), build_s, cache
 
 

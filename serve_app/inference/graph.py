@@ -15,6 +15,9 @@ depend on the data or the length:
   -inf nowhere is the same) and adds the bias and mask as one float32 tensor before softmax;
 - the conv feature extractor runs in frames x channels layout: each conv is an unfold and a
   matrix product, so the per-frame layer norms need no transposes (same sums, another order).
+  `convolution="conv1d"` runs each as a plain Conv1d instead (FunASR's own layout): the
+  TorchScript ONNX exporter cannot export an unfold of a dynamic length, and ONNX's Conv is
+  what onnxruntime has fast kernels for.
 
 Reduced precision is autocast around this module, as in the eager path: the layer norms of the
 feature extractor, the attention softmax and the bias stay float32, as FunASR keeps them.
@@ -32,9 +35,12 @@ from serve_app.inference import padded
 class PaddedEncoder(nn.Module):
     """frames (B x T x D, float32) = PaddedEncoder(model)(waveform B x S, sample_lengths B)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, convolution: str = "unfold"):
         super().__init__()
         padded.check_supported(model)
+        if convolution not in ("unfold", "conv1d"):
+            raise ValueError(f"convolution must be unfold or conv1d, not {convolution!r}")
+        self.convolution = convolution
         enc = model.modality_encoders["AUDIO"]
         cfg = enc.modality_cfg
         self.conv_specs = [(kernel, stride) for _, kernel, stride in enc.feature_enc_layers]
@@ -73,6 +79,12 @@ class PaddedEncoder(nn.Module):
 
     def local_features(self, waveform: torch.Tensor) -> torch.Tensor:
         """B x S -> B x T x D: the conv stack in B x T x C layout, then the projection."""
+        if self.convolution == "conv1d":
+            h = waveform.unsqueeze(1)  # B x 1 x S
+            for (_, stride), conv, norm in zip(self.conv_specs, self.convs, self.conv_norms):
+                h = F.conv1d(h, conv.weight, stride=stride).transpose(1, 2)  # B x T' x C
+                h = F.gelu(norm(h)).transpose(1, 2)
+            return self.feature_proj(self.feature_norm(h.transpose(1, 2)))
         h = waveform.unsqueeze(-1)  # B x S x 1
         for (kernel, stride), conv, norm in zip(self.conv_specs, self.convs, self.conv_norms):
             patches = h.unfold(1, kernel, stride)  # B x T' x C x k

@@ -13,7 +13,7 @@ thread) and an injectable clock, so that every transition is unit-tested with a 
   keeps the current engine and is reported in `last_swap`.
 - A config with the same load key applies live (limits, batching, timeline, idle release);
   the backend is part of the load key.
-- The engine picks its backend (serve_app/inference/backends.py) and falls back to eager
+- The engine picks its backend (serve_app/inference/backends/) and falls back to eager
   torch where the one asked for cannot run; the lifecycle reports the one that runs (metric,
   log line, `info()`), so a fallback is never a failed load.
 - Requests hold the engine through `use()`, which counts them in flight; with idle_unload_s
