@@ -24,10 +24,10 @@ from serve_app.api.pipeline import Pipeline
 from serve_app.api.variant_client import Variants
 from serve_app.checkpoints.generate import write_checkpoint
 from serve_app.config import ModelSettings, RouterSettings
+from serve_app.heads.resident import ResidentHeads
 from serve_app.inference.engine import EmotionEngine
 from serve_app.inference.lifecycle import ModelLifecycle
 from serve_app.metrics import RouterMetrics
-from serve_app.heads.resident import ResidentHeads
 from serve_app.variant import answer, request_head
 from serve_app.wire import InferenceRequest, VariantAnswer, check_waveform
 
