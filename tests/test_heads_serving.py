@@ -302,6 +302,12 @@ def test_hugging_face_and_kserve_reach_a_head_through_the_model_name(service, ca
         np.testing.assert_allclose(outputs["scores"], [direct["scores"][x] for x in LABELS],
                                    atol=1e-6)
     assert client.get("/v2/models/base+nope").status_code == 404
+    # The scheme is named where clients look: /v1/models and the v2 model metadata.
+    metadata = client.get("/v2/models/base+calls@2").json()
+    assert metadata["name"] == "base+calls@2" and "VARIANT+HEAD" in metadata["parameters"]["head"]
+    scheme = client.get("/v1/models").json()["heads"]
+    assert "VARIANT+HEAD" in scheme["model_name"] and scheme["list"] == "/v1/heads"
+    assert scheme["aliases"] == {"calls-canary": {"calls@1": 3, "calls@2": 1}}
 
 
 def test_a_stream_scores_its_windows_with_the_head(service, calls):

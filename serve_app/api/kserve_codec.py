@@ -353,6 +353,8 @@ def model_metadata(name: str, versions: list[str], embedding_dim: int | None) ->
                     {"name": "labels", "datatype": "BYTES", "shape": [-1]},
                     {"name": "emotion", "datatype": "BYTES", "shape": [1]},
                     {"name": "embedding", "datatype": "FP32", "shape": [-1, dim]}],
+        "parameters": {"granularity": "utterance or frame", "labels": "a label set",
+                       "head": "a custom head, NAME[@REV]; or name the model VARIANT+HEAD[@REV]"},
     }
 
 

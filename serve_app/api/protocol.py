@@ -247,10 +247,20 @@ class VariantInfo(_Open):
     error: str | None = None
 
 
+class HeadsScheme(_Closed):
+    """How a request names a custom head (docs/heads.md)."""
+
+    parameter: str
+    model_name: str
+    aliases: dict[str, str | dict[str, float]]
+    list: str
+
+
 class ModelsAnswer(_Closed):
     default_version: str
     aliases: dict[str, str | dict[str, float]]
     variants: dict[str, VariantInfo]
+    heads: HeadsScheme | None = None
 
 
 class RolloutsAnswer(_Closed):
@@ -382,6 +392,8 @@ class V2ModelMetadata(_Closed):
     platform: str
     inputs: list[V2TensorMetadata]
     outputs: list[V2TensorMetadata]
+    parameters: dict[str, str] | None = Field(None, description="what the request's "
+                                              "parameters may say")
 
 
 class V2Live(_Closed):

@@ -22,6 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from serve_app.api import failover, protocol, readiness, upload
 from serve_app.api import responses as results
 from serve_app.api.app import Parts
+from serve_app.api.pipeline import HEAD_IN_MODEL_NAME
 from serve_app.api.stream import StreamHooks, refuse
 from serve_app.api.stream_protocol import INTERNAL, NORMAL, TRY_LATER, StreamError, parse_params
 from serve_app.errors import ApiError
@@ -128,6 +129,11 @@ async def models(request: Request, parts: Parts) -> JSONResponse:
         "default_version": pipeline.settings.default_version,
         "aliases": pipeline.settings.aliases,
         "variants": results.without_paths(await pipeline.variants.info()),
+        "heads": {"parameter": "head=NAME, NAME@REV or a head alias (predict, segments, "
+                               "stream; KServe v2's parameters.head)",
+                  "model_name": f"VARIANT{HEAD_IN_MODEL_NAME}HEAD[@REV] (Hugging Face and "
+                                "KServe v2 model names; '+HEAD': the default variant)",
+                  "aliases": pipeline.settings.heads.aliases, "list": "/v1/heads"},
     }, headers=admission.headers)
 
 
