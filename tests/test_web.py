@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
+from tests.head_files import head_bytes
 
 EMOTIONS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised",
             "unknown"]
@@ -41,6 +42,8 @@ def test_page_and_assets_are_served(client):
     live = client.get("/web/live.js")
     assert live.status_code == 200 and "v1/stream" in live.text
     assert '<script src="web/live.js">' in page.text
+    assert '<script src="web/heads.js">' in page.text
+    assert "v1/heads" in client.get("/web/heads.js").text
     assert client.get("/web/style.css").headers["content-type"].startswith("text/css")
     for bad in ("/web/index.htm", "/web/..%2Frouter.py", "/web/router.py"):
         response = client.get(bad)
@@ -114,6 +117,30 @@ def test_upload_shows_emotion_scores_and_model(page, clips):
     assert page.is_visible("#warning")
     assert "Random weights" in page.text_content("#warning")
     assert "random" in page.text_content("#model-info")
+
+
+def test_a_head_is_picked_shown_and_used(page, service, client, clips):
+    """The head menu lists GET /v1/heads; picking one shows its metrics and confusion matrix
+    as a picture, and the next recognition uses it."""
+    variant = client.get("/v1/models").json()["variants"]["base"]
+    labels = ["calm", "tense", "upset"]
+    data = head_bytes("page-calls", variant["sha256"], variant["embedding_dim"], labels, seed=3)
+    assert client.put("/v1/heads/page-calls", content=data).status_code == 201
+    page.reload()
+    page.wait_for_function("[...document.querySelectorAll('#head option')]"
+                           ".some(o => o.value === 'page-calls')")
+    page.select_option("#head", "page-calls")
+    page.wait_for_function("document.querySelectorAll('#head-confusion rect.cell').length === 9")
+    assert "UA 0.800" in page.text_content("#head-metrics")
+    assert page.text_content("#head-title").startswith("page-calls @")
+    page.set_input_files("#file", str(clips["tone_16k_mono_wav"]))
+    page.select_option("#model-version", "base")
+    page.click("#submit")
+    body = shown_result(page)
+    assert body["head"]["name"] == "page-calls" and list(body["scores"]) == labels
+    bars = page.eval_on_selector_all("#bars rect.bar", "els => els.map(e => e.dataset.emotion)")
+    assert bars == labels
+    assert client.delete("/v1/heads/page-calls").status_code == 200
 
 
 def test_frame_granularity_draws_the_timeline(page, clips):

@@ -33,7 +33,8 @@ router = APIRouter()
 # The web page (serve_app/api/web, installed as package data): served as files, no build step.
 WEB_DIR = Path(__file__).resolve().parent / "web"
 WEB_ASSETS = {"app.js": "text/javascript", "live.js": "text/javascript",
-              "conversation.js": "text/javascript", "style.css": "text/css"}
+              "conversation.js": "text/javascript", "heads.js": "text/javascript",
+              "style.css": "text/css"}
 _NO_CACHE = {"Cache-Control": "no-cache"}  # a redeploy with a new page shows at once
 
 PREDICT = upload.UploadSpec(protocol.PredictFields, "the audio: " + upload.AUDIO_FORMATS)

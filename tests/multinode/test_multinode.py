@@ -20,10 +20,12 @@ import pytest
 import yaml
 
 from serve_app.audio import sndfile
+from serve_app.heads import headfile
 from serve_app.tools.batch.parts import read_rows
 from serve_app.tools.cluster import local_cluster
 from tests import clips as clip_maker
 from tests.conftest import tiny_app
+from tests.head_files import head_bytes
 from tests.traffic import Traffic
 from tests.waiting import eventually
 
@@ -59,7 +61,8 @@ def make_app(root: Path, name: str = APP, prefix: str = "/", args: dict | None =
     for deployment in app["deployments"]:
         if deployment["name"] == "Router":
             deployment["user_config"] = {"default_version": sorted(variants)[0],
-                                         "model_timeout_s": MODEL_TIMEOUT_S}
+                                         "model_timeout_s": MODEL_TIMEOUT_S,
+                                         "heads_dir": str(root / "heads")}
         elif deployment["name"] in sources:
             deployment["user_config"] = {**deployment["user_config"],
                                          **sources[deployment["name"]]}
@@ -142,6 +145,26 @@ def test_variants_run_on_worker_nodes_and_answer_across_nodes(multi, tmp_path):
         assert np.asarray(body["embedding"]).shape == (999, 64)
         expected = funasr_scores(multi.root / f"tiny-seed{seed}", waveform)
         assert np.abs(np.array(list(body["scores"].values())) - expected).max() <= 1e-5
+
+
+def test_custom_heads_are_served_by_replicas_on_two_nodes(multi):
+    """A head per variant's checkpoint, registered through the router on the head node; each
+    variant's replica, on its own worker node, reads it from heads_dir and serves it."""
+    variants = multi.variants()
+    assert len({variants[v]["node"]["id"] for v in VARIANTS}) == 2
+    for seed, variant in enumerate(VARIANTS):
+        info = variants[variant]
+        data = head_bytes(f"calls-{variant}", info["sha256"], info["embedding_dim"], seed=seed)
+        stored = multi.http.put(f"/v1/heads/calls-{variant}", content=data)
+        assert stored.status_code == 201, stored.text
+        plain = multi.predict(variant, extract_embedding="true").json()
+        answer = multi.predict(variant, head=f"calls-{variant}")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["head"] == stored.json()
+        head = headfile.decode(data, 1 << 24)
+        expected = head.scores(head.logits(np.array([plain["embedding"]]))[0], range(3))
+        np.testing.assert_allclose(list(answer.json()["scores"].values()), expected, atol=1e-5)
+        assert multi.variants()[variant]["heads"]["loads"] >= 1
 
 
 def test_hot_swap_on_a_variant_on_a_worker_node(multi):

@@ -151,6 +151,7 @@ async function submit(event) {
   const form = new FormData();
   form.append("file", audio.blob, audio.name);
   if ($("model-version").value) form.append("model_version", $("model-version").value);
+  if ($("head").value) form.append("head", $("head").value);  // heads.js
   form.append("granularity", $("granularity").value);
   form.append("extract_embedding", $("embedding").checked ? "true" : "false");
   $("submit").disabled = true;
