@@ -244,7 +244,7 @@ def decode(data: bytes, max_bytes: int) -> Head:
 
     if len(data) > max_bytes:
         raise InvalidHead(f"larger than {max_bytes} bytes")
-    header, start = read_header(data)
+    header, _ = read_header(data)
     meta = metadata_of(header)
     described = sum(1 for key in header if key != "__metadata__")
     if described > 8:
