@@ -167,6 +167,11 @@ class EmotionEngine:
             raise ModelLoadError(f"model directory {path} lacks {', '.join(missing)}")
         return path
 
+    def checkpoint_file(self) -> Path:
+        """The weights file `load` reads (a hub id's snapshot fetched, a generated checkpoint
+        written if missing), without loading it: its sha256 is what heads are trained on."""
+        return weights.model_files(self._resolve_source()).weights
+
     def load(self) -> ModelInfo:
         import torch
 

@@ -16,6 +16,7 @@ EMOTION2VEC_API_KEY.
 `emotion2vec-serve batch INPUT... --out DIR`: score archives on Ray Data (see `batch --help`).
 `emotion2vec-serve export --format onnx --out DIR`: a variant's model as ONNX
 (serve_app/tools/export.py).
+`emotion2vec-serve heads train|evaluate`: custom heads on labelled clips (see `heads --help`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any, TextIO
 import httpx
 
 from serve_app.tools import export as export_tool
+from serve_app.tools import heads_cli
 from serve_app.tools.batch import job as batch_job
 from serve_app.tools.client import HEAD_HELP, expand, post_with_retries
 from serve_app.wire import Granularity, InferenceOptions
@@ -231,6 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     segments_cli.add_parser(commands, os.environ.get(API_KEY_ENV), API_KEY_ENV)
     batch_job.add_parser(commands)
     export_tool.add_parser(commands)
+    heads_cli.add_parser(commands)
     keys = commands.add_parser("keys", help="API keys for the service's config")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     new = keys_commands.add_parser("new", help="make a key: prints it once, and its config line")
@@ -263,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         return batch_job.main(args, parser)
     if args.command == "export":
         return export_tool.main(args, parser)
+    if args.command == "heads":
+        return heads_cli.main(args, parser)
     if args.concurrency < 1 or args.tries < 1 or args.timeout <= 0:
         parser.error("--concurrency and --tries must be at least 1, --timeout positive")
     if args.out != "-" and Path(args.out).suffix.lower() not in (".jsonl", ".csv"):
