@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import itertools
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -61,12 +63,12 @@ def head_file(name: str, sha256: str, dim: int, seed: int) -> bytes:
                                          "embedding_dim": dim}}, tensors)
 
 
-def latencies(client: httpx.Client, wav: bytes, heads: list[str | None],
+def latencies(client: httpx.Client, wav: bytes, heads: Iterator[str | None],
               count: int) -> list[float]:
-    """Sequential requests, request i with heads[i % len(heads)]; two warm-ups not counted."""
+    """Sequential requests, each with the next of `heads`; two warm-ups not counted."""
     times = []
     for index in range(count + 2):
-        head = heads[index % len(heads)]
+        head = next(heads)
         started = time.perf_counter()
         response = client.post("/v1/predict", files={"file": ("clip.wav", wav)},
                                data={"model_version": VARIANT, **({"head": head} if head else {})})
@@ -106,7 +108,9 @@ def main() -> None:
             for seed, name in enumerate(names):
                 data = head_file(name, info["sha256"], info["embedding_dim"], seed)
                 client.put(f"/v1/heads/{name}", content=data).raise_for_status()
-            plans = {MODES[0]: [None], MODES[1]: [names[0]], MODES[2]: names}
+            # Cycling goes on across rounds: every head is asked for in turn.
+            plans = {MODES[0]: itertools.repeat(None), MODES[1]: itertools.repeat(names[0]),
+                     MODES[2]: itertools.cycle(names)}
             for _ in range(args.rounds):
                 for mode in MODES:
                     times[mode] += latencies(client, wav, plans[mode], args.requests)

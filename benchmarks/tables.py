@@ -17,7 +17,7 @@ RESULTS = REPO / "benchmarks" / "results"
 PAGES = [REPO / "docs" / "performance.md", REPO / "docs" / "cpu.md",
          REPO / "benchmarks" / "README.md", REPO / "docs" / "protocols.md",
          REPO / "docs" / "batch.md", REPO / "docs" / "segments.md",
-         REPO / "docs" / "streaming.md", REPO / "docs" / "rollouts.md",
+         REPO / "docs" / "streaming.md", REPO / "docs" / "rollouts.md", REPO / "docs" / "heads.md",
          REPO / "docs" / "high-availability.md"]
 BLOCK = re.compile(r"(<!-- results: (?P<file>[\w.-]+\.json) -->\n)(?P<body>.*?)(<!-- /results -->)",
                    re.S)
@@ -163,6 +163,18 @@ def render_shadow(result: dict) -> list[str]:
             f"p50 {result['p50_ratio']:.2f}x, p99 {result['p99_ratio']:.2f}x; shadow calls "
             f"compared {result['compared']}, dropped {result['dropped']}, errors "
             f"{result['errors']}, top-1 agreement {shown(agree, '.0%')}.", "",
+            *columns(spec, result["modes"])]
+
+
+def render_heads(result: dict) -> list[str]:
+    spec = [("mode", "mode", None), ("requests", "requests", None), ("p50 ms", "p50_ms", ".0f"),
+            ("p99 ms", "p99_ms", ".0f"), ("p50 / plain", "p50_ratio", ".3f")]
+    return [*caption(result),
+            f"Variant {result['variant']}, a {result['clip_s']:g} s clip; {result['rounds']} "
+            f"interleaved rounds of {result['requests']} sequential requests per mode; "
+            f"{result['heads']} heads registered, max_resident_heads "
+            f"{result['max_resident_heads']} (head files read: {result['head_file_loads']}); "
+            f"cycling / one head: p50 {result['cycling_over_one_head_p50']:.3f}x.", "",
             *columns(spec, result["modes"])]
 
 
@@ -332,7 +344,7 @@ RENDERERS = {"suite": render_suite, "stream": render_stream, "cold_start": rende
              "shadow": render_shadow, "serve_latency": render_serve_latency, "cpu": render_cpu,
              "fidelity_tests": render_fidelity_tests, "protocols": render_protocols,
              "batch": render_batch, "segments": render_segments, "ha": render_ha,
-             "gpu": render_gpu}
+             "gpu": render_gpu, "heads": render_heads}
 
 
 def render_result(result: dict) -> str:
