@@ -53,7 +53,8 @@ def test_tour_notebook_runs(service, client, tmp_path, monkeypatch):
     markdown = "\n".join(out.data["text/markdown"] for out in outputs
                          if "text/markdown" in out.get("data", {}))
     images = [out for out in outputs if "image/png" in out.get("data", {})]
-    assert len(images) == 3  # the scores per variant, the timeline, the conversation
+    # the scores per variant, the timeline, the conversation, the head's confusion matrix
+    assert len(images) == 4
     for variant in ("base", "large", "turbo"):
         assert f"| {variant} | ready | random |" in markdown
         assert f"| low_tone.wav | {variant} |" in markdown
@@ -63,5 +64,7 @@ def test_tour_notebook_runs(service, client, tmp_path, monkeypatch):
     assert "| speaker | utterances | speech s | emotion | confidence |" in markdown
     assert "| agent | 3 |" in markdown and "| customer | 3 |" in markdown
     assert "VAD found " in text and "(the script has 6 turns)" in text
+    assert "tour-tones@" in text and "shuffled-label control UA" in text
+    assert "'name': 'tour-tones'" in text  # predicted with the head just trained
     assert "before: fast -> turbo; answered by turbo" in text
     assert "after:  fast -> base; answered by base" in text
