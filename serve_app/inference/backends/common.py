@@ -33,6 +33,7 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -110,6 +111,35 @@ def padded_batch(sources: list[torch.Tensor], min_width: int = 0
     for i, source in enumerate(sources):
         waveform[i, :len(source)] = source.cpu().numpy()
     return waveform, lengths
+
+
+class PaddedGraphBackend:
+    """A compiled backend's calls over PaddedEncoder's graph (waveform B x S, lengths B ->
+    frames B x T_max x D): a subclass gives `_run`; clips are padded to at least MIN_WIDTH
+    samples (the mask keeps padding out) and each clip's frame count is the model's own."""
+
+    MIN_WIDTH = 0
+
+    def __init__(self, model: torch.nn.Module):
+        self._lengths = lambda samples: padded.frame_lengths(model, samples)
+
+    def _run(self, waveform: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+    def single(self, source: torch.Tensor) -> torch.Tensor:
+        frames, lengths = self.batch([source])
+        return frames[:, :int(lengths[0])]
+
+    def batch(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        waveform, lengths = padded_batch(sources, self.MIN_WIDTH)
+        return self._run(waveform, lengths), self._lengths(torch.from_numpy(lengths))
+
+
+def compiled_info(name: str, precision: str, note: str | None, started: float,
+                  folder: Path, hit: bool) -> BackendInfo:
+    """A compiled backend's BackendInfo: its build time since `started` and its cache use."""
+    return BackendInfo(name, name, precision, note, round(time.perf_counter() - started, 3),
+                       "hit" if hit else "miss", str(folder))
 
 
 # -- the artefact cache ---------------------------------------------------------------------
@@ -240,6 +270,7 @@ def select(settings, model: torch.nn.Module, device: str, threads: int,
     try:
         if device != "cpu":
             raise BackendUnavailable(f"{settings.backend} runs on the CPU, not on {device}")
+        padded.check_supported(model)  # every compiled backend runs the padded graph
         backend, info = module.build(model, spec)
         check_against_eager(backend, eager, model.proj, CHECK_TOLERANCE[settings.precision])
         release_encoder(model)

@@ -15,38 +15,33 @@ import time
 import numpy as np
 import torch
 
-from serve_app.inference import onnx_graph, padded
+from serve_app.inference import onnx_graph
 from serve_app.inference.backends.common import (
     BackendInfo,
     BackendUnavailable,
     BuildSpec,
+    PaddedGraphBackend,
     cache_key,
     cached_artefact,
-    padded_batch,
+    compiled_info,
 )
 
 COMPILED = True
 MODEL_NAME = "encoder.onnx"
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(PaddedGraphBackend):
     """PaddedEncoder's ONNX export in an onnxruntime session; dynamic batch and length."""
 
     name = "onnxruntime"
 
     def __init__(self, session, model: torch.nn.Module):
+        super().__init__(model)
         self._session = session
-        self._lengths = lambda samples: padded.frame_lengths(model, samples)
 
-    def single(self, source: torch.Tensor) -> torch.Tensor:
-        frames, lengths = self.batch([source])
-        return frames[:, :int(lengths[0])]
-
-    def batch(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        waveform, lengths = padded_batch(sources)
+    def _run(self, waveform: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
         (frames,) = self._session.run(["frames"], {"waveform": waveform, "lengths": lengths})
-        return torch.from_numpy(np.ascontiguousarray(frames)), \
-            self._lengths(torch.from_numpy(lengths))
+        return torch.from_numpy(np.ascontiguousarray(frames))
 
 
 def session(path, threads: int):
@@ -72,10 +67,6 @@ def build(model: torch.nn.Module, spec: BuildSpec) -> tuple[OnnxRuntimeBackend, 
         import onnxruntime as ort
     except ImportError as exc:
         raise BackendUnavailable(f"onnxruntime or onnx is not installed ({exc})") from exc
-    try:
-        padded.check_supported(model)
-    except padded.UnsupportedModel as exc:
-        raise BackendUnavailable(str(exc)) from exc
     started = time.perf_counter()
     key = cache_key(spec.checkpoint_sha256, "onnxruntime",
                     {"onnxruntime": ort.__version__, "onnx": onnx.__version__,
@@ -88,7 +79,4 @@ def build(model: torch.nn.Module, spec: BuildSpec) -> tuple[OnnxRuntimeBackend, 
     note = None if spec.precision == "fp32" else (
         "onnxruntime's CPU provider runs this graph in f32: reduced precision is not applied")
     backend = OnnxRuntimeBackend(session(folder / MODEL_NAME, spec.threads), model)
-    info = BackendInfo("onnxruntime", "onnxruntime", "f32", note,
-                       round(time.perf_counter() - started, 3), "hit" if hit else "miss",
-                       str(folder))
-    return backend, info
+    return backend, compiled_info("onnxruntime", "f32", note, started, folder, hit)

@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serve_app.inference import graph, padded
+from serve_app.inference import graph
 from serve_app.inference.backends.common import (
     BackendInfo,
     BackendUnavailable,
     BuildSpec,
+    PaddedGraphBackend,
     cache_key,
     cached_artefact,
-    padded_batch,
+    compiled_info,
 )
 
 COMPILED = True
@@ -32,28 +33,20 @@ IR_NAME = "encoder.xml"
 MIN_WIDTH = 16_000
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(PaddedGraphBackend):
     """PaddedEncoder compiled by OpenVINO for this CPU; dynamic batch and length."""
 
     name = "openvino"
+    MIN_WIDTH = MIN_WIDTH
 
     def __init__(self, compiled, model: torch.nn.Module):
+        super().__init__(model)
         self._request = compiled.create_infer_request()
-        self._lengths = lambda samples: padded.frame_lengths(model, samples)
 
     def _run(self, waveform: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
         self._request.infer([waveform, lengths])
         # Copied out: the request reuses its output buffer on the next call.
         return torch.from_numpy(self._request.get_output_tensor(0).data.copy())
-
-    def single(self, source: torch.Tensor) -> torch.Tensor:
-        frames, lengths = self.batch([source])
-        return frames[:, :int(lengths[0])]
-
-    def batch(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        waveform, lengths = padded_batch(sources, MIN_WIDTH)
-        frames = self._run(waveform, lengths)
-        return frames, self._lengths(torch.from_numpy(lengths))
 
 
 def _convert(model: torch.nn.Module, folder: Path) -> None:
@@ -93,10 +86,6 @@ def build(model: torch.nn.Module, spec: BuildSpec) -> tuple[OpenVinoBackend, Bac
         import openvino as ov
     except ImportError as exc:
         raise BackendUnavailable(f"openvino is not installed ({exc})") from exc
-    try:
-        padded.check_supported(model)
-    except padded.UnsupportedModel as exc:
-        raise BackendUnavailable(str(exc)) from exc
     started = time.perf_counter()
     key = cache_key(spec.checkpoint_sha256, "openvino", {"openvino": ov.__version__},
                     [sys.modules[__name__]])
@@ -111,7 +100,5 @@ def build(model: torch.nn.Module, spec: BuildSpec) -> tuple[OpenVinoBackend, Bac
         "NUM_STREAMS": 1,
         "CACHE_DIR": str(folder / f"blobs-{ov_precision}"),
     })
-    info = BackendInfo("openvino", "openvino", ov_precision, note,
-                       round(time.perf_counter() - started, 3), "hit" if hit else "miss",
-                       str(folder))
-    return OpenVinoBackend(compiled, model), info
+    return OpenVinoBackend(compiled, model), compiled_info("openvino", ov_precision, note,
+                                                           started, folder, hit)
