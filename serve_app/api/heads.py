@@ -8,7 +8,6 @@ with no redeploy. No torch: a head file is checked with numpy before it is store
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 from fastapi import APIRouter, Request
@@ -19,8 +18,8 @@ from serve_app.api import protocol, upload
 from serve_app.api.app import Parts
 from serve_app.api.pipeline import Call
 from serve_app.errors import ApiError
-from serve_app.heads.headfile import NAME, InvalidHead, UnknownHead, parse_reference
-from serve_app.heads.registry import HeadRegistry
+from serve_app.heads.headfile import NAME, InvalidHead, parse_reference
+from serve_app.heads.registry import HeadRegistry, pick_revision
 
 router = APIRouter()
 
@@ -84,21 +83,15 @@ def _all_summaries(registry: HeadRegistry) -> list[dict]:
 
 
 def _detail(registry: HeadRegistry, name: str, revision: int | None) -> dict:
-    revision = registry.latest(name, revision)
-    meta = registry.metadata(name, revision)
-    return {**meta, "revision": revision, "revisions": registry.revisions(name)}
+    revisions = registry.revisions(name)
+    revision = pick_revision(name, revision, revisions)
+    return {**registry.metadata(name, revision), "revision": revision, "revisions": revisions}
 
 
 async def _registry_call(call: Call, function: Callable, *args):
-    """A registry operation in a thread, its failures as API errors."""
+    """A registry operation, as every use of heads_dir runs (Pipeline.heads_io)."""
     call.trace["route"] = "heads"
-    try:
-        return await asyncio.to_thread(function, *args)
-    except (UnknownHead, InvalidHead) as exc:
-        raise exc.api_error() from None
-    except OSError as exc:
-        raise ApiError(503, "heads_unavailable", f"cannot use heads_dir: {exc}",
-                       headers={"Retry-After": "2"}) from None
+    return await call.pipeline.heads_io(function, *args)
 
 
 @router.get("/v1/heads", summary="The custom heads: revisions, backbone, labels, metrics",

@@ -92,7 +92,7 @@ class Pipeline:
                                    self.variants.names)
         self.shadow.configure(settings)
         self.head_routes = Aliases(settings.heads.aliases)
-        if self._catalog_layout(settings) != self._catalog_layout(self._catalog_settings):
+        if self._catalog_layout(settings) != self._heads_layout:
             self.heads = self._catalog(settings)
         if settings.decode_workers != self.decoder.workers:
             old, self.decoder = self.decoder, Decoder(settings.decode_workers)
@@ -104,7 +104,7 @@ class Pipeline:
 
     def _catalog(self, settings: RouterSettings) -> HeadCatalog:
         """The view of heads_dir, rebuilt (its cache dropped) only when where or how changes."""
-        self._catalog_settings = settings
+        self._heads_layout = self._catalog_layout(settings)
         return HeadCatalog(HeadRegistry(settings.heads_dir, settings.heads.max_head_bytes),
                            settings.heads.refresh_s)
 
@@ -133,17 +133,21 @@ class Pipeline:
                            f"unknown model_version {requested!r}; valid: {valid}", valid=valid)
         return route
 
-    async def head(self, reference: str) -> HeadRef:
-        """NAME@REV or NAME (its latest revision) -> the HeadRef a variant reads (404
-        unknown_head; 503 while heads_dir cannot be read)."""
-        name, revision = parse_reference(reference)
+    @staticmethod
+    async def heads_io(function, *args):
+        """A call that reads or writes heads_dir, in a thread: 404 unknown_head, 422
+        invalid_head, 503 heads_unavailable (with Retry-After) while it cannot be used."""
         try:
-            ref, _ = await asyncio.to_thread(self.heads.resolve, name, revision)
+            return await asyncio.to_thread(function, *args)
         except (UnknownHead, InvalidHead) as exc:
             raise exc.api_error() from None
         except OSError as exc:
-            raise ApiError(503, "heads_unavailable", f"cannot read heads_dir: {exc}",
+            raise ApiError(503, "heads_unavailable", f"cannot use heads_dir: {exc}",
                            headers={"Retry-After": "2"}) from None
+
+    async def head(self, reference: str) -> HeadRef:
+        """NAME@REV or NAME (its latest revision) -> the HeadRef a variant reads."""
+        ref, _ = await self.heads_io(self.heads.resolve, *parse_reference(reference))
         return ref
 
     async def check_labels(self, variant: str, requested: tuple[str, ...] | None,
@@ -152,7 +156,7 @@ class Pipeline:
         audio arrives."""
         if head is None:
             return await self.variants.check_labels(variant, requested)
-        labels = (await asyncio.to_thread(self.heads.metadata, head.name, head.revision))["labels"]
+        labels = (await self.heads_io(self.heads.metadata, head.name, head.revision))["labels"]
         try:
             select(requested, labels)
         except UnknownLabel as exc:

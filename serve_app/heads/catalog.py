@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from serve_app.heads.registry import HeadRegistry
+from serve_app.heads.registry import HeadRegistry, pick_revision
 from serve_app.wire import HeadRef
 
 MAX_CACHED_HEADERS = 4096
@@ -61,10 +61,6 @@ class HeadCatalog:
     def resolve(self, name: str, revision: int | None) -> tuple[HeadRef, dict]:
         """The revision a reference means (the latest when None), and its metadata;
         UnknownHead when there is none."""
-        live = self.revisions(name)
-        if revision is None and live:
-            revision = live[-1]
-        if revision not in live:
-            revision = self.registry.latest(name, revision)  # UnknownHead, with what there is
+        revision = pick_revision(name, revision, self.revisions(name))
         meta = self.metadata(name, revision)
         return HeadRef(name, revision, meta["sha256"], self.registry.uri(name, revision)), meta

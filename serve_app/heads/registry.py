@@ -60,6 +60,18 @@ def read_file(uri: str) -> bytes:
         raise
 
 
+def pick_revision(name: str, revision: int | None, live: list[int]) -> int:
+    """The revision a reference means among the live ones (ascending): the one given, or the
+    latest; UnknownHead, naming those there are, otherwise."""
+    if revision is None and live:
+        return live[-1]
+    if revision in live:
+        return revision
+    known = f"; revisions: {live}" if live else ""
+    shown = name if revision is None else f"{name}@{revision}"
+    raise UnknownHead(f"no head {shown}{known}")
+
+
 class HeadRegistry:
     """The heads under one heads_dir."""
 
@@ -100,14 +112,12 @@ class HeadRegistry:
 
     def latest(self, name: str, revision: int | None = None) -> int:
         """The revision a reference means: the one given, or the latest (UnknownHead)."""
-        live = self.revisions(name)
-        if revision is None and live:
-            return live[-1]
-        if revision in live:
-            return revision
-        known = f"; revisions: {live}" if live else ""
-        shown = name if revision is None else f"{name}@{revision}"
-        raise UnknownHead(f"no head {shown}{known}")
+        return pick_revision(name, revision, self.revisions(name))
+
+    def read(self, name: str, revision: int | None = None) -> Head:
+        """A revision's head (the latest when None), read and checked whole."""
+        revision = self.latest(name, revision)
+        return decode(read_file(self.uri(name, revision)), self.max_head_bytes)
 
     def metadata(self, name: str, revision: int) -> dict:
         """One revision's metadata, from its header alone."""

@@ -285,7 +285,7 @@ def evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from serve_app.heads import metrics, scoring
     from serve_app.heads.data import read
     from serve_app.heads.headfile import decode, parse_reference
-    from serve_app.heads.registry import HeadRegistry, read_file
+    from serve_app.heads.registry import HeadRegistry
 
     labelled = read(args.data)
     builtin = args.head == scoring.BUILTIN
@@ -299,10 +299,8 @@ def evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             if Path(args.head).is_file():
                 head = decode(Path(args.head).read_bytes(), _max_head_bytes())
             else:
-                name, revision = parse_reference(args.head)
-                registry = HeadRegistry(heads_dir(args), _max_head_bytes())
-                revision = registry.latest(name, revision)
-                head = decode(read_file(registry.uri(name, revision)), _max_head_bytes())
+                head = HeadRegistry(heads_dir(args), _max_head_bytes()).read(
+                    *parse_reference(args.head))
         scorer = scoring.LocalScorer(plan_job(args.config, args.model_version), head)
         mapping, scored = scoring.targets(labelled.labels, scorer.labels, label_map)
         outcomes = scorer.score(labelled.clips, scored)

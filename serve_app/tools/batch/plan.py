@@ -20,8 +20,8 @@ from serve_app.config import (
     without_inputs,
 )
 from serve_app.errors import ApiError
-from serve_app.heads.headfile import Head, InvalidHead, UnknownHead, decode, parse_reference
-from serve_app.heads.registry import HeadRegistry, read_file
+from serve_app.heads.headfile import Head, InvalidHead, UnknownHead, parse_reference
+from serve_app.heads.registry import HeadRegistry
 from serve_app.tools.cluster import load_app
 from serve_app.traffic.routing import RoutingTable
 
@@ -118,10 +118,8 @@ def _head(router: RouterSettings, requested: str) -> Head:
         raise PlanError(f"head alias {requested!r} splits requests between {sorted(target)} by "
                         "weight; a job scores every file with one head: name one of them")
     try:
-        name, revision = parse_reference(target)
-        registry = HeadRegistry(router.heads_dir, router.heads.max_head_bytes)
-        revision = registry.latest(name, revision)
-        return decode(read_file(registry.uri(name, revision)), router.heads.max_head_bytes)
+        return HeadRegistry(router.heads_dir, router.heads.max_head_bytes).read(
+            *parse_reference(target))
     except (ApiError, UnknownHead, InvalidHead, OSError) as exc:
         message = exc.message if isinstance(exc, ApiError) else str(exc)
         raise PlanError(f"--head {requested}: {message}") from None
