@@ -13,25 +13,19 @@ speech clip in each mode.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import io
 import itertools
 import tempfile
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
-import soundfile
 
-from benchmarks.results import add_results_dir, relative_config, write_result
-from benchmarks.serve_latency import percentile, speech_clip
+from benchmarks.results import relative_config, write_result
+from benchmarks.serve_latency import http_latencies, percentile, speech_clip, wav_bytes
+from benchmarks.shadow import interleaved_parser
 from serve_app.heads import headfile
 from serve_app.tools.cluster import load_app, local_serve
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANT = "base"
 HEADS = 100
 MODES = ("plain", "one head", f"{HEADS} heads cycling")
@@ -63,38 +57,16 @@ def head_file(name: str, sha256: str, dim: int, seed: int) -> bytes:
                                          "embedding_dim": dim}}, tensors)
 
 
-def latencies(client: httpx.Client, wav: bytes, heads: Iterator[str | None],
-              count: int) -> list[float]:
-    """Sequential requests, each with the next of `heads`; two warm-ups not counted."""
-    times = []
-    for index in range(count + 2):
-        head = next(heads)
-        started = time.perf_counter()
-        response = client.post("/v1/predict", files={"file": ("clip.wav", wav)},
-                               data={"model_version": VARIANT, **({"head": head} if head else {})})
-        elapsed = time.perf_counter() - started
-        response.raise_for_status()
-        if index >= 2:
-            times.append(elapsed)
-    return times
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"))
-    parser.add_argument("--requests", type=int, default=20, help="per round and mode")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--clip-seconds", type=float, default=5.0)
+def _parser():
+    parser = interleaved_parser(__doc__)
     parser.add_argument("--resident", type=int, default=256,
                         help="the variant's max_resident_heads")
-    return add_results_dir(parser)
+    return parser
 
 
 def main() -> None:
     args = _parser().parse_args()
-    buffer = io.BytesIO()
-    soundfile.write(buffer, speech_clip(args.clip_seconds), 16_000, format="WAV")
-    wav = buffer.getvalue()
+    wav = wav_bytes(speech_clip(args.clip_seconds))
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="e2v-heads-") as heads_dir, local_serve() as serve:
         app = heads_app(args.config, heads_dir, args.resident)
@@ -109,11 +81,13 @@ def main() -> None:
                 data = head_file(name, info["sha256"], info["embedding_dim"], seed)
                 client.put(f"/v1/heads/{name}", content=data).raise_for_status()
             # Cycling goes on across rounds: every head is asked for in turn.
-            plans = {MODES[0]: itertools.repeat(None), MODES[1]: itertools.repeat(names[0]),
-                     MODES[2]: itertools.cycle(names)}
+            plans = {MODES[0]: itertools.repeat({}),
+                     MODES[1]: itertools.repeat({"head": names[0]}),
+                     MODES[2]: itertools.cycle({"head": name} for name in names)}
             for _ in range(args.rounds):
                 for mode in MODES:
-                    times[mode] += latencies(client, wav, plans[mode], args.requests)
+                    times[mode] += http_latencies(serve.url, VARIANT, wav, args.requests,
+                                                  plans[mode])
             resident = client.get("/v1/models").json()["variants"][VARIANT]["heads"]
     print(f"\n{args.config}: {VARIANT}, clip {args.clip_seconds:g} s; {args.rounds} interleaved "
           f"rounds of {args.requests} sequential requests per mode; max_resident_heads "

@@ -18,6 +18,7 @@ import contextlib
 import io
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -54,17 +55,28 @@ def speech_clip(seconds: float) -> np.ndarray:
     return (0.2 * np.sin(2 * np.pi * 180 * t + 3 * np.sin(2 * np.pi * 4 * t))).astype(np.float32)
 
 
+def wav_bytes(samples: np.ndarray) -> bytes:
+    """16 kHz samples as a WAV file's bytes (what a client uploads)."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, 16_000, format="WAV")
+    return buffer.getvalue()
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def http_latencies(url: str, variant: str, wav: bytes, count: int) -> list[float]:
+def http_latencies(url: str, variant: str, wav: bytes, count: int,
+                   fields: Iterator[dict] | None = None) -> list[float]:
+    """Seconds per sequential POST /v1/predict (each request with the next of `fields`, if
+    given, beside model_version); two warm-up requests not counted."""
     times = []
     with httpx.Client(base_url=url, timeout=120) as client:
         for index in range(count + 2):
+            extra = next(fields) if fields is not None else {}
             started = time.perf_counter()
             response = client.post("/v1/predict", files={"file": ("clip.wav", wav)},
-                                   data={"model_version": variant})
+                                   data={"model_version": variant, **extra})
             elapsed = time.perf_counter() - started
             response.raise_for_status()
             if index >= 2:  # two warm-up requests
@@ -108,9 +120,7 @@ def main() -> None:
     missing = [n for n, s in variants.items() if s.is_local and
                not generate.is_complete(s.local_path)]
     clip = speech_clip(args.clip_seconds)
-    buffer = io.BytesIO()
-    soundfile.write(buffer, clip, 16_000, format="WAV")
-    wav = buffer.getvalue()
+    wav = wav_bytes(clip)
 
     rows = []
     with local_serve() as serve_handle:

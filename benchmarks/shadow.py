@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
-import soundfile
 
 from benchmarks.results import add_results_dir, relative_config, write_result
-from benchmarks.serve_latency import http_latencies, percentile, speech_clip
+from benchmarks.serve_latency import http_latencies, percentile, speech_clip, wav_bytes
 from serve_app.tools.cluster import LocalServe, load_app, local_serve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,8 +77,10 @@ def drain(serve: LocalServe, sent: int, timeout_s: float = 300) -> dict:
         time.sleep(0.2)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def interleaved_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags of a benchmark that compares modes in interleaved rounds of sequential
+    requests (this one, benchmarks/heads.py)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"))
     parser.add_argument("--requests", type=int, default=20, help="per round and mode")
     parser.add_argument("--rounds", type=int, default=3)
@@ -88,13 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     return add_results_dir(parser)
 
 
+def _parser() -> argparse.ArgumentParser:
+    return interleaved_parser(__doc__)
+
+
 def main() -> None:
     args = _parser().parse_args()
 
     app = shadowed_app(args.config)
-    buffer = io.BytesIO()
-    soundfile.write(buffer, speech_clip(args.clip_seconds), 16_000, format="WAV")
-    wav = buffer.getvalue()
+    wav = wav_bytes(speech_clip(args.clip_seconds))
     latencies: dict[bool, list[float]] = {False: [], True: []}
     totals = {"compared": 0, "dropped": 0, "errors": 0, "agreed": 0.0, "max_diff": 0.0}
     with local_serve() as serve:
