@@ -19,6 +19,7 @@ Every loader uses these functions, so that a file loads the same way whichever p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from collections.abc import Mapping
@@ -57,6 +58,12 @@ def model_files(directory: Path) -> ModelFiles:
             if isinstance(name, str) and (directory / name).is_file():
                 names[role] = name
     return ModelFiles(**{role: directory / name for role, name in names.items()})
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's sha256 (hex), read in chunks: which weights (or which clip) exactly."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def read_labels(tokens: Path) -> list[str]:

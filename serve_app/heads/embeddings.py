@@ -15,7 +15,6 @@ edited one a miss. Each entry is written under a temporary name and moved in pla
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serve_app.checkpoints.weights import file_sha256
 from serve_app.heads.data import Clip
 
 CACHE_ENV = "EMOTION2VEC_EMBEDDINGS_CACHE"
@@ -40,11 +40,6 @@ class ExtractionError(RuntimeError):
 
 def cache_root(given: str | None) -> Path:
     return Path(given or os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
-
-
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _checkpoint_sha256(weights: Path, root: Path) -> str:

@@ -32,7 +32,6 @@ PyTorch, said in `info`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -82,13 +81,6 @@ class ModelInfo:
     sample_rate: int = TARGET_SR  # what the model takes; the router resamples to it
     backend: str = "torch"     # what runs the encoder (backends/)
     backend_info: dict | None = None  # requested, precision, note (why not), build_s, cache
-
-
-def _sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _read_config(path: Path) -> dict:
@@ -200,7 +192,7 @@ class EmotionEngine:
             logger.warning("%s: %s; predict_batch runs clip by clip", directory, exc)
             self._batchable = False
         source = str(directory) if self.settings.is_local else self.settings.source
-        sha256 = _sha256(weights_file)
+        sha256 = weights.file_sha256(weights_file) if weights_file.is_file() else None
         parameter_count = sum(p.numel() for p in model.parameters())  # before a backend frees any
         self._backend, backend_info = backends.select(self.settings, model, self.device,
                                                       self.threads, sha256, self._autocast)
