@@ -1,24 +1,32 @@
 """The jobs API's pure parts, in-process (no cluster): uploaded archives (bombs, escapes,
-links and devices refused; a good one unpacked byte for byte)."""
+links and devices refused; a good one unpacked byte for byte) and callbacks (signatures, the
+allow-list with a fake resolver, delivery to a real HTTP server on 127.0.0.1)."""
 
 from __future__ import annotations
 
 import gzip
 import io
 import os
+import re
+import socket
 import stat
 import struct
+import sys
 import tarfile
+import threading
+import time
 import warnings
 import zipfile
 import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from serve_app.errors import ApiError
-from serve_app.jobs import archive
+from serve_app.jobs import archive, callbacks
 from serve_app.jobs.archive import ArchiveLimits, InvalidArchive
+from serve_app.jobs.callbacks import InvalidCallback
 
 LIMITS = ArchiveLimits()
 
@@ -397,3 +405,376 @@ def test_archive_refusals_are_422_invalid_archive():
     assert (error.status, error.code, error.message) == (
         422, "invalid_archive", "entry 'x': an absolute name")
 
+
+# -- callbacks: signatures ------------------------------------------------------------------
+
+SECRET = "s3cret-for-tests"
+BODY = b'{"job_id": "j-1", "state": "succeeded"}'
+
+
+def test_a_signature_verifies_with_its_secret_body_and_time():
+    header = callbacks.sign(SECRET, BODY, 1_700_000_000)
+    assert re.fullmatch(r"t=1700000000,v1=[0-9a-f]{64}", header)
+    assert callbacks.verify(SECRET, header, BODY, now=1_700_000_000)
+    assert callbacks.verify(SECRET, header, BODY, now=1_700_000_299)
+    assert not callbacks.verify(SECRET, header, BODY + b" ", now=1_700_000_000)    # tampered
+    assert not callbacks.verify(SECRET, header, BODY.replace(b"j-1", b"j-2"), now=1_700_000_000)
+    assert not callbacks.verify("another secret", header, BODY, now=1_700_000_000)
+    assert not callbacks.verify(SECRET, header, BODY, now=1_700_000_301)     # stale
+    assert not callbacks.verify(SECRET, header, BODY, now=1_699_999_000)     # from the future
+    assert callbacks.verify(SECRET, header, BODY, tolerance_s=3600, now=1_700_001_000)
+    fresh = callbacks.sign(SECRET, BODY, int(time.time()))
+    assert callbacks.verify(SECRET, fresh, BODY)
+
+
+def test_several_signatures_let_a_secret_be_rotated():
+    old = callbacks.sign("old secret", BODY, 1_700_000_000)
+    new = callbacks.sign("new secret", BODY, 1_700_000_000)
+    both = f"{old},{new.split(',')[1]}"
+    for secret in ("old secret", "new secret"):
+        assert callbacks.verify(secret, both, BODY, now=1_700_000_000)
+    assert not callbacks.verify("third secret", both, BODY, now=1_700_000_000)
+
+
+@pytest.mark.parametrize("header", [
+    "", "v1=abc", "t=1700000000", "t=1700000000,t=1700000000,v1=00",
+    "t=17e8,v1=00", "t=-1,v1=00", "t=1700000000,v1=ünïcode", "garbage", "t=1," + "v1=0," * 2000])
+def test_a_malformed_signature_header_is_false(header):
+    assert callbacks.verify(SECRET, header, BODY, now=1_700_000_000) is False
+
+
+# -- callbacks: where they may go -----------------------------------------------------------
+
+PUBLIC = "93.184.216.34"
+
+
+def resolver(table: dict[str, list[str]], calls: list | None = None):
+    """A getaddrinfo over `table` (host -> addresses, or an exception to raise); IP
+    literals resolve to themselves, as with the real one."""
+    def resolve(host, port, *args, **kwargs):
+        if calls is not None:
+            calls.append(host)
+        answer = table.get(host, socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+        if isinstance(answer, Exception):
+            try:
+                return resolve_literal(host, port)
+            except ValueError:
+                raise answer from None
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                 (a, port)) for a in answer]
+    return resolve
+
+
+def resolve_literal(host: str, port: int):
+    import ipaddress
+    ip = ipaddress.ip_address(host)
+    return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM, 6, "",
+             (str(ip), port))]
+
+
+def check(url: str, allowed: list[str], table: dict | None = None) -> None:
+    callbacks.check_callback_url(url, allowed, resolve=resolver(
+        table if table is not None else {"hooks.example.org": [PUBLIC],
+                                         "a.b.example.org": [PUBLIC]}))
+
+
+@pytest.mark.parametrize(("url", "allowed"), [
+    ("https://hooks.example.org/jobs/done?id=1", ["hooks.example.org"]),
+    ("https://HOOKS.Example.org./x", ["hooks.example.org"]),
+    ("http://hooks.example.org:8080/x", ["hooks.example.org:8080"]),
+    ("https://hooks.example.org/x", ["hooks.example.org:443"]),
+    ("https://a.b.example.org/x", ["*.example.org"]),
+    ("https://hooks.example.org/x", ["other.org", "*.example.org:443"])])
+def test_allowed_callback_urls(url, allowed):
+    check(url, allowed)
+    assert callbacks.callback_target(url, allowed, resolver(
+        {"hooks.example.org": [PUBLIC], "a.b.example.org": [PUBLIC]})).addresses == (PUBLIC,)
+
+
+@pytest.mark.parametrize(("url", "allowed", "words"), [
+    ("https://hooks.example.org/x", [], "callbacks are off on this service"),
+    ("https://evil.org/x", ["hooks.example.org"], "not among this service's allowed"),
+    ("https://example.org/x", ["*.example.org"], "not among"),
+    ("https://badexample.org/x", ["*.example.org"], "not among"),
+    ("https://hooks.example.org:8443/x", ["hooks.example.org"], None),   # any port: allowed
+    ("https://hooks.example.org:8443/x", ["hooks.example.org:443"], "not among"),
+    ("http://127.0.0.1/x", ["*.0.0.1"], "not among"),   # a wildcard never covers an IP
+    ("https://user:pw@hooks.example.org/x", ["hooks.example.org"], "user name or password"),
+    ("https://hooks.example.org@evil.org/x", ["hooks.example.org"], "user name or password"),
+    ("ftp://hooks.example.org/x", ["hooks.example.org"], "http or https, not 'ftp'"),
+    ("file:///etc/passwd", ["hooks.example.org"], "http or https"),
+    ("javascript:alert(1)", ["hooks.example.org"], "http or https"),
+    ("hooks.example.org/x", ["hooks.example.org"], "http or https, not ''"),
+    ("https:///x", ["hooks.example.org"], "not a host name"),
+    ("https://hooks.example.org:99999/x", ["hooks.example.org"], "invalid port"),
+    ("https://hooks.example.org:0/x", ["hooks.example.org"], "invalid port"),
+    ("https://hooks.example.org/a b", ["hooks.example.org"], "printable ASCII"),
+    ("https://hööks.example.org/", ["*.example.org"], "printable ASCII"),
+    ("https://hooks.example.org/" + "x" * 2100, ["hooks.example.org"], "at most 2048"),
+    ("https://gone.example.org/x", ["*.example.org"], "does not resolve")])
+def test_refused_callback_urls(url, allowed, words):
+    if words is None:
+        check(url, allowed)
+        return
+    with pytest.raises(InvalidCallback, match=re.escape(words)):
+        check(url, allowed)
+
+
+INTERNAL = ["127.0.0.1", "127.8.9.10", "10.1.2.3", "172.16.0.1", "192.168.1.1",
+            "169.254.169.254", "100.64.0.1", "0.0.0.0", "224.0.0.1", "240.0.0.1", "::1", "::",
+            "fd00::1", "fe80::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254",
+            "::ffff:10.0.0.1", "2002:a00:1::1", "64:ff9b::a9fe:a9fe"]
+
+
+@pytest.mark.parametrize("address", INTERNAL)
+def test_internal_addresses_only_when_the_host_is_named_exactly(address):
+    table = {"hooks.example.org": [PUBLIC, address]}   # any one internal address counts
+    with pytest.raises(InvalidCallback, match=re.escape(f"resolves to {address}")):
+        check("https://hooks.example.org/x", ["*.example.org"], table)
+    check("https://hooks.example.org/x", ["*.example.org", "hooks.example.org"], table)
+    literal = f"[{address}]" if ":" in address else address
+    with pytest.raises(InvalidCallback, match="not among"):
+        check(f"http://{literal}:9000/x", ["*.example.org"], table)
+    check(f"http://{literal}:9000/x", [f"{literal}:9000"], table)   # named exactly, as an IP
+    assert callbacks.internal_reason(address)
+
+
+def test_internal_reasons_name_the_kind_of_address():
+    assert callbacks.internal_reason("127.0.0.1") == "loopback"
+    assert callbacks.internal_reason("169.254.169.254").startswith("link-local (the cloud")
+    assert callbacks.internal_reason("10.0.0.1") == "private"
+    assert callbacks.internal_reason("100.100.100.200") == "shared (CGNAT, 100.64.0.0/10)"
+    assert callbacks.internal_reason("::ffff:127.0.0.1") == \
+        "loopback (inside the IPv6 address ::ffff:7f00:1)"
+    assert callbacks.internal_reason(PUBLIC) is None
+    assert callbacks.internal_reason("2606:4700::1111") is None
+
+
+def test_an_ipv6_literal_is_compared_in_its_canonical_form():
+    table = {}
+    check("http://[0:0:0:0:0:0:0:1]:8080/x", ["[::1]:8080"], table)
+    check("http://[::1]:8080/x", ["0:0::1"], table)
+
+
+@pytest.mark.parametrize("entry", ["http://hooks.example.org", "hooks.example.org:http",
+                                   "a:b:c", "[::1]x", "hooks.example.org:70000", "*.", ""])
+def test_an_allow_list_entry_that_can_never_match_is_a_settings_error(entry):
+    with pytest.raises(ValueError, match="allowed callback host"):
+        callbacks.check_allowed_hosts([entry])
+
+
+def test_callback_refusals_are_422_invalid_callback():
+    error = InvalidCallback("callbacks are off").api_error()
+    assert (error.status, error.code, error.message) == (
+        422, "invalid_callback", "callbacks are off")
+
+
+# -- callbacks: delivery to a real server on 127.0.0.1 --------------------------------------
+
+class Receiver(ThreadingHTTPServer):
+    """A callback receiver on 127.0.0.1 that answers with `respond(handler, n)` (n: the
+    request's number from 1); it keeps every request, and every exception of its threads."""
+
+    daemon_threads = False   # server_close joins the handlers: none outlives its test
+
+    def __init__(self, respond):
+        super().__init__(("127.0.0.1", 0), ReceiverHandler)
+        self.respond, self.requests, self.errors = respond, [], []
+        self.release = threading.Event()   # ends a handler that holds its connection
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def handle_error(self, request, client_address):
+        self.errors.append(sys.exc_info()[1])
+
+
+class ReceiverHandler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.handle_request()
+
+    def do_GET(self):
+        self.handle_request()
+
+    def handle_request(self):
+        length = int(self.headers.get("Content-Length", 0))
+        self.server.requests.append((self.command, self.path, dict(self.headers),
+                                     self.rfile.read(length)))
+        self.server.respond(self, len(self.server.requests))
+
+    def log_message(self, *args):
+        pass
+
+
+def answer(status: int, **headers):
+    def respond(handler, number):
+        handler.send_response(status)
+        for name, value in headers.items():
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    return respond
+
+
+@pytest.fixture
+def receiver():
+    """Starts receivers; at the end shuts them down and fails the test if one raised."""
+    started = []
+
+    def start(respond) -> Receiver:
+        server = Receiver(respond)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        started.append((server, thread))
+        return server
+
+    yield start
+    for server, thread in started:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    errors = [error for server, _ in started for error in server.errors]
+    assert not errors, f"a receiver's thread raised: {errors!r}"
+
+
+def deliver(url: str, allowed: list[str], **options):
+    attempts = []
+    options.setdefault("backoff_s", 0.01)
+    ok = callbacks.deliver(url, BODY, SECRET, allowed_hosts=allowed,
+                           on_attempt=attempts.append, **options)
+    return ok, attempts
+
+
+def test_a_200_gets_one_signed_request(receiver):
+    server = receiver(answer(200))
+    ok, attempts = deliver(server.url + "/hooks/job?id=j-1", ["127.0.0.1"])
+    assert ok is True
+    [(method, path, headers, body)] = server.requests
+    assert (method, path, body) == ("POST", "/hooks/job?id=j-1", BODY)
+    assert headers["Content-Type"] == "application/json"
+    assert headers["User-Agent"] == "emotion2vec-serve"
+    assert callbacks.verify(SECRET, headers[callbacks.SIGNATURE_HEADER], body, tolerance_s=60)
+    [attempt] = attempts
+    assert (attempt.status, attempt.error) == (200, None)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", attempt.at)
+    assert set(attempt.to_dict()) == {"at", "status", "error", "duration_ms"}
+
+
+def test_two_500s_then_a_200_is_three_attempts(receiver):
+    server = receiver(lambda handler, n: answer(500 if n <= 2 else 200)(handler, n))
+    waits = []
+    ok, attempts = deliver(server.url, ["127.0.0.1"], backoff_s=0.01,
+                           sleep=lambda s: (waits.append(s), time.sleep(s)))
+    assert ok is True
+    assert [a.status for a in attempts] == [500, 500, 200]
+    assert [a.error for a in attempts] == ["HTTP 500", "HTTP 500", None]
+    assert waits == [0.01, 0.02]
+    assert len(server.requests) == 3
+    for _, _, headers, body in server.requests:   # each attempt signed afresh
+        assert callbacks.verify(SECRET, headers[callbacks.SIGNATURE_HEADER], body, 60)
+
+
+def test_the_backoff_doubles_up_to_its_cap_and_attempts_are_bounded(receiver):
+    server = receiver(answer(503))
+    waits = []
+    ok, attempts = deliver(server.url, ["127.0.0.1"], attempts=6, backoff_s=1,
+                           max_backoff_s=4, sleep=waits.append)
+    assert ok is False
+    assert waits == [1, 2, 4, 4, 4]
+    assert len(attempts) == len(server.requests) == 6
+
+
+def test_a_receiver_that_never_answers_costs_timeout_s_an_attempt(receiver):
+    server = receiver(lambda handler, n: handler.server.release.wait(timeout=20))
+    started = time.monotonic()
+    ok, attempts = deliver(server.url, ["127.0.0.1"], attempts=3, timeout_s=0.5)
+    assert ok is False
+    assert [(a.status, a.error) for a in attempts] == [(None, "timed out after 0.5 s")] * 3
+    assert all(450 <= a.duration_ms <= 3000 for a in attempts), attempts
+    assert time.monotonic() - started < 10
+    assert len(server.requests) == 3
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_at_timeout_s(receiver):
+    """A byte every 50 ms never trips a per-read timeout; the attempt's deadline cuts it."""
+    def trickle(handler, number):
+        try:
+            for byte in b"HTTP/1.1 200 OK\r\nX-Padding: " + b"x" * 200:
+                if handler.server.release.wait(0.05):
+                    return
+                handler.wfile.write(bytes([byte]))
+                handler.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass   # the client cut it, as it should
+    server = receiver(trickle)
+    ok, attempts = deliver(server.url, ["127.0.0.1"], attempts=1, timeout_s=0.5)
+    assert ok is False
+    [attempt] = attempts
+    assert (attempt.status, attempt.error) == (None, "timed out after 0.5 s")
+    assert 450 <= attempt.duration_ms <= 3000
+
+
+def test_a_redirect_is_not_followed(receiver):
+    server = receiver(lambda handler, n: answer(
+        302 if handler.path == "/hook" else 200, Location="/elsewhere")(handler, n))
+    ok, attempts = deliver(server.url + "/hook", ["127.0.0.1"], attempts=2)
+    assert ok is False
+    assert [(a.status, a.error) for a in attempts] == \
+        [(302, "HTTP 302 (a redirect: not followed)")] * 2
+    assert [path for _, path, _, _ in server.requests] == ["/hook", "/hook"]
+
+
+def test_the_url_is_checked_before_every_attempt_and_the_checked_address_is_used(receiver):
+    """The host resolves (by a fake resolver) to 127.0.0.1, then to nothing, then again to
+    127.0.0.1: the request goes to the address checked, with the URL's Host."""
+    server = receiver(lambda handler, n: answer(500 if n == 1 else 200)(handler, n))
+    port = server.server_address[1]
+    answers = iter([["127.0.0.1"], socket.gaierror(socket.EAI_NONAME, "no such name"),
+                    ["127.0.0.1"]])
+    calls = []
+
+    def resolve(host, port, *args, **kwargs):
+        calls.append(host)
+        answer_ = next(answers)
+        if isinstance(answer_, Exception):
+            raise answer_
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answer_[0], port))]
+
+    ok, attempts = deliver(f"http://hooks.example.org:{port}/done", ["hooks.example.org"],
+                           resolve=resolve)
+    assert ok is True
+    assert calls == ["hooks.example.org"] * 3
+    assert [a.status for a in attempts] == [500, None, 200]
+    assert "does not resolve" in attempts[1].error
+    assert [headers["Host"] for _, _, headers, _ in server.requests] == \
+        [f"hooks.example.org:{port}"] * 2
+
+
+def test_a_callback_refused_at_delivery_sends_nothing(receiver):
+    """Not allowed: one attempt, as DNS cannot change that. Resolving to an internal address
+    through a wildcard: every attempt (it could)."""
+    server = receiver(answer(200))
+    port = server.server_address[1]
+    for allowed in (["*.example.org"], ["localhost"], []):
+        ok, attempts = deliver(server.url, allowed, attempts=3)
+        assert ok is False
+        [attempt] = attempts
+        assert attempt.status is None and ("not among" in attempt.error or
+                                           "callbacks are off" in attempt.error)
+    ok, attempts = deliver(f"http://hooks.example.org:{port}/", ["*.example.org"], attempts=3,
+                           resolve=resolver({"hooks.example.org": ["127.0.0.1"]}))
+    assert ok is False
+    assert [a.error for a in attempts] == [
+        "callback host hooks.example.org resolves to 127.0.0.1, loopback: allowed only when "
+        "the allowed callback hosts name it exactly"] * 3
+    assert server.requests == []
+
+
+def test_nothing_listening_is_a_failed_attempt():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ok, attempts = deliver(f"http://127.0.0.1:{port}/", ["127.0.0.1"], attempts=2)
+    assert ok is False
+    assert all(a.status is None and a.error.startswith("ConnectionRefusedError")
+               for a in attempts)
