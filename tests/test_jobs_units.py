@@ -9,6 +9,7 @@ import io
 import os
 import re
 import socket
+import ssl
 import stat
 import struct
 import sys
@@ -18,6 +19,7 @@ import time
 import warnings
 import zipfile
 import zlib
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -134,10 +136,10 @@ def test_a_good_nested_archive_is_unpacked_byte_for_byte(tmp_path, good_members,
         write_zip(path, [("take1/", b""), *good_members])
         entries = len(good_members) + 1
     else:
-        folder = tar_entry("./take1", kind=tarfile.DIRTYPE)
-        files = [tar_entry(f"./{name}", data) for name, data in good_members]
-        write_tar(path, [folder, *files], "w:" + kind.partition(".")[2])
-        entries = len(good_members) + 1
+        folders = [tar_entry(name, kind=tarfile.DIRTYPE) for name in ("./", "./take1")]
+        files = [tar_entry(f"./{name}", data) for name, data in good_members]  # as tar -C
+        write_tar(path, [*folders, *files], "w:" + kind.partition(".")[2])
+        entries = len(good_members) + 2
     declared = sum(len(data) for _, data in good_members)
     assert archive.inspect(path, LIMITS) == archive.ArchiveSummary(
         kind.partition(".")[0], entries, declared)
@@ -778,3 +780,49 @@ def test_nothing_listening_is_a_failed_attempt():
     assert ok is False
     assert all(a.status is None and a.error.startswith("ConnectionRefusedError")
                for a in attempts)
+
+
+def self_signed(tmp_path: Path, host: str) -> tuple[Path, Path]:
+    """A certificate for `host` and its key, the certificate its own authority."""
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, host)])
+    now = datetime.now(UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - timedelta(minutes=5))
+                   .not_valid_after(now + timedelta(hours=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_https_goes_to_the_checked_address_with_the_url_host_verified(receiver, tmp_path,
+                                                                     monkeypatch):
+    """TLS to 127.0.0.1 (as the fake resolver says) for hooks.example.org: the certificate
+    is checked against the URL's host, not the address."""
+    cert_path, key_path = self_signed(tmp_path, "hooks.example.org")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    server = receiver(answer(200))
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    port = server.server_address[1]
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert_path))   # the certificate as an authority
+    resolve = resolver({"hooks.example.org": ["127.0.0.1"], "other.example.org": ["127.0.0.1"]})
+    allowed = ["hooks.example.org", "other.example.org"]
+    ok, attempts = deliver(f"https://hooks.example.org:{port}/done", allowed, resolve=resolve)
+    assert ok is True and attempts[0].status == 200
+    [(_, path, headers, _)] = server.requests
+    assert (path, headers["Host"]) == ("/done", f"hooks.example.org:{port}")
+    ok, attempts = deliver(f"https://other.example.org:{port}/done", allowed, attempts=1,
+                           resolve=resolve)
+    assert ok is False and attempts[0].error.startswith("SSLCertVerificationError")
+    assert len(server.requests) == 1

@@ -285,14 +285,15 @@ class _PinnedConnection(http.client.HTTPConnection):
                 error = exc
         else:
             raise error
+        self.sock = sock   # closed by close(), whatever happens next
         # Its own descriptor, so that TLS wrapping (which detaches `sock`) leaves it usable
         self.handle = sock.dup()
         self.watchdog = threading.Timer(self._left(), self._cut)
         self.watchdog.daemon = True
         self.watchdog.start()
         if self.target.scheme == "https":
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
-        self.sock = sock
+            context = ssl.create_default_context()
+            self.sock = context.wrap_socket(sock, server_hostname=self.host)
 
     def _cut(self) -> None:
         self.cut = True
