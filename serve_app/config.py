@@ -33,6 +33,7 @@ from serve_app.audio.waveform import (
     Limits,
     bytes_per_frame,
 )
+from serve_app.jobs.settings import JobSettings
 from serve_app.wire import MIN_SAMPLES, TARGET_SR
 
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -343,6 +344,10 @@ class RouterSettings(_Strict):
     # that every node sees; `heads train` writes there, `head=NAME[@REV]` reads there.
     heads_dir: str = "~/.cache/emotion2vec-serve/heads"
     heads: HeadSettings = Field(default_factory=HeadSettings)
+    # Jobs over HTTP (docs/jobs.md): each job's folder (record, status, Parquet parts) under
+    # jobs_dir, a directory or a filesystem URI that every node sees.
+    jobs_dir: str = "~/.cache/emotion2vec-serve/jobs"
+    jobs: JobSettings = Field(default_factory=JobSettings)
 
     @model_validator(mode="after")
     def _stream_hop(self) -> RouterSettings:

@@ -111,6 +111,12 @@ class EmotionModel:
                 "largest_batch": self.largest_batch,
                 "heads": {"resident": len(self.heads), "loads": self.heads.loads}}
 
+    def settings(self) -> dict | None:
+        """The user_config this replica serves (or loads next), for a job that loads the same
+        model in its own engines (serve_app/jobs/driver.py)."""
+        settings = self.lifecycle.settings
+        return None if settings is None else settings.model_dump(mode="json")
+
     # -- inference -----------------------------------------------------------------------
     @serve.batch(max_batch_size=MAX_BATCH_SIZE,
                  batch_wait_timeout_s=default_of(ModelSettings, "batch_wait_timeout_s"))

@@ -63,7 +63,8 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def cluster():
-    with local_serve(num_cpus=2) as serve_handle:
+    # With the dashboard: its job server runs the jobs of POST /v1/jobs.
+    with local_serve(num_cpus=2, dashboard=True) as serve_handle:
         yield serve_handle
 
 
@@ -83,6 +84,20 @@ class Service:
     results_dir: Path
     cluster: LocalServe
     heads_dir: Path
+    jobs_dir: Path
+
+
+CALLBACK_SECRET = "a-test-secret-for-job-callbacks"
+
+
+def jobs_settings(tmp_path_factory) -> dict:
+    """The Router's jobs settings in the tests: jobs read the tests' own folders, call back
+    127.0.0.1 only, retry fast, and run their engines on a quarter CPU."""
+    return {"allow_inputs": [str(tmp_path_factory.getbasetemp())],
+            "callback_hosts": ["127.0.0.1"], "callback_secret": CALLBACK_SECRET,
+            "callback_attempts": 3, "callback_timeout_s": 1.0, "callback_backoff_s": 0.2,
+            "engine_num_cpus": 0.25, "decode_num_cpus": 0.25, "files_per_task": 4,
+            "part_s": 0.5, "max_jobs_per_key": 3}
 
 
 @pytest.fixture(scope="session")
@@ -91,13 +106,15 @@ def service(cluster, tmp_path_factory) -> Service:
     checkpoint_root = tmp_path_factory.mktemp("checkpoints")
     results_dir = tmp_path_factory.mktemp("results")
     heads_dir = tmp_path_factory.mktemp("heads")
-    app = tiny_app(checkpoint_root, output_dir=str(results_dir), heads_dir=str(heads_dir))
+    jobs_dir = tmp_path_factory.mktemp("jobs")
+    app = tiny_app(checkpoint_root, output_dir=str(results_dir), heads_dir=str(heads_dir),
+                   jobs_dir=str(jobs_dir), jobs=jobs_settings(tmp_path_factory))
     cluster.put(app)
     status = cluster.wait_for(APP_NAME, ("RUNNING", "DEPLOY_FAILED", "UNHEALTHY"))
     assert status.status == "RUNNING", status
     checkpoints = {d["name"]: Path(d["user_config"]["source"])
                    for d in app["deployments"] if "source" in d["user_config"]}
-    return Service(cluster.url, app, checkpoints, results_dir, cluster, heads_dir)
+    return Service(cluster.url, app, checkpoints, results_dir, cluster, heads_dir, jobs_dir)
 
 
 @dataclass
@@ -115,9 +132,9 @@ KEYED_APP, KEYED_PREFIX = "keys", "/keys"
 def keyed(cluster, service, tmp_path_factory) -> KeyedService:
     """The tiny config's base variant as a second app with API keys on, beside the open main
     app: alpha (no limits), beta and meter (requests), gamma and streamer (audio seconds),
-    rotate, protocols (requests, spent on /v2), and cli and web from a key file: each test that
-    spends a quota or changes a key has a key of its own. Quotas in a 6 s window, so that tests
-    wait seconds."""
+    rotate, protocols (requests, spent on /v2), jobber (audio seconds, spent by a job), and cli
+    and web from a key file: each test that spends a quota or changes a key has a key of its
+    own. Quotas in a 6 s window, so that tests wait seconds."""
     from serve_app.tools.cli import new_key
 
     keys, lines = {}, {}
@@ -125,7 +142,8 @@ def keyed(cluster, service, tmp_path_factory) -> KeyedService:
                                    ("meter", 20, None),
                                    ("gamma", None, 30), ("rotate", None, None),
                                    ("cli", None, None), ("web", None, None),
-                                   ("streamer", None, 30), ("protocols", 10, None)]:
+                                   ("streamer", None, 30), ("protocols", 10, None),
+                                   ("jobber", None, 60)]:
         keys[key_id], line = new_key(key_id, rpm, audio_spm)
         lines.update(yaml.safe_load(line))
     key_file = tmp_path_factory.mktemp("keys") / "api-keys.json"
@@ -137,7 +155,9 @@ def keyed(cluster, service, tmp_path_factory) -> KeyedService:
     app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Router", "base")]
     router = next(d for d in app["deployments"] if d["name"] == "Router")
     router["user_config"] = {"default_version": "base", "api_keys": lines,
-                             "api_keys_file": str(key_file), "quota_window_s": 6}
+                             "api_keys_file": str(key_file), "quota_window_s": 6,
+                             "jobs_dir": str(tmp_path_factory.mktemp("keyed-jobs")),
+                             "jobs": jobs_settings(tmp_path_factory)}
     cluster.put(app)
     status = cluster.wait_for(KEYED_APP, ("RUNNING", "DEPLOY_FAILED", "UNHEALTHY"))
     assert status.status == "RUNNING", status

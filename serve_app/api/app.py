@@ -37,17 +37,19 @@ class Services:
     pipeline: Pipeline
     segments: object  # SegmentsRoute
     streams: object   # Streams
+    jobs: object      # RayJobs: the cluster's job server (serve_app/jobs/ray_jobs.py)
 
     @classmethod
     def create(cls, pipeline: Pipeline, vad) -> Services:
         """The parts over a pipeline and the VAD deployment's handle (None: no VAD)."""
         from serve_app.api.segments import SegmentsRoute
         from serve_app.api.stream import Streams
+        from serve_app.jobs.ray_jobs import RayJobs
         from serve_app.metrics import SegmentMetrics, StreamMetrics
 
         segments = SegmentsRoute(pipeline, vad, SegmentMetrics())
         return cls(pipeline, segments, Streams(pipeline.variants, StreamMetrics(),
-                                               segments.finder))
+                                               segments.finder), RayJobs())
 
 
 def services(connection: HTTPConnection) -> Services:
@@ -69,13 +71,14 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 def build_api(parts: Services) -> FastAPI:
     """The whole HTTP API over `parts`."""
-    from serve_app.api import heads, hf, kserve, routes, segments
+    from serve_app.api import heads, hf, jobs, kserve, routes, segments
 
     api = FastAPI(title=TITLE, version=VERSION, description="Speech emotion recognition with "
                   "emotion2vec+ (base, large, turbo) on Ray Serve.")
     api.state.services = parts
     api.add_exception_handler(ApiError, _api_error)
     api.add_exception_handler(RequestValidationError, _validation_error)
-    for router in (routes.router, segments.router, heads.router, hf.router, kserve.router):
+    for router in (routes.router, segments.router, heads.router, jobs.router, hf.router,
+                   kserve.router):
         api.include_router(router)
     return api

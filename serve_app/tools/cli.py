@@ -17,6 +17,7 @@ EMOTION2VEC_API_KEY.
 `emotion2vec-serve export --format onnx --out DIR`: a variant's model as ONNX
 (serve_app/tools/export.py).
 `emotion2vec-serve heads train|evaluate`: custom heads on labelled clips (see `heads --help`).
+`emotion2vec-serve jobs submit|status|results|cancel|list`: archives as jobs over HTTP.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any, TextIO
 import httpx
 
 from serve_app.tools import export as export_tool
-from serve_app.tools import heads_cli
+from serve_app.tools import heads_cli, jobs_cli
 from serve_app.tools.batch import job as batch_job
 from serve_app.tools.client import HEAD_HELP, expand, post_with_retries
 from serve_app.wire import Granularity, InferenceOptions
@@ -172,10 +173,13 @@ def _keys_new(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         TypeAdapter(ApiKeys).validate_python(yaml.safe_load(line))
     except ValidationError as exc:
         parser.error(without_inputs(exc))
+    from serve_app.traffic.access import callback_secret
+
     print(f"API key for {args.key_id} (shown once: give it to its user now; only its sha256 "
-          f"is kept):\n{key}\n\nPut this line under the Router's user_config `api_keys`, or in "
-          f"the file its `api_keys_file` names, then redeploy (or wait a few seconds for the "
-          f"file):\n{line}")
+          f"is kept):\n{key}\n\nIts job callbacks are signed with this secret (docs/jobs.md):"
+          f"\n{callback_secret(key)}\n\nPut this line under the Router's user_config "
+          f"`api_keys`, or in the file its `api_keys_file` names, then redeploy (or wait a few "
+          f"seconds for the file):\n{line}")
     return 0
 
 
@@ -234,6 +238,7 @@ def _parser() -> argparse.ArgumentParser:
     batch_job.add_parser(commands)
     export_tool.add_parser(commands)
     heads_cli.add_parser(commands)
+    jobs_cli.add_parser(commands)
     keys = commands.add_parser("keys", help="API keys for the service's config")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     new = keys_commands.add_parser("new", help="make a key: prints it once, and its config line")
@@ -268,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         return export_tool.main(args, parser)
     if args.command == "heads":
         return heads_cli.main(args, parser)
+    if args.command == "jobs":
+        return jobs_cli.main(args, parser)
     if args.concurrency < 1 or args.tries < 1 or args.timeout <= 0:
         parser.error("--concurrency and --tries must be at least 1, --timeout positive")
     if args.out != "-" and Path(args.out).suffix.lower() not in (".jsonl", ".csv"):

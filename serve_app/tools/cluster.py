@@ -109,6 +109,26 @@ def _serve_on_head(temp_dir: str, metrics_port: int, nodes=None) -> Iterator[Loc
 
 
 @contextmanager
+def _agent_port(port: int) -> Iterator[None]:
+    """Ray's node agent (which runs the job server's jobs) listens on 52365 unless told
+    otherwise, and ray.init cannot tell it: a second cluster on the machine would then have no
+    job server. Its RayParams get `port` while ray.init starts the node."""
+    from ray._private import parameter
+
+    original = parameter.RayParams.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", port)
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = init
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original
+
+
+@contextmanager
 def local_serve(num_cpus: int | None = None, dashboard: bool = False) -> Iterator[LocalServe]:
     """A Ray cluster of this process's own (stopped on exit) with Serve on 127.0.0.1."""
     loopback_env()
@@ -117,9 +137,13 @@ def local_serve(num_cpus: int | None = None, dashboard: bool = False) -> Iterato
     # Unix socket paths must stay under 107 bytes: a short temp dir directly under /tmp.
     temp_dir = tempfile.mkdtemp(prefix="e2v", dir="/tmp")
     metrics_port = free_port()
-    ray.init(num_cpus=num_cpus, _temp_dir=temp_dir, include_dashboard=dashboard,
-             dashboard_host="127.0.0.1", log_to_driver=False, _metrics_export_port=metrics_port,
-             _node_ip_address="127.0.0.1")
+    # The dashboard (with Ray's job server, for jobs over HTTP) and the node's agent on ports
+    # of their own: several clusters of this machine never take each other's.
+    with _agent_port(free_port()):
+        ray.init(num_cpus=num_cpus, _temp_dir=temp_dir, include_dashboard=dashboard,
+                 dashboard_host="127.0.0.1", dashboard_port=free_port() if dashboard else None,
+                 log_to_driver=False, _metrics_export_port=metrics_port,
+                 _node_ip_address="127.0.0.1")
     try:
         with _serve_on_head(temp_dir, metrics_port) as handle:
             yield handle

@@ -155,7 +155,7 @@ def _merge(inline: dict[str, ApiKeySpec], from_file: dict[str, ApiKeySpec],
     return table
 
 
-def _presented_key(headers: Mapping[str, str], query_api_key: str | None) -> str | None:
+def presented_key(headers: Mapping[str, str], query_api_key: str | None) -> str | None:
     """The key a request carries: `Authorization: Bearer KEY`, else `X-API-Key: KEY`, else the
     query parameter (the stream's alone). "" when the Authorization header is not Bearer."""
     lowered = {name.lower(): value for name, value in headers.items()}
@@ -169,6 +169,13 @@ def _presented_key(headers: Mapping[str, str], query_api_key: str | None) -> str
     if query_api_key is not None:
         return query_api_key
     return "" if authorization is not None else None
+
+
+def callback_secret(key: str) -> str:
+    """The secret that signs a key's job callbacks (docs/jobs.md): derived from the key, so
+    that only the Router that sees the key and its holder know it, and nothing is stored
+    beside the key's sha256. `emotion2vec-serve keys new` prints it with the key."""
+    return hmac.new(key.encode(), b"emotion2vec-serve job callbacks", hashlib.sha256).hexdigest()
 
 
 class AccessControl:
@@ -207,6 +214,7 @@ class AccessControl:
             buckets[key_id] = old if keep else fresh
         self._digests = {key_id: bytes.fromhex(spec.sha256) for key_id, spec in table.items()}
         self._head_writers = {key_id for key_id, spec in table.items() if spec.heads == "write"}
+        self._specs = table
         self._buckets = buckets
         self._file_stamp, self._next_file_check = stamp, now + FILE_CHECK_S
 
@@ -251,7 +259,7 @@ class AccessControl:
         self._reread_file_if_changed()
         if not self.enabled:
             return None
-        key = _presented_key(headers, query_api_key)
+        key = presented_key(headers, query_api_key)
         if key is None:
             raise self._refuse("an API key is required: send the header `Authorization: "
                                "Bearer KEY` or `X-API-Key: KEY`", presented=False)
@@ -290,6 +298,10 @@ class AccessControl:
         if self.enabled and admission.key_id not in self._head_writers:
             raise ApiError(403, "forbidden", f"key {admission.label!r} may not change heads: "
                            "its config line needs `heads: write`")
+
+    def spec(self, key_id: str | None) -> ApiKeySpec | None:
+        """A key's config line (its quotas), for a job that charges the key on its own."""
+        return None if key_id is None else self._specs.get(key_id)
 
     def check_audio(self, key_id: str | None) -> None:
         """AccessDenied 429 while the key's audio balance is spent (for a stream, before each

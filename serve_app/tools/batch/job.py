@@ -158,11 +158,13 @@ class Tally:
         self.nodes: set[str] = set()
         self.first_rows_s: float | None = None  # the engines' start, mostly
         self.first_rows = 0
+        self.rows = 0
 
     def add(self, table) -> None:
         import pyarrow as pa
         import pyarrow.compute as pc
 
+        self.rows += table.num_rows
         self.errors.update(code for code in table.column("error_code").to_pylist() if code)
         self.nodes.update(table.column("node_id").unique().to_pylist())
         statuses = table.column("status").to_pylist()
@@ -178,7 +180,7 @@ class Tally:
         self.audio_s += pc.sum(ok.column("duration_s")).as_py() or 0.0
 
 
-def _dataset(plan: JobPlan, todo, args: argparse.Namespace):
+def dataset(plan: JobPlan, todo, args: argparse.Namespace):
     import pyarrow as pa
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -220,7 +222,7 @@ def run(plan: JobPlan, todo, out: Path, args: argparse.Namespace, skipped: int) 
     print(f"scoring {len(todo)} files with {plan.variant} ({plan.model.source}) into {out}"
           + (f"; {skipped} already there" if skipped else ""), file=sys.stderr)
     try:
-        for table in _dataset(plan, todo, args).iter_batches(batch_format="pyarrow",
+        for table in dataset(plan, todo, args).iter_batches(batch_format="pyarrow",
                                                              batch_size=None):
             if tally.first_rows_s is None:
                 tally.first_rows_s = time.monotonic() - started

@@ -39,6 +39,7 @@ class JobPlan:
     decode_workers: int       # the Router's: FFmpeg in worker processes (0: in the thread)
     segments: SegmentSettings  # the Router's, for --by-segment (VAD, recording limits)
     head: Head | None = None   # --head: a custom head from the Router's heads_dir
+    labels: tuple[str, ...] | None = None  # a label set: the softmax over these alone
 
     @property
     def recording_limits(self) -> Limits:
@@ -97,6 +98,16 @@ def plan_job(config_path: str | Path, model_version: str | None = None, *,
         ("max_duration_s", max_duration_s), ("max_upload_bytes", max_upload_bytes),
         ("max_decoded_bytes", max_decoded_bytes)) if value is not None}
     router = _validate(RouterSettings, {**router.model_dump(), **overrides}, "the limits")
+    return job_plan(router, route.variant, model_config, batch_size=batch_size,
+                    head=_head(router, head) if head else None)
+
+
+def job_plan(router: RouterSettings, variant: str, model_config: dict, *,
+             batch_size: int | None = None, head: Head | None = None,
+             labels: tuple[str, ...] | None = None) -> JobPlan:
+    """The job of `variant` (its user_config `model_config`) under the Router's limits:
+    `batch` builds it from a config file, a job over HTTP from the running Router's settings
+    and the variant's settings in effect."""
     model_values = dict(model_config)
     if batch_size is not None:
         model_values["max_batch_size"] = batch_size
@@ -104,11 +115,11 @@ def plan_job(config_path: str | Path, model_version: str | None = None, *,
     if router.max_duration_s > model_values.get("max_audio_s", ModelSettings.model_fields[
             "max_audio_s"].default):
         model_values["max_audio_s"] = math.ceil(router.max_duration_s)
-    model = _validate(ModelSettings, model_values, f"the {route.variant} user_config")
+    model = _validate(ModelSettings, model_values, f"the {variant} user_config")
     limits = Limits(router.max_duration_s, router.min_duration_s, router.max_decoded_bytes,
                     router.max_decode_s)
-    return JobPlan(route.variant, model, limits, router.max_upload_bytes, router.decode_workers,
-                   router.segments, _head(router, head) if head else None)
+    return JobPlan(variant, model, limits, router.max_upload_bytes, router.decode_workers,
+                   router.segments, head, labels)
 
 
 def _head(router: RouterSettings, requested: str) -> Head:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +26,8 @@ from serve_app.api.responses import audio_fields
 from serve_app.audio.pool import Decoder
 from serve_app.audio.waveform import upload_too_large
 from serve_app.errors import ApiError
-from serve_app.labels import emotion_fields, english_name
+from serve_app.jobs.inputs import read_source, source_size
+from serve_app.labels import emotion_fields, english_name, select
 from serve_app.tools.batch.plan import JobPlan
 from serve_app.tools.batch.recordings import SegmentFinder
 
@@ -70,9 +70,9 @@ async def _decode_one(decoder: Decoder, path: str, plan: JobPlan,
     # A recording (--by-segment) has the segments route's limits, a clip predict's.
     max_bytes = plan.segments.max_recording_bytes if finder else plan.max_upload_bytes
     try:
-        if os.stat(path).st_size > max_bytes:
+        if source_size(path) > max_bytes:
             raise upload_too_large(max_bytes)  # never read into memory
-        data = await asyncio.to_thread(Path(path).read_bytes)
+        data = await asyncio.to_thread(read_source, path)
         decoded = await decoder.decode(data, plan.recording_limits if finder else plan.limits)
         if finder:
             spans = await asyncio.to_thread(finder.spans, path, decoded.waveform)
@@ -143,7 +143,9 @@ class EngineStage:
         if self.head is not None:
             self.engine.check_head(self.head)  # trained on this checkpoint, or no job
         labels = self.engine.labels if self.head is None else self.head.labels
-        self.emotions = [english_name(label) for label in labels]
+        # A label set (a job's `labels`) keeps its columns only, in head order.
+        keep = range(len(labels)) if plan.labels is None else select(plan.labels, labels)
+        self.emotions = [english_name(labels[i]) for i in keep]
         self.schema = result_schema(self.emotions, embeddings, by_segment)
         self.model = {"model_version": plan.variant, "model_source": info.source,
                       "model_sha256": info.sha256, "weights": info.weights,
@@ -198,10 +200,11 @@ class EngineStage:
         try:
             if self.plan.model.max_batch_size == 1:
                 predictions = [engine.predict(waveforms[0], "utterance", self.embeddings,
-                                              None, self.head)]
+                                              self.plan.labels, self.head)]
             else:
                 predictions = engine.predict_batch(waveforms, "utterance", self.embeddings,
-                                                   None, [self.head] * len(waveforms))
+                                                   [self.plan.labels] * len(waveforms),
+                                                   [self.head] * len(waveforms))
         except Exception as exc:
             if len(waveforms) == 1:
                 return [{"error_code": "model_error",

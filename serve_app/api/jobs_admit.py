@@ -1,0 +1,241 @@
+"""Admitting a job (POST /v1/jobs): the request read (JSON, or multipart with an archive), every
+check done before anything is stored (inputs in the allow-list, one model and one head, labels,
+the callback URL, the archive's listing, the bounds on jobs in flight, the key's audio
+balance), then the job's record written to jobs_dir and its Ray Job submitted."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from fastapi import Request
+from pydantic import Field, ValidationError
+from starlette.datastructures import UploadFile
+
+from serve_app.api import protocol, upload
+from serve_app.api.pipeline import Call
+from serve_app.config import without_inputs
+from serve_app.errors import ApiError
+from serve_app.jobs.archive import InvalidArchive, inspect
+from serve_app.jobs.callbacks import InvalidCallback, check_callback_url
+from serve_app.jobs.inputs import check_inputs
+from serve_app.jobs.store import JobStore, new_job_id
+from serve_app.jobs.unpack import limits_of
+from serve_app.jobs.view import iso_now
+from serve_app.labels import parse_label_set
+from serve_app.traffic.access import callback_secret, presented_key
+
+ARCHIVE_FIELD = "archive"
+MAX_JSON_BYTES = 1024 * 1024
+MAX_METADATA_BYTES = 16 * 1024
+RETRY_S = "30"  # a job in flight takes minutes: try again later rather than at once
+
+
+class JobRequest(protocol._Closed):
+    inputs: list[str] = Field(default_factory=list, description="files, folders or URIs "
+                              "(s3://, gs://, file://) the cluster reads, within "
+                              "jobs.allow_inputs; or none, with an uploaded archive")
+    model_version: str | None = Field(None, description="a variant or a plain alias (not a "
+                                      "weighted one: a job scores with one model)")
+    head: str | None = Field(None, description="a custom head: NAME, NAME@REV or a plain "
+                             "head alias")
+    by_segment: bool = Field(False, description="one row per speech segment")
+    embeddings: bool = Field(False, description="add the embedding column")
+    labels: list[str] | str | None = Field(None, description="a label set")
+    callback_url: str | None = Field(None, description="POSTed a signed summary when the job "
+                                     "ends (a host in jobs.callback_hosts)")
+    metadata: dict | None = Field(None, description="yours, returned as given (16 KiB)")
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(422, "invalid_request", message)
+
+
+async def _read_json(request: Request) -> JobRequest:
+    data = await upload.read_capped(request, MAX_JSON_BYTES)
+    try:
+        return JobRequest.model_validate(json.loads(data))
+    except json.JSONDecodeError as exc:
+        raise _invalid(f"the body is not JSON: {exc}") from None
+    except ValidationError as exc:
+        raise _invalid(without_inputs(exc)) from None
+
+
+def _copy_archive(part: UploadFile, limit: int) -> Path:
+    """The uploaded archive, spooled by Starlette, copied to a file of its own (its listing
+    is read from there, then it moves into the job's folder)."""
+    descriptor, name = tempfile.mkstemp(prefix="e2v-upload-")
+    try:
+        with open(descriptor, "wb") as handle:
+            part.file.seek(0)
+            shutil.copyfileobj(part.file, handle, 1024 * 1024)
+        if os.path.getsize(name) > limit:
+            raise ApiError(413, "upload_too_large", f"the archive is larger than {limit} bytes")
+        return Path(name)
+    except BaseException:
+        os.unlink(name)
+        raise
+
+
+async def _read_form(request: Request, limit: int) -> tuple[JobRequest, Path | None]:
+    names = tuple(JobRequest.model_fields)
+    form = await upload.read_form(
+        request, upload.capped_receive(request, limit + upload.FORM_OVERHEAD),
+        (ARCHIVE_FIELD, *names), max_files=1, max_part_size=upload.FORM_OVERHEAD)
+    values: dict = {}
+    for name, value in form.items():
+        if name == ARCHIVE_FIELD or not isinstance(value, str):
+            continue
+        if name in ("inputs", "metadata") or (name == "labels" and value.startswith("[")):
+            try:
+                values[name] = json.loads(value)
+            except json.JSONDecodeError:
+                raise _invalid(f"{name} must be JSON") from None
+        elif name in ("by_segment", "embeddings"):
+            values[name] = upload.parse_bool(name, value)
+        else:
+            values[name] = value
+    try:
+        job = JobRequest.model_validate(values)
+    except ValidationError as exc:
+        raise _invalid(without_inputs(exc)) from None
+    part = form.get(ARCHIVE_FIELD)
+    if part is not None and not isinstance(part, UploadFile):
+        raise ApiError(422, "invalid_parameter", f"{ARCHIVE_FIELD} must be a file")
+    archive = await asyncio.to_thread(_copy_archive, part, limit) if part else None
+    return job, archive
+
+
+async def read_job_request(request: Request, limit: int) -> tuple[JobRequest, Path | None]:
+    kind = request.headers.get("content-type", "")
+    if kind.startswith("multipart/form-data"):
+        return await _read_form(request, limit)
+    if kind.startswith("application/json") or not kind:
+        return await _read_json(request), None
+    raise ApiError(415, "unsupported_media_type", "send the job as application/json, or as "
+                   f"multipart/form-data with the archive in {ARCHIVE_FIELD!r}")
+
+
+def _one_model(requested: str | None, aliases: dict, what: str) -> str | None:
+    name = (requested or "").strip() or None
+    if name is not None and isinstance(aliases.get(name), dict):
+        raise ApiError(422, "weighted_alias", f"{what} {name!r} splits requests between "
+                       f"{sorted(aliases[name])} by weight; a job scores every file with one: "
+                       "name one of them")
+    return name
+
+
+def _callback(call: Call, request: Request, url: str) -> dict:
+    jobs = call.settings.jobs
+    try:
+        check_callback_url(url, jobs.callback_hosts)
+    except InvalidCallback as exc:
+        raise exc.api_error() from None
+    key = presented_key(request.headers, None) if call.admission.key_id else None
+    secret = jobs.callback_secret or (callback_secret(key) if key else None)
+    if secret is None:
+        raise InvalidCallback("callbacks need a signing secret: set jobs.callback_secret "
+                              "(or use API keys: each key signs its own)").api_error()
+    return {"url": url, "secret": secret, "hosts": jobs.callback_hosts,
+            "attempts": jobs.callback_attempts, "timeout_s": jobs.callback_timeout_s,
+            "backoff_s": jobs.callback_backoff_s}
+
+
+def _router_settings(call: Call) -> dict:
+    """The Router's settings as the driver needs them: limits, jobs, heads, and the job's key
+    alone (its quotas)."""
+    key_id = call.admission.key_id
+    spec = call.pipeline.access.spec(key_id)
+    return call.settings.model_copy(update={
+        "api_keys": {key_id: spec} if spec else {}, "api_keys_file": None}).model_dump(
+            mode="json")
+
+
+def _app_name() -> str:
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # outside a replica (an in-process app): no jobs run there anyway
+        return "default"
+
+
+async def admit_job(call: Call, request: Request, ray_jobs, owner: str) -> dict:
+    """Check, record and submit a job; the 202 answer."""
+    from serve_app.api.jobs import jobs_io
+
+    settings, pipeline = call.settings, call.pipeline
+    jobs = settings.jobs
+    job, archive = await read_job_request(request, jobs.max_archive_bytes)
+    try:
+        if bool(job.inputs) == bool(archive):
+            raise _invalid("give `inputs` (files, folders, URIs) or upload one archive in "
+                           f"{ARCHIVE_FIELD!r}, not both and not neither")
+        if len(job.inputs) > jobs.max_inputs:
+            raise _invalid(f"at most {jobs.max_inputs} inputs; name their folders instead")
+        check_inputs(job.inputs, jobs.allow_inputs)
+        route = pipeline.resolve(_one_model(job.model_version, settings.aliases,
+                                            "model_version"))
+        head = None
+        if job.head:
+            name = _one_model(job.head, settings.heads.aliases, "head")
+            head = await pipeline.head(settings.heads.aliases.get(name, name))
+        labels = parse_label_set(job.labels)
+        await pipeline.check_labels(route.variant, labels, head)
+        callback = await asyncio.to_thread(_callback, call, request, job.callback_url) \
+            if job.callback_url else None
+        if job.metadata is not None and len(json.dumps(job.metadata)) > MAX_METADATA_BYTES:
+            raise _invalid(f"metadata is larger than {MAX_METADATA_BYTES} bytes as JSON")
+        kind = None
+        if archive is not None:
+            try:
+                kind = (await asyncio.to_thread(inspect, archive, limits_of(jobs))).kind
+            except InvalidArchive as exc:
+                raise exc.api_error() from None
+        pipeline.access.check_audio(call.admission.key_id)  # 429 while the key has none left
+        counts = await jobs_io(ray_jobs.in_flight, _app_name())
+        if counts[owner] >= jobs.max_jobs_per_key:
+            raise ApiError(429, "too_many_jobs", f"{counts[owner]} jobs of this key are queued "
+                           f"or running (at most {jobs.max_jobs_per_key}); wait for one to end",
+                           headers={"Retry-After": RETRY_S})
+        if sum(counts.values()) >= jobs.max_jobs:
+            raise ApiError(503, "jobs_busy", f"{jobs.max_jobs} jobs are queued or running; "
+                           "try again later", headers={"Retry-After": RETRY_S})
+        job_id = new_job_id()
+        base = str(request.base_url).rstrip("/")
+        record = {
+            "job_id": job_id, "owner": owner, "key_id": call.admission.key_id,
+            "app": _app_name(), "created": iso_now(), "variant": route.variant,
+            "head": dataclasses.asdict(head) if head else None,
+            "labels": list(labels) if labels else None, "inputs": job.inputs,
+            "archive": f"upload.{kind}" if kind else None, "by_segment": job.by_segment,
+            "embeddings": job.embeddings, "metadata": job.metadata, "callback": callback,
+            "router": _router_settings(call),
+            "status_url": f"{base}/v1/jobs/{job_id}",
+            "results_url": f"{base}/v1/jobs/{job_id}/results"}
+        store = JobStore(settings.jobs_dir)
+        await jobs_io(_store_job, store, owner, job_id, record, archive, timeout_s=600.0)
+        try:
+            await jobs_io(ray_jobs.submit, job_id, settings.jobs_dir, owner, record["app"])
+        except ApiError:
+            await asyncio.to_thread(store.delete, owner, job_id)
+            raise
+    finally:
+        if archive is not None:
+            archive.unlink(missing_ok=True)
+    return {"job_id": job_id, "state": "queued", "status_url": record["status_url"],
+            "results_url": record["results_url"]}
+
+
+def _store_job(store: JobStore, owner: str, job_id: str, record: dict,
+               archive: Path | None) -> None:
+    if archive is not None:
+        with store.open_archive_writer(owner, job_id, record["archive"]) as out, \
+                open(archive, "rb") as source:
+            shutil.copyfileobj(source, out, 1024 * 1024)
+    store.create(owner, job_id, record)
