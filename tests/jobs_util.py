@@ -33,8 +33,21 @@ def wait_job(client: httpx.Client, job_id: str, headers: dict | None = None,
         job = response.json()
         if job["state"] in until:
             return job
-        assert time.monotonic() < deadline, f"job {job_id} still {job['state']}: {job}"
+        assert time.monotonic() < deadline, f"job {job_id} still {job['state']}: {job}\n" \
+            f"its driver's log ends:\n{driver_log(job_id)}"
         time.sleep(0.5)
+
+
+def driver_log(job_id: str) -> str:
+    """The end of a job's driver log (Ray's job server keeps it), for a failing test."""
+    from ray._private.services import get_webui_url_from_internal_kv
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(f"http://{get_webui_url_from_internal_kv()}")
+        return client.get_job_logs(job_id)[-4000:]
+    except Exception as exc:  # the log is a help, not the test
+        return f"(no log: {exc!r})"
 
 
 def all_rows(client: httpx.Client, job_id: str, headers: dict | None = None,

@@ -19,7 +19,7 @@ import ray
 
 from serve_app.jobs.callbacks import SIGNATURE_HEADER, verify
 from tests.conftest import CALLBACK_SECRET
-from tests.jobs_util import CallbackReceiver, all_rows, submit, wait_job
+from tests.jobs_util import CallbackReceiver, all_rows, driver_log, submit, wait_job
 from tests.waiting import eventually
 
 
@@ -70,7 +70,7 @@ def test_a_folder_job_gives_predicts_rows_and_one_signed_callback_after_two_500s
         accepted = submit(client, inputs=[str(folder)], model_version="base",
                           callback_url=receiver.hook, metadata={"batch": "q3", "n": 1})
         job = wait_job(client, accepted["job_id"])
-        assert job["state"] == "succeeded", job["error"]
+        assert job["state"] == "succeeded", f"{job['error']}\n{driver_log(job['job_id'])}"
         assert job["files"] == {"total": len(files), "done": len(files), "failed": 0}
         assert job["audio_s"] > 0 and job["finished"] >= job["started"]
         eventually(lambda: (client.get(accepted["status_url"]).json()["callback"] or {})
@@ -109,7 +109,7 @@ def test_an_uploaded_zip_and_a_file_uri_give_the_same_rows_and_a_silent_receiver
         uploaded = response.json()
         by_uri = submit(client, inputs=[folder.resolve().as_uri()], model_version="large")
         job = wait_job(client, uploaded["job_id"])
-        assert job["state"] == "succeeded", job["error"]
+        assert job["state"] == "succeeded", f"{job['error']}\n{driver_log(job['job_id'])}"
         eventually(lambda: len((client.get(uploaded["status_url"]).json()["callback"] or {})
                                .get("attempts", [])) == 3, "three failed deliveries",
                    timeout_s=60)
@@ -128,11 +128,10 @@ def test_an_uploaded_zip_and_a_file_uri_give_the_same_rows_and_a_silent_receiver
         assert abs(twin["confidence"] - row["confidence"]) <= 1e-6
 
 
-def _router_replicas(app: str) -> list:
-    from ray.util.state import list_actors
-
-    return [actor for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-            if actor.class_name.endswith("Router") and f"{app}#Router" in (actor.name or "")]
+def _router_replicas(app: str) -> list[str]:
+    """The names of the app's live Router replica actors (namespace serve)."""
+    return [entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+            if entry["namespace"] == "serve" and f"{app}#Router#" in entry["name"]]
 
 
 def test_a_job_outlives_its_router_and_a_cancelled_job_stops(service, client, folder,
@@ -148,12 +147,13 @@ def test_a_job_outlives_its_router_and_a_cancelled_job_stops(service, client, fo
     assert cancelled.status_code == 200, cancelled.text
     assert cancelled.json()["state"] == "cancelled", cancelled.json()
     (router,) = _router_replicas("emotion2vec")
-    ray.kill(ray.get_actor(router.name, namespace="serve"), no_restart=False)
+    ray.kill(ray.get_actor(router, namespace="serve"), no_restart=False)
     eventually(lambda: _router_replicas("emotion2vec") and
                httpx.get(f"{service.url}/v1/jobs/{running['job_id']}", timeout=5).status_code
                == 200, "a new Router replica answering for the job", timeout_s=120)
     job = wait_job(client, running["job_id"])
-    assert job["state"] == "succeeded" and job["files"]["done"] == 24, job
+    assert job["state"] == "succeeded" and job["files"]["done"] == 24, \
+        f"{job}\n{driver_log(job['job_id'])}"
     assert len(all_rows(client, running["job_id"])) == 24
     from ray._private.services import get_webui_url_from_internal_kv
     from ray.job_submission import JobSubmissionClient

@@ -112,7 +112,7 @@ async def submit_job(request: Request, parts: Parts) -> JSONResponse:
 @router.get("/v1/jobs", summary="The key's jobs, newest first", response_model=JobsList,
             responses=protocol.errors(401, 422, 429, 503))
 async def list_jobs(request: Request, parts: Parts, limit: int = 100) -> JSONResponse:
-    async with parts.pipeline.request(request, kind="jobs") as call:
+    async with parts.pipeline.request(request, kind="jobs", audio=False) as call:
         call.trace["route"] = "jobs"
         store, owner, cluster = store_of(call), owner_of(call), ray_jobs(call, parts)
         limit = max(1, min(limit, 1000))
@@ -127,7 +127,7 @@ async def list_jobs(request: Request, parts: Parts, limit: int = 100) -> JSONRes
 @router.get("/v1/jobs/{job_id}", summary="A job's state and progress",
             response_model=JobStatusBody, responses=protocol.errors(401, 404, 429, 503))
 async def job_status(job_id: str, request: Request, parts: Parts) -> JSONResponse:
-    async with parts.pipeline.request(request, kind="jobs") as call:
+    async with parts.pipeline.request(request, kind="jobs", audio=False) as call:
         call.trace["route"] = "jobs"
         view = await jobs_io(_view, store_of(call), ray_jobs(call, parts), owner_of(call),
                              job_id)
@@ -138,7 +138,7 @@ async def job_status(job_id: str, request: Request, parts: Parts) -> JSONRespons
                "written stay readable", response_model=JobStatusBody,
                responses=protocol.errors(401, 404, 429, 503))
 async def cancel_job(job_id: str, request: Request, parts: Parts) -> JSONResponse:
-    async with parts.pipeline.request(request, kind="jobs") as call:
+    async with parts.pipeline.request(request, kind="jobs", audio=False) as call:
         call.trace["route"] = "jobs"
         store, owner, cluster = store_of(call), owner_of(call), ray_jobs(call, parts)
         view = await jobs_io(_view, store, cluster, owner, job_id)
@@ -162,7 +162,7 @@ async def cancel_job(job_id: str, request: Request, parts: Parts) -> JSONRespons
 async def job_results(job_id: str, request: Request, parts: Parts, offset: str = "0",
                       limit: str | None = None, format: str = "jsonl",
                       part: str | None = None) -> Response:
-    async with parts.pipeline.request(request, kind="jobs") as call:
+    async with parts.pipeline.request(request, kind="jobs", audio=False) as call:
         call.trace["route"] = "jobs"
         store, owner = store_of(call), owner_of(call)
         await jobs_io(store.record, owner, job_id)  # 404 for another key's job

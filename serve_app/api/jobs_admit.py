@@ -132,15 +132,15 @@ def _one_model(requested: str | None, aliases: dict, what: str) -> str | None:
 
 def _callback(call: Call, request: Request, url: str) -> dict:
     jobs = call.settings.jobs
-    try:
-        check_callback_url(url, jobs.callback_hosts)
-    except InvalidCallback as exc:
-        raise exc.api_error() from None
     key = presented_key(request.headers, None) if call.admission.key_id else None
     secret = jobs.callback_secret or (callback_secret(key) if key else None)
     if secret is None:
         raise InvalidCallback("callbacks need a signing secret: set jobs.callback_secret "
                               "(or use API keys: each key signs its own)").api_error()
+    try:
+        check_callback_url(url, jobs.callback_hosts)
+    except InvalidCallback as exc:
+        raise exc.api_error() from None
     return {"url": url, "secret": secret, "hosts": jobs.callback_hosts,
             "attempts": jobs.callback_attempts, "timeout_s": jobs.callback_timeout_s,
             "backoff_s": jobs.callback_backoff_s}
@@ -197,7 +197,6 @@ async def admit_job(call: Call, request: Request, ray_jobs, owner: str) -> dict:
                 kind = (await asyncio.to_thread(inspect, archive, limits_of(jobs))).kind
             except InvalidArchive as exc:
                 raise exc.api_error() from None
-        pipeline.access.check_audio(call.admission.key_id)  # 429 while the key has none left
         counts = await jobs_io(ray_jobs.in_flight, _app_name())
         if counts[owner] >= jobs.max_jobs_per_key:
             raise ApiError(429, "too_many_jobs", f"{counts[owner]} jobs of this key are queued "

@@ -110,11 +110,11 @@ class Pipeline:
 
     # -- steps shared with the stream -----------------------------------------------------
     def admit(self, connection: Connection, trace: dict,
-              query_api_key: str | None = None) -> Admission:
+              query_api_key: str | None = None, audio: bool = True) -> Admission:
         """The first step of every /v1 route, before anything is read: the caller's key and
         quota (401, 429), counted per key id."""
         try:
-            admission = self.access.admit(connection.headers, query_api_key)
+            admission = self.access.admit(connection.headers, query_api_key, audio)
         except AccessDenied as exc:
             trace["key"] = exc.key_label
             self.metrics.access(exc.key_label, exc.code)
@@ -179,12 +179,12 @@ class Pipeline:
 
     @contextlib.asynccontextmanager
     async def request(self, connection: Connection, query_api_key: str | None = None,
-                      kind: str | None = None) -> AsyncIterator[Call]:
+                      kind: str | None = None, audio: bool = True) -> AsyncIterator[Call]:
         """One request: admitted on entry; its access-log line (and, but for a stream, whose
         metrics are its own, the request metrics) written once on exit, whatever happened."""
         call = Call(self, connection, kind)
         try:
-            call.admission = self.admit(connection, call.trace, query_api_key)
+            call.admission = self.admit(connection, call.trace, query_api_key, audio)
             yield call
         except ApiError as exc:
             call.status, call.trace["code"] = exc.status, exc.code

@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs-dir", required=True)
     parser.add_argument("--owner", required=True)
     parser.add_argument("--job", required=True)
+    parser.add_argument("--address", default="auto", help="the cluster's GCS")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     store = JobStore(args.jobs_dir)
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             raise KeyboardInterrupt
         from serve_app.jobs.run import run_job
 
-        run_job(store, args.owner, args.job, record, progress)
+        run_job(store, args.owner, args.job, record, progress, args.address)
         progress.end("succeeded")
     except KeyboardInterrupt:
         progress.end("cancelled", {"code": "cancelled", "message": "the job was cancelled"})

@@ -40,8 +40,14 @@ class RayJobs:
         return self._client
 
     def submit(self, job_id: str, jobs_dir: str, owner: str, app: str) -> None:
+        import ray
+
+        # The cluster's GCS, named: Ray's job server tells a driver the machine's latest
+        # cluster, which is another one where two clusters share a machine.
+        address = ray.get_runtime_context().gcs_address
         entrypoint = shlex.join([sys.executable, "-m", "serve_app.jobs.driver",
-                                 "--jobs-dir", jobs_dir, "--owner", owner, "--job", job_id])
+                                 "--jobs-dir", jobs_dir, "--owner", owner, "--job", job_id,
+                                 "--address", address])
         self.client().submit_job(entrypoint=entrypoint, submission_id=job_id,
                                  metadata={OWNER_KEY: owner, APP_KEY: app})
 

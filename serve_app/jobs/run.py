@@ -17,6 +17,7 @@ from serve_app.jobs.store import JobStore
 
 QUOTA_CHECK_S = 1.0  # the key's balance is exchanged with the Router replicas this often
 SETTINGS_TIMEOUT_S = 120.0  # the variant's answer (its replica may be starting)
+JOIN_TRIES = 4
 
 
 class JobQuota:
@@ -131,13 +132,26 @@ def _pipeline_args(record: dict, router: RouterSettings) -> argparse.Namespace:
         embeddings=bool(record.get("embeddings")), by_segment=bool(record.get("by_segment")))
 
 
-def run_job(store: JobStore, owner: str, job_id: str, record: dict, progress) -> None:
+def _join_cluster(address: str, tries: int = JOIN_TRIES) -> None:
+    """Join the job's cluster; a loaded head can miss one connection deadline."""
     import ray
 
+    for attempt in range(tries):
+        try:
+            ray.init(address=address, log_to_driver=False)
+            return
+        except ConnectionError:
+            if attempt + 1 == tries:
+                raise
+            time.sleep(2.0 * (attempt + 1))
+
+
+def run_job(store: JobStore, owner: str, job_id: str, record: dict, progress,
+            address: str = "auto") -> None:
     from serve_app.tools.batch.job import Tally, dataset
     from serve_app.tools.batch.parts import PartWriter
 
-    ray.init(address="auto", log_to_driver=False)
+    _join_cluster(address)
     router = RouterSettings.model_validate(record["router"])
     plan = _plan(record, router)
     files, prefix, refused = _inputs(store, owner, job_id, record, router)

@@ -275,14 +275,17 @@ class AccessControl:
             raise self._refuse("the API key is not valid")
         return found
 
-    def admit(self, headers: Mapping[str, str], query_api_key: str | None = None) -> Admission:
+    def admit(self, headers: Mapping[str, str], query_api_key: str | None = None,
+              audio: bool = True) -> Admission:
         """Authenticate, then take one request from the key's quotas: AccessDenied 401, or 429
-        with Retry-After and X-RateLimit-* when a quota is spent (nothing is charged then)."""
+        with Retry-After and X-RateLimit-* when a quota is spent (nothing is charged then).
+        `audio=False`: a request that scores no audio (a job's status) needs no audio balance."""
         key_id = self.authenticate(headers, query_api_key)
         if key_id is None:
             return Admission(None, {})
         buckets = self._refilled(key_id)
-        spent = [bucket for bucket in buckets if bucket.level < bucket.entry]
+        spent = [bucket for bucket in buckets if bucket.level < bucket.entry
+                 and (audio or bucket.resource != "audio_seconds")]
         if spent:
             raise self._over_quota(key_id, max(spent, key=Bucket.wait_s))
         for bucket in buckets:
