@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -180,17 +181,9 @@ def _median(values: list[float | None]) -> float | None:
     return float(np.median(values)) if values else None
 
 
-def main() -> None:
-    args = _parser().parse_args()
-    config = Path(args.config).resolve()
-    work = Path(tempfile.mkdtemp(prefix="e2v-jobs-bench-"))
-    folder = work / "clips"
-    audio_s = write_clips(folder, args.files, args.min_s, args.max_s, seed=7)
-    print(f"{args.files} clips of {args.min_s:g}-{args.max_s:g} s ({audio_s / 60:.1f} min of "
-          f"audio) in {folder}; {VARIANT} of {config.name}; CPU: {cpu_flags()}", flush=True)
+def measure(config: Path, work: Path, folder: Path, args) -> dict[str, list[dict]]:
+    """Each path's runs, on a cluster of this benchmark's own."""
     runs: dict[str, list[dict]] = {"job": [], "batch": []}
-    load = os.getloadavg()[0]
-    others = OtherCpu()
     with local_serve(num_cpus=2, dashboard=True) as serve:
         import ray
 
@@ -211,7 +204,25 @@ def main() -> None:
                     print(f"round {round_ + 1}, {path}: {args.files / run['wall_s']:.2f} files/s "
                           f"({run['wall_s']:.1f} s); first row after "
                           f"{run['first_row_s'] or float('nan'):.1f} s", flush=True)
-    busy = others.cores()
+    return runs
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    config = Path(args.config).resolve()
+    work = Path(tempfile.mkdtemp(prefix="e2v-jobs-bench-"))
+    try:
+        folder = work / "clips"
+        audio_s = write_clips(folder, args.files, args.min_s, args.max_s, seed=7)
+        print(f"{args.files} clips of {args.min_s:g}-{args.max_s:g} s ({audio_s / 60:.1f} min "
+              f"of audio) in {folder}; {VARIANT} of {config.name}; CPU: {cpu_flags()}",
+              flush=True)
+        load = os.getloadavg()[0]
+        others = OtherCpu()
+        runs = measure(config, work, folder, args)
+        busy = others.cores()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     rates = {path: args.files / _median([run["wall_s"] for run in done])
              for path, done in runs.items()}
     ratio = rates["job"] / rates["batch"]
