@@ -18,7 +18,7 @@ PAGES = [REPO / "docs" / "performance.md", REPO / "docs" / "cpu.md",
          REPO / "benchmarks" / "README.md", REPO / "docs" / "protocols.md",
          REPO / "docs" / "batch.md", REPO / "docs" / "segments.md",
          REPO / "docs" / "streaming.md", REPO / "docs" / "rollouts.md", REPO / "docs" / "heads.md",
-         REPO / "docs" / "high-availability.md"]
+         REPO / "docs" / "high-availability.md", REPO / "docs" / "jobs.md"]
 BLOCK = re.compile(r"(<!-- results: (?P<file>[\w.-]+\.json) -->\n)(?P<body>.*?)(<!-- /results -->)",
                    re.S)
 
@@ -176,6 +176,24 @@ def render_heads(result: dict) -> list[str]:
             f"{result['max_resident_heads']} (head files read: {result['head_file_loads']}); "
             f"cycling / one head: p50 {result['cycling_over_one_head_p50']:.3f}x.", "",
             *columns(spec, result["modes"])]
+
+
+def render_jobs(result: dict) -> list[str]:
+    spec = [("path", "path", None), ("files/s", "files_per_s", ".2f"), ("wall s", "wall_s", ".1f"),
+            ("first row s", "first_row_s", ".1f")]
+    rounds = result["rounds"]
+    return [*caption(result),
+            f"{result['files']} clips of {result['clip_s']}, variant {result['variant']}; both "
+            f"with one engine actor of {result['num_cpus']:g} CPU and decode tasks of "
+            f"{result['decode_cpus']:g} CPU, beside the idle service; "
+            f"{f'{rounds} rounds (medians)' if rounds > 1 else 'one round'}; job / batch: "
+            f"{result['job_over_batch']:.2f}x files/s (goal {result['goal']:g}x); first row: "
+            "the job's first readable page, from its POST; batch's, as its summary says, from "
+            "its pipeline's start; the job's first row counted in its status after "
+            f"{shown(result['first_count_s'], '.1f')} s; "
+            f"other processes used {result['other_cores']:.2f} cores on average (load average "
+            f"{result['load_average_at_start']:g} at the start).", "",
+            *columns(spec, result["rows"])]
 
 
 def render_serve_latency(result: dict) -> list[str]:
@@ -344,7 +362,7 @@ RENDERERS = {"suite": render_suite, "stream": render_stream, "cold_start": rende
              "shadow": render_shadow, "serve_latency": render_serve_latency, "cpu": render_cpu,
              "fidelity_tests": render_fidelity_tests, "protocols": render_protocols,
              "batch": render_batch, "segments": render_segments, "ha": render_ha,
-             "gpu": render_gpu, "heads": render_heads}
+             "gpu": render_gpu, "heads": render_heads, "jobs": render_jobs}
 
 
 def render_result(result: dict) -> str:

@@ -239,10 +239,11 @@ def test_module_map_lists_exactly_the_modules():
 
 # -- the settings reference -----------------------------------------------------------------
 def settings_models() -> list[type[pydantic.BaseModel]]:
-    """The settings models defined in serve_app/config.py (their shared base aside)."""
+    """The settings models of serve_app/config.py (their shared base aside), and those it
+    takes from the package's own modules (the jobs' settings)."""
     return [value for name, value in vars(config).items()
             if isinstance(value, type) and issubclass(value, pydantic.BaseModel)
-            and value.__module__ == config.__name__ and not name.startswith("_")]
+            and value.__module__.startswith("serve_app.") and not name.startswith("_")]
 
 
 def number(value: float) -> str:

@@ -84,10 +84,49 @@ def test_serve_config_is_deploy_yaml_with_the_documented_overrides():
         ("proxy_location",): ("HeadOnly", "EveryNode"),
         ("http_options", "host"): ("127.0.0.1", "0.0.0.0"),
         ("applications", 0, "args", "check_resources"): (None, False),
-        # Custom heads on the shared volume, where every pod sees them.
+        # Custom heads and jobs on the shared volume, where every pod sees them.
         ("applications", 0, "deployments", 0, "user_config", "heads_dir"):
             ("~/.cache/emotion2vec-serve/heads", "/model-cache/heads"),
+        ("applications", 0, "deployments", 0, "user_config", "jobs_dir"):
+            ("~/.cache/emotion2vec-serve/jobs", "/model-cache/jobs"),
     }
+
+
+def test_heads_and_jobs_go_to_the_shared_volume_unless_they_are_uris():
+    deploy = yaml.safe_load((REPO / "deploy.yaml").read_text())
+
+    def router_settings(config: dict) -> dict:
+        (router,) = [d for d in config["applications"][0]["deployments"]
+                     if d["name"] == "Router"]
+        return router["user_config"]
+
+    unnamed = copy.deepcopy(deploy)
+    for setting in ("heads_dir", "jobs_dir"):
+        router_settings(unnamed).pop(setting)
+    assert {key: router_settings(kuberay.k8s_serve_config(unnamed))[key]
+            for key in ("heads_dir", "jobs_dir")} == {"heads_dir": "/model-cache/heads",
+                                                      "jobs_dir": "/model-cache/jobs"}
+    buckets = copy.deepcopy(deploy)
+    router_settings(buckets).update(heads_dir="s3://team/heads", jobs_dir="gs://team/jobs")
+    settings = router_settings(kuberay.k8s_serve_config(buckets))
+    assert (settings["heads_dir"], settings["jobs_dir"]) == ("s3://team/heads", "gs://team/jobs")
+
+
+def test_the_head_mounts_the_shared_volume_for_job_drivers():
+    """Ray Jobs run their drivers on the head: a job's driver reads and writes jobs_dir
+    there, on the same claim the worker pods mount, at the same path."""
+    cluster = documents()["RayService"]["spec"]["rayClusterConfig"]
+    claims = []
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        pod = group["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"]
+                    if m["mountPath"] == kuberay.CACHE_MOUNT]
+        claims.append(volumes[mount["name"]]["persistentVolumeClaim"]["claimName"])
+    assert set(claims) == {documents()["PersistentVolumeClaim"]["metadata"]["name"]}
+    (app,) = yaml.safe_load(documents()["RayService"]["spec"]["serveConfigV2"])["applications"]
+    (router,) = [d for d in app["deployments"] if d["name"] == "Router"]
+    assert router["user_config"]["jobs_dir"].startswith(kuberay.CACHE_MOUNT + "/")
 
 
 def test_the_cluster_holds_the_variants():

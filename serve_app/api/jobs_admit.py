@@ -75,7 +75,7 @@ def _copy_archive(part: UploadFile, limit: int) -> Path:
             part.file.seek(0)
             shutil.copyfileobj(part.file, handle, 1024 * 1024)
         if os.path.getsize(name) > limit:
-            raise ApiError(413, "upload_too_large", f"the archive is larger than {limit} bytes")
+            raise upload.upload_too_large(limit, "the archive")
         return Path(name)
     except BaseException:
         os.unlink(name)
@@ -133,7 +133,7 @@ def _one_model(requested: str | None, aliases: dict, what: str) -> str | None:
 def _callback(call: Call, request: Request, url: str) -> dict:
     jobs = call.settings.jobs
     key = presented_key(request.headers, None) if call.admission.key_id else None
-    secret = jobs.callback_secret or (callback_secret(key) if key else None)
+    secret = (callback_secret(key) if key else None) or jobs.callback_secret
     if secret is None:
         raise InvalidCallback("callbacks need a signing secret: set jobs.callback_secret "
                               "(or use API keys: each key signs its own)").api_error()

@@ -144,6 +144,9 @@ def local_serve(num_cpus: int | None = None, dashboard: bool = False) -> Iterato
                  dashboard_host="127.0.0.1", dashboard_port=free_port() if dashboard else None,
                  log_to_driver=False, _metrics_export_port=metrics_port,
                  _node_ip_address="127.0.0.1")
+    # Ray's job server gives each job's driver the address recorded in the node's temp dir;
+    # ray.init records none, and Ray then picks any cluster running on the machine.
+    ray._private.utils.write_ray_address(ray.get_runtime_context().gcs_address, temp_dir)
     try:
         with _serve_on_head(temp_dir, metrics_port) as handle:
             yield handle

@@ -4,7 +4,8 @@
 jobs.allow_inputs), or with --archive uploads one local zip or tar (a local folder is packed
 into a zip first). It prints the job's id; --wait then shows the progress until the job ends.
 `results ID --out X.parquet|.csv|.jsonl` fetches the rows (partial while the job runs).
-Exit status: 0 on success, 1 when the job failed or was cancelled, 2 when the service refused.
+Exit status: 0 on success (`cancel`: the job is cancelled), 1 when the job failed or was
+cancelled, 2 when the service refused.
 The API key: --api-key, or the environment variable EMOTION2VEC_API_KEY.
 """
 
@@ -184,4 +185,6 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(job, indent=2))
-    return 0 if job["state"] in ("succeeded", "queued", "running") else 1
+    fine = ("succeeded", "queued", "running") + (("cancelled",) if args.jobs_command == "cancel"
+                                                 else ())
+    return 0 if job["state"] in fine else 1

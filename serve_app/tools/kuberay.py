@@ -4,9 +4,11 @@
 
 `serveConfigV2` is deploy.yaml's Serve config with exactly the overrides of `k8s_serve_config`
 (proxies on every pod that has a replica, listening on the pod's address; no resource check at
-build time). The cluster is sized from the config's args: a head without GPUs that runs no
-replicas, and one GPU worker pod per GPU the variants ask for, each big enough for its share of
-the variants plus the router. A ReadWriteMany volume holds the model cache.
+build time; the Router's heads_dir and jobs_dir on the shared volume unless they are URIs). The
+cluster is sized from the config's args: a head without GPUs that runs no replicas, and one GPU
+worker pod per GPU the variants ask for, each big enough for its share of the variants plus the
+router. A ReadWriteMany volume holds the model cache, the custom heads and the jobs; the head
+mounts it too (Ray Jobs run their drivers there).
 """
 
 from __future__ import annotations
@@ -52,12 +54,15 @@ def k8s_serve_config(config: dict) -> dict:
         # GPU workers join after the head, and KubeRay submits a config once: a check at build
         # time could see no GPUs yet and fail the deploy for good. Serve waits for them instead.
         app["args"]["check_resources"] = False
-        # Custom heads where every pod sees them: the shared volume, unless the config names
-        # an object store.
+        # Custom heads and jobs where every pod sees them: the shared volume, unless the
+        # config names an object store.
         for deployment in app.get("deployments", []):
             settings = deployment.get("user_config") or {}
-            if deployment["name"] == "Router" and "://" not in settings.get("heads_dir", ""):
-                settings["heads_dir"] = f"{CACHE_MOUNT}/heads"
+            if deployment["name"] != "Router":
+                continue
+            for setting, folder in (("heads_dir", "heads"), ("jobs_dir", "jobs")):
+                if "://" not in settings.get(setting, ""):
+                    settings[setting] = f"{CACHE_MOUNT}/{folder}"
     return config
 
 
@@ -74,6 +79,8 @@ def _security() -> tuple[dict, dict]:
 
 def _head_group(image: str) -> dict:
     pod_security, container_security = _security()
+    # Ray Jobs run their drivers on the head: a job's driver (POST /v1/jobs) reads and
+    # writes jobs_dir on the shared volume, as the Router replicas and the engines do.
     return {
         "serviceType": "ClusterIP",  # dashboard and metrics on the cluster network only
         "rayStartParams": {
@@ -88,12 +95,15 @@ def _head_group(image: str) -> dict:
                 "image": image,
                 "securityContext": container_security,
                 "env": copy.deepcopy(PROXY_ENV),
+                "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_MOUNT}],
                 "resources": {"requests": dict(HEAD), "limits": dict(HEAD)},
                 "ports": [{"name": "gcs-server", "containerPort": 6379},
                           {"name": "dashboard", "containerPort": 8265},
                           {"name": "client", "containerPort": 10001},
                           {"name": "metrics", "containerPort": 8080}],
             }],
+            "volumes": [{"name": "model-cache",
+                         "persistentVolumeClaim": {"claimName": CACHE_CLAIM}}],
         }},
     }
 
