@@ -6,16 +6,19 @@ when its driver is gone. The jobs themselves run on the session's cluster
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
 import tarfile
+import time
 import zipfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from serve_app.config import RouterSettings
 from serve_app.jobs.inputs import allowed, list_inputs
@@ -227,3 +230,26 @@ def test_the_allow_list_compares_whole_path_components(tmp_path):
     files, refused = list_inputs([str(tmp_path / "data")], allow, {".wav"})
     assert files == [str((tmp_path / "data" / "a.wav").resolve())]
     assert refused == [str((tmp_path / "data2" / "b.wav").resolve())]  # through the link
+
+
+def test_the_retention_sweep_deletes_only_jobs_that_ended_long_enough_ago(tmp_path):
+    store = JobStore(str(tmp_path))
+    old = _finished_job(store, "alpha", rows=1, part_rows=5)
+    fresh = _finished_job(store, "beta", rows=1, part_rows=5)
+    running = _finished_job(store, "beta", rows=1, part_rows=5)
+    for owner, job_id, state, finished in (
+            ("alpha", old, "succeeded", "2026-11-01T00:00:00.000+00:00"),
+            ("beta", fresh, "failed", "2026-12-06T23:00:00.000+00:00"),
+            ("beta", running, "running", None)):
+        store.write_status(owner, job_id, {"state": state, "finished": finished})
+    now = datetime.datetime(2026, 12, 7, tzinfo=datetime.UTC).timestamp()
+    assert store.sweep(7 * 86_400, now) == [old]
+    assert store.job_ids("alpha") == [] and store.job_ids("beta") == sorted([fresh, running])
+
+
+def test_job_ids_sort_as_jobs_were_made_and_a_bad_callback_host_is_a_config_error():
+    first = new_job_id()
+    time.sleep(1.05)
+    assert sorted([new_job_id(), first])[0] == first
+    with pytest.raises(ValidationError):
+        RouterSettings(jobs={"callback_hosts": ["http://not a host/"]})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import time
 
 from fastapi import APIRouter, Request
@@ -27,9 +28,11 @@ from serve_app.jobs.view import ENDED, job_view, page_of
 from serve_app.untrusted import whole_number
 
 router = APIRouter()
+logger = logging.getLogger("ray.serve")
 
 RAY_TIMEOUT_S = 30.0     # one call to the job server (the first imports its client)
 CANCEL_WAIT_S = 10.0     # DELETE waits this long for the driver to say it stopped
+SWEEP_EVERY_S = 3600.0   # how often a replica deletes the jobs past their retention
 PARQUET = "application/vnd.apache.parquet"
 
 
@@ -82,6 +85,32 @@ async def jobs_io(function, *args, timeout_s: float = RAY_TIMEOUT_S):
                        headers={"Retry-After": "5"}) from None
 
 
+_sweeps: dict[str, float] = {}  # jobs_dir -> when this replica last swept it
+_sweeping: set[asyncio.Task] = set()
+
+
+def _sweep_now_and_then(store: JobStore, retention_days: float) -> None:
+    """At most once in SWEEP_EVERY_S per replica, delete the jobs that ended longer than
+    retention_days ago, in the background (a submission never waits on it)."""
+    now = time.monotonic()
+    if now - _sweeps.get(store.location, -SWEEP_EVERY_S) < SWEEP_EVERY_S:
+        return
+    _sweeps[store.location] = now
+
+    async def sweep() -> None:
+        try:
+            deleted = await asyncio.to_thread(store.sweep, retention_days * 86_400)
+            if deleted:
+                logger.info("jobs: deleted %d jobs older than %g days", len(deleted),
+                            retention_days)
+        except Exception as exc:  # the next sweep tries again
+            logger.warning("jobs: the retention sweep of %s failed: %r", store.location, exc)
+
+    task = asyncio.get_running_loop().create_task(sweep())
+    _sweeping.add(task)
+    task.add_done_callback(_sweeping.discard)
+
+
 def _view(store: JobStore, ray_jobs, owner: str, job_id: str) -> dict:
     record = store.record(owner, job_id)
     status = store.status(owner, job_id)
@@ -106,6 +135,7 @@ async def submit_job(request: Request, parts: Parts) -> JSONResponse:
         call.trace["route"] = "jobs"
         accepted = await admit_job(call, request, ray_jobs(call, parts), owner_of(call))
         call.trace["job"] = accepted["job_id"]
+        _sweep_now_and_then(store_of(call), call.settings.jobs.retention_days)
         return call.respond(JSONResponse(accepted, status_code=202))
 
 
@@ -165,7 +195,7 @@ async def job_results(job_id: str, request: Request, parts: Parts, offset: str =
     async with parts.pipeline.request(request, kind="jobs", audio=False) as call:
         call.trace["route"] = "jobs"
         store, owner = store_of(call), owner_of(call)
-        await jobs_io(store.record, owner, job_id)  # 404 for another key's job
+        view = await jobs_io(_view, store, ray_jobs(call, parts), owner, job_id)  # or 404
         if format == "parquet":
             if part is not None:
                 data = await jobs_io(store.read_part, owner, job_id, part, timeout_s=120.0)
@@ -184,13 +214,13 @@ async def job_results(job_id: str, request: Request, parts: Parts, offset: str =
         except ValueError as exc:
             raise ApiError(422, "invalid_parameter", str(exc)) from None
         body, following = await jobs_io(_page, store, owner, job_id, start, max(count, 1),
-                                        timeout_s=120.0)
+                                        view["state"] in ENDED, timeout_s=120.0)
         headers = {"X-Next-Offset": str(following)} if following is not None else {}
         return call.respond(Response(body, media_type="application/x-ndjson",
                                      headers=headers))
 
 
-def _page(store: JobStore, owner: str, job_id: str, start: int, count: int
+def _page(store: JobStore, owner: str, job_id: str, start: int, count: int, ended: bool
           ) -> tuple[bytes, int | None]:
     """Rows [start, start + count) as JSON Lines, and where the next page starts (None: no
     row after these yet, and the job has ended)."""
@@ -203,6 +233,5 @@ def _page(store: JobStore, owner: str, job_id: str, start: int, count: int
             out.write(json.dumps(row, allow_nan=False, default=str) + "\n")
         taken += rows
     total = sum(rows for _, rows in sizes)
-    status = store.status(owner, job_id) or {}
-    more = start + taken < total or status.get("state") not in ENDED
+    more = start + taken < total or not ended
     return out.getvalue().encode(), start + taken if more else None

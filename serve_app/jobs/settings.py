@@ -4,7 +4,7 @@ job's Ray Data pipeline gets. Every default lives here."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 GIB = 1024**3
 
@@ -29,6 +29,14 @@ class JobSettings(BaseModel):
     # none, so callbacks are off until an operator allows some. A private, loopback or
     # link-local address must be named exactly.
     callback_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("callback_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        from serve_app.jobs.callbacks import check_allowed_hosts
+
+        check_allowed_hosts(hosts)  # an entry that could never match is a config error
+        return hosts
     # Signs callbacks when the API is open (no keys); with keys, each key's callbacks are
     # signed with the key's own callback secret (`emotion2vec-serve keys new` prints it).
     callback_secret: str | None = Field(default=None, min_length=16)

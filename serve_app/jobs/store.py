@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import time
 from pathlib import Path
 
 from serve_app.errors import ApiError
@@ -31,7 +32,8 @@ PART = re.compile(r"part-[0-9A-Za-z-]{1,80}\.parquet")
 
 
 def new_job_id() -> str:
-    return "job-" + secrets.token_hex(10)
+    """Creation second first (ids sort as jobs were made), then 48 random bits."""
+    return f"job-{int(time.time()):08x}{secrets.token_hex(6)}"
 
 
 def unknown_job(job_id: str) -> ApiError:
@@ -107,14 +109,13 @@ class JobStore:
         self._write(f"{self.folder(owner, job_id)}/{STATUS}", json.dumps(status).encode())
 
     def job_ids(self, owner: str) -> list[str]:
-        """The owner's jobs, oldest first (by the record's creation time)."""
+        """The owner's jobs, oldest first (their ids begin with their creation time)."""
         from pyarrow import fs
 
         infos = self.fs.get_file_info(fs.FileSelector(f"{self.root.rstrip('/')}/{owner}",
                                                       allow_not_found=True))
-        found = [(info.mtime_ns or 0, info.base_name) for info in infos
-                 if info.type == fs.FileType.Directory and JOB_ID.fullmatch(info.base_name)]
-        return [name for _, name in sorted(found)]
+        return sorted(info.base_name for info in infos
+                      if info.type == fs.FileType.Directory and JOB_ID.fullmatch(info.base_name))
 
     def owners(self) -> list[str]:
         from pyarrow import fs
@@ -171,3 +172,20 @@ class JobStore:
 
     def delete(self, owner: str, job_id: str) -> None:
         self.fs.delete_dir(self.folder(owner, job_id))
+
+    def sweep(self, retention_s: float, now: float | None = None) -> list[str]:
+        """Delete the folders of jobs that ended more than `retention_s` ago (by the time their
+        status says); the ids deleted. Jobs still running, or without a status, stay."""
+        from serve_app.jobs.view import ENDED, parse_time
+
+        now = time.time() if now is None else now
+        deleted = []
+        for owner in self.owners():
+            for job_id in self.job_ids(owner):
+                status = self.status(owner, job_id) or {}
+                finished = parse_time(status.get("finished"))
+                if status.get("state") in ENDED and finished is not None \
+                        and now - finished > retention_s:
+                    self.delete(owner, job_id)
+                    deleted.append(job_id)
+        return deleted

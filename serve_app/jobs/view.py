@@ -16,6 +16,14 @@ def iso_now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
+def parse_time(text: str | None) -> float | None:
+    """An iso_now() time as seconds since the epoch (None when absent or unreadable)."""
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp() if text else None
+    except (TypeError, ValueError):
+        return None
+
+
 def job_view(record: dict, status: dict | None, ray_state: tuple[str, str] | None,
              cancel_requested: bool = False) -> dict:
     """The job as the API shows it. `ray_state`: (Ray's JobStatus name, its message), or None

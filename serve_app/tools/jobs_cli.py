@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from serve_app.tools.client import HEAD_HELP, error_text
+from serve_app.tools.client import HEAD_HELP, error_text, retry_after_s
 
 API_KEY_ENV = "EMOTION2VEC_API_KEY"
 ENDED = ("succeeded", "failed", "cancelled")
@@ -123,7 +123,11 @@ def _bar(job: dict) -> str:
 
 def wait(client: httpx.Client, job_id: str, out=sys.stderr) -> dict:
     while True:
-        job = _checked(client.get(f"/v1/jobs/{job_id}")).json()
+        response = client.get(f"/v1/jobs/{job_id}")
+        if response.status_code in (429, 503):  # busy or over a quota: ask again later
+            time.sleep(max(POLL_S, retry_after_s(response.headers.get("retry-after"))))
+            continue
+        job = _checked(response).json()
         out.write(_bar(job))
         out.flush()
         if job["state"] in ENDED:
