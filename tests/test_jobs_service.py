@@ -185,7 +185,8 @@ def test_keys_see_only_their_own_jobs_and_an_audio_quota_stops_a_job(keyed, fold
                 404, "unknown_job"), refused.text
         assert client.get("/v1/jobs", headers=other).json()["jobs"] == []
         job = wait_job(client, job_id, own)
-        assert (job["state"], job["error"]["code"]) == ("failed", "quota_exceeded"), job
+        assert (job["state"], job["error"]["code"]) == ("failed", "quota_exceeded"), \
+            f"{job}\n{driver_log(job_id)}"
         assert 0 < job["files"]["done"] < 40, job
         rows = all_rows(client, job_id, own)
         assert len(rows) == job["files"]["done"] and all(r["status"] == "ok" for r in rows)

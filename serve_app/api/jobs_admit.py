@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from fastapi import Request
@@ -26,7 +27,7 @@ from serve_app.jobs.callbacks import InvalidCallback, check_callback_url
 from serve_app.jobs.inputs import check_inputs
 from serve_app.jobs.store import JobStore, new_job_id
 from serve_app.jobs.unpack import limits_of
-from serve_app.jobs.view import iso_now
+from serve_app.jobs.view import ENDED, iso_now
 from serve_app.labels import parse_label_set
 from serve_app.traffic.access import callback_secret, presented_key
 
@@ -197,7 +198,8 @@ async def admit_job(call: Call, request: Request, ray_jobs, owner: str) -> dict:
                 kind = (await asyncio.to_thread(inspect, archive, limits_of(jobs))).kind
             except InvalidArchive as exc:
                 raise exc.api_error() from None
-        counts = await jobs_io(ray_jobs.in_flight, _app_name())
+        store = JobStore(settings.jobs_dir)
+        counts = await jobs_io(_in_flight, store, ray_jobs, timeout_s=60.0)
         if counts[owner] >= jobs.max_jobs_per_key:
             raise ApiError(429, "too_many_jobs", f"{counts[owner]} jobs of this key are queued "
                            f"or running (at most {jobs.max_jobs_per_key}); wait for one to end",
@@ -217,7 +219,6 @@ async def admit_job(call: Call, request: Request, ray_jobs, owner: str) -> dict:
             "router": _router_settings(call),
             "status_url": f"{base}/v1/jobs/{job_id}",
             "results_url": f"{base}/v1/jobs/{job_id}/results"}
-        store = JobStore(settings.jobs_dir)
         await jobs_io(_store_job, store, owner, job_id, record, archive, timeout_s=600.0)
         try:
             await jobs_io(ray_jobs.submit, job_id, settings.jobs_dir, owner, record["app"])
@@ -229,6 +230,20 @@ async def admit_job(call: Call, request: Request, ray_jobs, owner: str) -> dict:
             archive.unlink(missing_ok=True)
     return {"job_id": job_id, "state": "queued", "status_url": record["status_url"],
             "results_url": record["results_url"]}
+
+
+def _in_flight(store: JobStore, ray_jobs) -> Counter:
+    """Jobs queued or running, by owner: Ray's drivers still there whose jobs have not ended
+    (a driver posting its callback has ended its job)."""
+    counts: Counter = Counter()
+    for owner, job_id in ray_jobs.in_flight(_app_name()):
+        try:
+            status = store.status(owner, job_id) or {}
+        except ApiError:  # not a job id of ours
+            continue
+        if status.get("state") not in ENDED:
+            counts[owner] += 1
+    return counts
 
 
 def _store_job(store: JobStore, owner: str, job_id: str, record: dict,

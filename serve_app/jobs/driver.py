@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 
+from serve_app.jobs.run import Stop, run_job
 from serve_app.jobs.store import JobStore
 from serve_app.jobs.view import iso_now
 
@@ -31,14 +32,6 @@ CANCEL_POLL_S = 1.0
 STATUS_EVERY_S = 1.0
 SUMMARY_FIELDS = ("job_id", "state", "files", "audio_s", "rows", "error", "created", "started",
                   "finished", "model_version", "head", "metadata", "status_url", "results_url")
-
-
-class Stop(Exception):
-    """The job stops early: `code` says why (quota_exceeded, cancelled)."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 class Progress:
@@ -78,7 +71,7 @@ def _watch_cancel(store: JobStore, owner: str, job_id: str, done: threading.Even
     """Interrupt the main thread (KeyboardInterrupt) once DELETE marked the job."""
     while not done.wait(CANCEL_POLL_S):
         try:
-            if store.cancel_requested(owner, job_id):
+            if store.cancel_requested(owner, job_id) and not done.is_set():
                 _thread.interrupt_main()
                 return
         except OSError:
@@ -108,8 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if store.cancel_requested(args.owner, args.job):
             raise KeyboardInterrupt
-        from serve_app.jobs.run import run_job
-
         run_job(store, args.owner, args.job, record, progress, args.address)
         progress.end("succeeded")
     except KeyboardInterrupt:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections import Counter
 
 OWNER_KEY, APP_KEY = "emotion2vec_owner", "emotion2vec_app"
 IN_FLIGHT = frozenset({"PENDING", "RUNNING"})
@@ -64,11 +63,10 @@ class RayJobs:
     def stop(self, job_id: str) -> None:
         self.client().stop_job(job_id)
 
-    def in_flight(self, app: str) -> Counter:
-        """Jobs queued or running in the cluster, by owner, of this application."""
-        counts: Counter = Counter()
-        for info in self.client().list_jobs():
-            metadata = info.metadata or {}
-            if metadata.get(APP_KEY) == app and str(info.status.value) in IN_FLIGHT:
-                counts[metadata.get(OWNER_KEY, "")] += 1
-        return counts
+    def in_flight(self, app: str) -> list[tuple[str, str]]:
+        """(owner, job id) of this application's jobs whose drivers Ray has queued or running
+        (a driver still posting its callback runs after its job ended)."""
+        return [((info.metadata or {}).get(OWNER_KEY, ""), info.submission_id)
+                for info in self.client().list_jobs()
+                if (info.metadata or {}).get(APP_KEY) == app
+                and str(info.status.value) in IN_FLIGHT]

@@ -20,6 +20,14 @@ SETTINGS_TIMEOUT_S = 120.0  # the variant's answer (its replica may be starting)
 JOIN_TRIES = 4
 
 
+class Stop(Exception):
+    """The job stops early: `code` says why (quota_exceeded)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
 class JobQuota:
     """The key's audio quota, as the Router replicas hold it: this job is one more member of
     their quota board (serve_app/traffic/quota_share.py), so its spending reaches them and
@@ -57,7 +65,6 @@ class JobQuota:
     def charge(self, seconds: float) -> None:
         """Charge scored audio; Stop(quota_exceeded) once the key's balance is spent."""
         from serve_app.errors import AccessDenied
-        from serve_app.jobs.driver import Stop
 
         if not self.active:
             return
