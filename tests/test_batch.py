@@ -23,6 +23,7 @@ from serve_app.tools.batch.parts import read_rows
 from tests import clips as clip_maker
 from tests import conversation
 from tests.clips import espeak_available
+from tests.jobs_util import all_rows, submit, wait_job
 from tests.media import FORMATS, bomb, encode
 from tests.test_segments_service import segments
 from tests.waiting import eventually
@@ -109,6 +110,27 @@ def test_rows_equal_predict_and_bad_files_are_error_rows(first_run, archive, cli
     ok = len(files) - len(BAD)
     assert f"{len(files)} files" in done.stderr and f"{ok} ok, {len(BAD)} failed" in done.stderr
     assert "hours of audio per hour" in done.stderr
+
+
+def test_a_job_over_http_on_the_same_folder_gives_batchs_rows(first_run, archive, client):
+    """POST /v1/jobs over the same folder, with the same model and embeddings, gives the rows
+    `batch` wrote (error rows too; padded passes of another size: 1e-4)."""
+    out, _ = first_run
+    batch = {row["path"]: row for row in read_rows(out).to_pylist()}
+    accepted = submit(client, inputs=[str(archive)], model_version="base", embeddings=True)
+    job = wait_job(client, accepted["job_id"])
+    assert job["state"] == "succeeded", job["error"]
+    assert job["files"] == {"total": len(batch), "done": len(batch), "failed": len(BAD)}
+    rows = {row["path"]: row for row in all_rows(client, accepted["job_id"], limit=5)}
+    assert sorted(rows) == sorted(batch)
+    for path, row in rows.items():
+        for name, value in batch[path].items():
+            if name == "node_id":
+                continue
+            if isinstance(value, float | list):
+                assert np.abs(np.subtract(row[name], value)).max() <= 1e-4, (path, name)
+            else:
+                assert row[name] == value, (path, name, row[name], value)
 
 
 def test_a_directory_with_results_is_refused_without_resume(first_run, archive, config):
