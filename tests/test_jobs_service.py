@@ -6,6 +6,7 @@ in tests/test_batch.py.)"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -19,6 +20,7 @@ import ray
 
 from serve_app.jobs.callbacks import SIGNATURE_HEADER, verify
 from tests.conftest import CALLBACK_SECRET
+from tests.head_files import head_bytes
 from tests.jobs_util import CallbackReceiver, all_rows, driver_log, submit, wait_job
 from tests.waiting import eventually
 
@@ -39,12 +41,12 @@ def _audio(root: Path) -> list[Path]:
 
 
 def _check_rows_equal_predict(rows: list[dict], files: dict[str, Path], client: httpx.Client,
-                              variant: str, headers: dict | None = None) -> None:
+                              variant: str, **fields: str) -> None:
     assert sorted(row["path"] for row in rows) == sorted(files)
     for row in rows:
         path = files[row["path"]]
         response = client.post("/v1/predict", files={"file": (path.name, path.read_bytes())},
-                               data={"model_version": variant}, headers=headers or {})
+                               data={"model_version": variant, **fields})
         assert response.status_code == 200, response.text
         body = response.json()
         assert (row["status"], row["model_version"]) == ("ok", variant), row
@@ -126,6 +128,27 @@ def test_an_uploaded_zip_and_a_file_uri_give_the_same_rows_and_a_silent_receiver
         twin = from_uri[Path(row["path"]).name]
         assert twin["path"].startswith(str(folder.resolve()))
         assert abs(twin["confidence"] - row["confidence"]) <= 1e-6
+
+
+def test_a_job_with_a_head_and_a_label_set_scores_as_predict_does(service, client, folder):
+    sha256 = hashlib.sha256((service.checkpoints["base"] / "model.pt").read_bytes()).hexdigest()
+    stored = client.put("/v1/heads/job-calls", content=head_bytes("job-calls", sha256, 64,
+                                                                  seed=13))
+    assert stored.status_code == 201, stored.text
+    files = {str(path.resolve()): path for path in _audio(folder)}
+    accepted = submit(client, inputs=[str(folder)], model_version="base", head="job-calls",
+                      labels="satisfied,frustrated")
+    job = wait_job(client, accepted["job_id"])
+    assert job["state"] == "succeeded", f"{job['error']}\n{driver_log(job['job_id'])}"
+    assert job["head"] == stored.json()
+    rows = all_rows(client, accepted["job_id"])
+    assert {row["head"] for row in rows} == {"job-calls@1"}
+    assert all("score_neutral" not in row and row["emotion"] in ("satisfied", "frustrated")
+               for row in rows)
+    _check_rows_equal_predict(rows, files, client, "base", head="job-calls",
+                              labels="satisfied,frustrated")
+    refused = client.post("/v1/jobs", json={"inputs": [str(folder)], "head": "no-such-head"})
+    assert (refused.status_code, refused.json()["error"]["code"]) == (404, "unknown_head")
 
 
 def _router_replicas(app: str) -> list[str]:

@@ -96,7 +96,12 @@ def _plan(record: dict, router: RouterSettings):
     from serve_app.heads.registry import read_file
     from serve_app.tools.batch.plan import job_plan
 
-    head = decode(read_file(record["head"]["uri"])) if record.get("head") else None
+    head = None
+    if record.get("head"):
+        head = decode(read_file(record["head"]["uri"]), router.heads.max_head_bytes)
+        if head.sha256 != record["head"]["sha256"]:  # the revision admitted, exactly
+            raise RuntimeError(f"head {head.name}@{head.revision} changed since the job was "
+                               "admitted")
     labels = tuple(record["labels"]) if record.get("labels") else None
     return job_plan(router, record["variant"], _variant_settings(record["app"],
                                                                   record["variant"]),
