@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -38,6 +39,14 @@ def folder(clips, tmp_path_factory) -> Path:
 
 def _audio(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".txt")
+
+
+def _copies(source: Path, folder: Path, count: int) -> Path:
+    """A folder of `count` copies of one clip (hard links: no bytes copied)."""
+    folder.mkdir()
+    for index in range(count):
+        os.link(source, folder / f"clip-{index:02d}{source.suffix}")
+    return folder
 
 
 def _check_rows_equal_predict(rows: list[dict], files: dict[str, Path], client: httpx.Client,
@@ -159,11 +168,7 @@ def _router_replicas(app: str) -> list[str]:
 
 def test_a_job_outlives_its_router_and_a_cancelled_job_stops(service, client, folder,
                                                              tmp_path):
-    many = tmp_path / "many"
-    many.mkdir()
-    source = _audio(folder)[0]
-    for index in range(24):
-        shutil.copy(source, many / f"clip-{index:02d}{source.suffix}")
+    many = _copies(_audio(folder)[0], tmp_path / "many", 24)
     running = submit(client, inputs=[str(many)], model_version="base")
     doomed = submit(client, inputs=[str(many)], model_version="base")
     cancelled = client.delete(f"/v1/jobs/{doomed['job_id']}")
@@ -191,11 +196,7 @@ def test_a_job_outlives_its_router_and_a_cancelled_job_stops(service, client, fo
 
 def test_keys_see_only_their_own_jobs_and_an_audio_quota_stops_a_job(keyed, folder,
                                                                       tmp_path):
-    many = tmp_path / "quota"
-    many.mkdir()
-    source = _audio(folder)[0]
-    for index in range(40):
-        shutil.copy(source, many / f"clip-{index:02d}{source.suffix}")
+    many = _copies(_audio(folder)[0], tmp_path / "quota", 40)
     own = {"Authorization": f"Bearer {keyed.keys['jobber']}"}
     other = {"Authorization": f"Bearer {keyed.keys['alpha']}"}
     with httpx.Client(base_url=keyed.url, timeout=60) as client:
