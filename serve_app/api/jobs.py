@@ -79,7 +79,8 @@ async def jobs_io(function, *args, timeout_s: float = RAY_TIMEOUT_S):
         return await asyncio.wait_for(asyncio.to_thread(function, *args), timeout_s)
     except ApiError:
         raise
-    except (TimeoutError, OSError, RuntimeError, ConnectionError, ValueError) as exc:
+    except Exception as exc:  # the job server or the storage, in any of their ways
+        logger.warning("jobs: %s failed: %r", getattr(function, "__name__", function), exc)
         raise ApiError(503, "jobs_unavailable", f"the jobs service cannot answer now: "
                        f"{str(exc)[:300] or type(exc).__name__}",
                        headers={"Retry-After": "5"}) from None
