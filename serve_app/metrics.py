@@ -193,6 +193,9 @@ class StreamMetrics:
             "emotion2vec_stream_event_lag_ms", description="From a window's last sample "
             "arriving in the router to its event leaving", boundaries=_LATENCY_MS,
             tag_keys=("variant",))
+        self.silent_windows = metrics.Counter(
+            "emotion2vec_stream_silent_windows_total", description="Windows of vad=true streams "
+            "sent without scores: the VAD found no speech in them", tag_keys=("variant",))
 
     def set_active(self, variant: str, count: int) -> None:
         self.active.set(count, tags={"variant": variant})
@@ -202,6 +205,9 @@ class StreamMetrics:
 
     def event_lag(self, variant: str, lag_ms: float) -> None:
         self.lag.observe(lag_ms, tags={"variant": variant})
+
+    def silent_window(self, variant: str) -> None:
+        self.silent_windows.inc(tags={"variant": variant})
 
 
 class SegmentMetrics:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from serve_app.wire import Granularity
 
@@ -210,6 +210,7 @@ class StreamReady(_Closed):
     sample_rate: int
     encoding: str
     segments: bool | None = None
+    vad: bool | None = None
     window_s: float
     hop_s: float
     limits: StreamLimits
@@ -217,7 +218,30 @@ class StreamReady(_Closed):
 
 class StreamWindow(TimelineWindow):
     type: Literal["window"]
+    speech: Literal[True] | None = Field(None, description="vad=true only: the VAD found "
+                                         "speech in this window")
     skipped: int = Field(description="windows skipped before this one (the variant was busy)")
+
+
+class StreamSilentWindow(_Closed):
+    """vad=true: a window in which the VAD found no speech, not scored."""
+
+    type: Literal["window"]
+    start_s: float
+    end_s: float
+    speech: Literal[False]
+    skipped: int = Field(description="windows skipped before this one (the variant was busy)")
+
+
+def _window_kind(event) -> str:
+    speech = event.get("speech") if isinstance(event, dict) else getattr(event, "speech", None)
+    return "silent" if speech is False else "scored"
+
+
+# A window event is scored, or (vad=true) silent: told apart by its `speech`.
+StreamWindowEvent = Annotated[Annotated[StreamWindow, Tag("scored")]
+                              | Annotated[StreamSilentWindow, Tag("silent")],
+                              Discriminator(_window_kind)]
 
 
 class StreamUtterance(TimelineWindow):
@@ -230,13 +254,15 @@ class StreamResult(PredictionBody):
     windows: int
     skipped: int
     utterances: int | None = None
+    silent: int | None = Field(None, description="vad=true only: window events without speech "
+                               "(counted in windows too)")
 
 
 class StreamErrorEvent(ErrorBody):
     type: Literal["error"]
 
 
-StreamEvent = Annotated[StreamReady | StreamWindow | StreamUtterance | StreamResult
+StreamEvent = Annotated[StreamReady | StreamWindowEvent | StreamUtterance | StreamResult
                         | StreamErrorEvent, Field(discriminator="type")]
 
 

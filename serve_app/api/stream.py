@@ -37,6 +37,7 @@ from serve_app.api.stream_protocol import (
     session_limit_s,
 )
 from serve_app.api.stream_utterances import LiveUtterances
+from serve_app.api.stream_vad import SpeechGate, vad_refusal
 from serve_app.audio.waveform import to_target_rate
 from serve_app.config import RouterSettings
 from serve_app.errors import ApiError
@@ -91,7 +92,7 @@ class Streams:
                  finder: SpeechFinder | None = None):
         self.variants = variants
         self.metrics = metrics
-        self.finder = finder  # the VAD, for segments=true
+        self.finder = finder  # the VAD, for segments=true and vad=true
         self.active: dict[str, int] = {}
         self._proxy_timeout: float | None = None
         self._proxy_timeout_known = False
@@ -131,15 +132,11 @@ class Streams:
             idle_timeout_s=settings.stream_idle_timeout_s,
             session_s=session_limit_s(settings.stream_max_session_s,
                                       await self.proxy_timeout_s(), websocket.headers))
-        refused = None
+        refused = vad_refusal(params, self.finder)
         if self.open_count >= settings.max_streams:
             refused = StreamError(
                 TRY_LATER, "too_many_streams",
                 f"this router replica has {settings.max_streams} streams open; retry later")
-        elif params.segments and (self.finder is None or self.finder.handle is None):
-            refused = StreamError(
-                POLICY, "vad_not_deployed", "segments=true needs the VAD deployment, which "
-                "this application does not have")
         if refused is not None:
             hooks.log_fields["code"] = refused.code
             await refuse(websocket, refused)
@@ -176,7 +173,11 @@ class _Session:
         self.deadline = started + limits.session_s
         self.buffer = SampleBuffer()
         self.schedule = WindowSchedule(params.sample_rate, params.window_s, params.hop_s)
-        self.utterances = self._utterances() if params.segments else None
+        self.utterances = LiveUtterances.through(
+            streams.finder, settings.segments, params.sample_rate, self.variant,
+            self._predict) if params.segments else None
+        self.gate = SpeechGate(streams.finder, settings.segments, streams.metrics,
+                               self.variant) if params.vad else None
         self.windows = self.skipped = 0
         self._unreported_s = 0.0
 
@@ -208,7 +209,8 @@ class _Session:
                                               f"the stream failed: {type(exc).__name__}"))
         finally:
             trace.update(close_code=close_code, windows=self.windows, skipped=self.skipped,
-                         utterances=self.utterances.count if self.utterances else None)
+                         utterances=self.utterances.count if self.utterances else None,
+                         silent=self.gate.silent if self.gate else None)
         return close_code
 
     async def _stream(self) -> None:
@@ -257,23 +259,6 @@ class _Session:
             for task in (receive, inference, utterances):
                 if task is not None and not task.done():
                     task.cancel()
-
-    def _utterances(self) -> LiveUtterances:
-        finder, segments = self.streams.finder, self.settings.segments
-
-        async def find(waveform: np.ndarray) -> list[tuple[int, int]]:
-            try:
-                spans, _ = await finder.find(waveform, segments.vad, segments.vad_timeout_s)
-            except ApiError as exc:
-                raise StreamError.from_api(exc) from None
-            return spans
-
-        async def score(samples: np.ndarray) -> tuple[list[str], list[float]]:
-            _, answer = await self._predict(samples)
-            finder.metrics.scored(self.variant, "stream")
-            return answer.labels, answer.scores
-
-        return LiveUtterances(self.params.sample_rate, segments.vad, find, score)
 
     def _timeout_error(self) -> StreamError:
         if time.monotonic() >= self.deadline - 1e-3:
@@ -336,6 +321,7 @@ class _Session:
                 **({"head": params.head_ref.answer()} if params.head_ref else {}),
                 "encoding": params.encoding,
                 **({"segments": True} if params.segments else {}),
+                **({"vad": True} if params.vad else {}),
                 "window_s": params.window_s, "hop_s": params.hop_s,
                 "limits": {"max_stream_s": limits.max_samples / params.sample_rate,
                            "max_session_s": round(limits.session_s, 3),
@@ -345,28 +331,38 @@ class _Session:
     async def _predict(self, samples: np.ndarray) -> tuple[np.ndarray, VariantAnswer]:
         """The 16 kHz waveform of these samples, and the variant's answer for it."""
         waveform = await asyncio.to_thread(to_target_rate, samples, self.params.sample_rate)
+        return waveform, await self._score(waveform)
+
+    async def _score(self, waveform: np.ndarray) -> VariantAnswer:
+        """The variant's answer for a 16 kHz waveform."""
         try:
             request = InferenceRequest(waveform, InferenceOptions(labels=self.params.labels,
                                                                   head=self.params.head_ref))
-            return waveform, await self.streams.variants.predict(
-                self.variant, request, self.settings.model_timeout_s)
+            return await self.streams.variants.predict(self.variant, request,
+                                                       self.settings.model_timeout_s)
         except ApiError as exc:
             raise StreamError.from_api(exc) from None
 
     async def _window_event(self, window: Window) -> tuple[dict, float] | None:
-        """The window's event and when its last sample arrived; None if it was skipped."""
+        """The window's event and when its last sample arrived; None if it was skipped. With
+        vad=true, a window without speech is not scored (serve_app/api/stream_vad.py)."""
+        samples = self.buffer.slice(window.start, window.end)
+        waveform = await asyncio.to_thread(to_target_rate, samples, self.params.sample_rate)
         try:
-            _, answer = await self._predict(self.buffer.slice(window.start, window.end))
+            speech = self.gate is None or await self.gate.has_speech(waveform)
+            answer = await self._score(waveform) if speech else None
         except StreamError as exc:
             if exc.code != "overloaded":
                 raise
-            self.schedule.drop(window)  # the variant is at capacity: a later window will run
+            self.schedule.drop(window)  # the variant (or VAD) is at capacity: a later window
             return None
         self.windows += 1
         self.skipped += window.skipped
+        if answer is None:
+            return self.gate.silent_event(window), window.due_at
         event = {"type": "window", **results.timeline_window(
                      answer.labels, TimelineWindow(window.start_s, window.end_s, answer.scores)),
-                 "skipped": window.skipped}
+                 **({"speech": True} if self.gate else {}), "skipped": window.skipped}
         return event, window.due_at
 
     async def _result(self) -> dict:
@@ -387,6 +383,8 @@ class _Session:
             extract_embedding=False)
         if self.utterances is not None:
             body["utterances"] = self.utterances.count
+        if self.gate is not None:
+            body["silent"] = self.gate.silent
         return {"type": "result", **body, "windows": self.windows,
                 "skipped": self.skipped + self.schedule.carried}
 

@@ -26,7 +26,7 @@ SAMPLE_RATES = (8_000, 96_000)
 # checks the key (serve_app/traffic/access.py) and routes by the session key
 # (serve_app/traffic/routing.py).
 PARAMS = ("model_version", "sample_rate", "encoding", "window_s", "hop_s", "api_key",
-          "session_key", "labels", "segments", "head")
+          "session_key", "labels", "segments", "vad", "head")
 # Close codes (RFC 6455): normal, policy (bad parameters or input), message too big,
 # internal error, try again later (overloaded).
 NORMAL, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1000, 1008, 1009, 1011, 1013
@@ -75,6 +75,7 @@ class StreamParams:
     session_key: str | None = None
     labels: tuple[str, ...] | None = None  # a label set (serve_app/labels.py); None: all
     segments: bool = False  # utterance events (serve_app/api/stream_utterances.py)
+    vad: bool = False  # windows without speech are not scored (serve_app/api/stream_vad.py)
     head: str | None = None  # a custom head, NAME[@REV] or a head alias, as asked
     head_ref: HeadRef | None = None  # the revision the router resolved it to
 
@@ -116,7 +117,8 @@ def parse_params(query: Mapping[str, str], settings: RouterSettings) -> StreamPa
                                 *SAMPLE_RATES, integer=True)),
         encoding=encoding, window_s=window_s, hop_s=hop_s,
         session_key=query.get("session_key") or None, labels=labels,
-        segments=_flag("segments", query.get("segments")), head=query.get("head") or None)
+        segments=_flag("segments", query.get("segments")), vad=_flag("vad", query.get("vad")),
+        head=query.get("head") or None)
 
 
 def _flag(name: str, value: str | None) -> bool:

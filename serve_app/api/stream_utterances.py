@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from serve_app.api.stream_protocol import SampleBuffer
+from serve_app.api.stream_protocol import SampleBuffer, StreamError
 from serve_app.audio.waveform import to_target_rate
-from serve_app.config import VadSettings
+from serve_app.config import SegmentSettings, VadSettings
+from serve_app.errors import ApiError
 from serve_app.labels import emotion_fields
 from serve_app.segments.live import UtteranceTracker
+
+if TYPE_CHECKING:
+    from serve_app.api.vad_client import SpeechFinder
+    from serve_app.wire import VariantAnswer
 
 # (16 kHz waveform) -> VAD's spans, [start, end) at 16 kHz
 FindSpeech = Callable[[np.ndarray], Awaitable[list[tuple[int, int]]]]
@@ -36,6 +42,27 @@ class LiveUtterances:
         self.find = find
         self.score = score
         self.count = 0  # utterance events sent
+
+    @classmethod
+    def through(cls, finder: SpeechFinder, segments: SegmentSettings, rate: int, variant: str,
+                predict: Callable[[np.ndarray], Awaitable[tuple[np.ndarray, VariantAnswer]]],
+                ) -> LiveUtterances:
+        """A stream's utterances: VAD through `finder` (its errors end the stream), each
+        utterance scored by the session's `predict` (samples at the stream's rate)."""
+
+        async def find(waveform: np.ndarray) -> list[tuple[int, int]]:
+            try:
+                spans, _ = await finder.find(waveform, segments.vad, segments.vad_timeout_s)
+            except ApiError as exc:
+                raise StreamError.from_api(exc) from None
+            return spans
+
+        async def score(samples: np.ndarray) -> tuple[list[str], list[float]]:
+            _, answer = await predict(samples)
+            finder.metrics.scored(variant, "stream")
+            return answer.labels, answer.scores
+
+        return cls(rate, segments.vad, find, score)
 
     def start(self, buffer: SampleBuffer, final: bool = False) -> asyncio.Task | None:
         """The work now due (VAD on the open region, then its closed utterances scored), as a

@@ -221,6 +221,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="one window each hop; default: the service's")
     live.add_argument("--labels", default=None, help=LABELS_HELP)
     live.add_argument("--head", default=None, help=HEAD_HELP)
+    live.add_argument("--vad", action="store_true",
+                      help="windows without speech (the service's VAD) are not scored")
     live.add_argument("--fast", action="store_true",
                       help="do not wait for real time: send as fast as windows come back")
     live.add_argument("--chunk-s", type=float, default=0.1,

@@ -154,8 +154,9 @@ async def _closed(ws, run: StreamRun) -> StreamRun:
 def format_event(event: dict) -> str | None:
     """One line for a person: a window, the result, or an error; None for the rest."""
     if event["type"] == "window":
-        line = (f"{event['start_s']:7.2f}-{event['end_s']:7.2f} s  {event['emotion']:<10} "
-                f"{event['confidence']:.3f}")
+        line = f"{event['start_s']:7.2f}-{event['end_s']:7.2f} s  " + (
+            f"{'(no speech)':<16}" if event.get("speech") is False
+            else f"{event['emotion']:<10} {event['confidence']:.3f}")
         if "lag_ms" in event:
             line += f"  lag {event['lag_ms']:.0f} ms"
         return line + (f"  ({event['skipped']} skipped)" if event.get("skipped") else "")
@@ -165,7 +166,8 @@ def format_event(event: dict) -> str | None:
     if event["type"] == "result":
         return (f"result: {event['emotion']} {event['confidence']:.3f} over "
                 f"{event['audio']['duration_s']:g} s ({event['model_version']}; "
-                f"{event['windows']} windows, {event['skipped']} skipped)")
+                f"{event['windows']} windows, {event['skipped']} skipped"
+                + (f", {event['silent']} without speech)" if "silent" in event else ")"))
     if event["type"] == "error":
         return f"error: {event['error']['code']}: {event['error']['message']}"
     return None
@@ -196,7 +198,8 @@ def stream_main(args: argparse.Namespace) -> int:
             print(line, flush=True)
 
     params = {"model_version": args.model_version, "window_s": args.window_s,
-              "hop_s": args.hop_s, "labels": args.labels, "head": args.head}
+              "hop_s": args.hop_s, "labels": args.labels, "head": args.head,
+              "vad": "true" if args.vad else None}
     try:
         run = asyncio.run(stream_audio(
             args.url, mono, int(rate), params=params, on_event=show,
