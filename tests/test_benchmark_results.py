@@ -14,9 +14,9 @@ import pytest
 from benchmarks import results, tables
 
 # Every benchmark that prints a table (batch_parity prints lines, no table).
-TABLE_BENCHMARKS = ["batch", "cold_start", "cpu", "decode_formats", "gpu", "ha", "hot_swap",
-                    "load", "long_audio", "protocols", "segments", "serve_latency", "shadow",
-                    "stream", "suite"]
+TABLE_BENCHMARKS = ["batch", "cold_start", "cpu", "decode_formats", "gpu", "ha", "heads",
+                    "heads_training", "hot_swap", "load", "long_audio", "protocols", "segments",
+                    "serve_latency", "shadow", "stream", "suite"]
 FILES = sorted(tables.RESULTS.glob("*.json"))
 LINK = re.compile(r"\]\((?:[./\w-]*/)?results/(?P<file>[\w.-]+\.json)\)")
 
