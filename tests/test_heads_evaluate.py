@@ -1,5 +1,5 @@
 """`emotion2vec-serve heads evaluate ... --url`: a head trained by `heads train` into the
-running service's heads_dir (the session's service, tiny checkpoints) and measured through
+running service's heads_dir (conftest's `service`: tiny checkpoints) and measured through
 POST /v1/predict gives the report `--local` gives (the same engine, so the same predictions);
 `builtin` through the service takes the variant's labels from GET /v1/models."""
 
