@@ -196,6 +196,38 @@ def render_jobs(result: dict) -> list[str]:
             *columns(spec, result["rows"])]
 
 
+def render_heads_training(result: dict) -> list[str]:
+    spec = [("run", "run", None), ("wall s", "wall_s", ".1f"),
+            ("embeddings s", "embedding_s", ".1f"), ("job s", "job_s", ".1f"),
+            ("fit s", "fit_s", ".2f"), ("clips/s", "clips_per_s", ".1f"),
+            ("after first rows, clips/s", "then_clips_per_s", ".1f"), ("CPU s", "cpu_s", ".0f"),
+            ("other processes, cores", "other_cores", ".2f"), ("cache", "cache", None)]
+    lines = [*caption(result),
+             f"{result['clips']} clips of {result['clip_s']}, variant {result['variant']}; a "
+             f"{result['kind']} head, {result['folds']} folds by voice (UA "
+             f"{result['ua']:.3f}, shuffled-label control {result['control_ua']:.3f}); the "
+             f"job's engine actor on {result['num_cpus']:g} CPU. clips/s: the clips over the "
+             "embedding seconds (heads train) or the job's own seconds (batch); extraction / "
+             f"batch: {result['extraction_over_batch']:.2f}. CPU s: the CPU time of the run's "
+             "processes and the cluster's; other processes: the cores they used meanwhile.",
+             "",
+             *columns(spec, result["rows"])]
+    agreed = result.get("agreement")
+    if agreed:
+        lines += ["", f"turbo with large's head ({agreed['voices']}), {agreed['clips']} "
+                  f"clips, both engines in the benchmark's process: the same label on "
+                  f"{agreed['same_label']:.1%} of clips, max |score difference| "
+                  f"{agreed['max_score_diff']:.1e} (mean {agreed['mean_score_diff']:.1e}); "
+                  f"UA large {agreed['ua_large']:.3f}, turbo {agreed['ua_turbo']:.3f}. The "
+                  f"checkpoint's nine-class head on the same passes: the same label on "
+                  f"{agreed['nine_class']['same_label']:.1%}, max |score difference| "
+                  f"{agreed['nine_class']['max_score_diff']:.1e}; the embeddings' least cosine "
+                  f"similarity {agreed['min_embedding_cosine']:.6f}. Per clip (median): "
+                  + ", ".join(f"{name} {e['backend']} {e['dtype']} {e['ms_per_clip']:.0f} "
+                              "ms/clip" for name, e in agreed["engines"].items()) + "."]
+    return lines
+
+
 def render_serve_latency(result: dict) -> list[str]:
     spec = [("variant", "variant", None), ("HTTP p50 ms", "http_p50_ms", ".0f"),
             ("HTTP p99 ms", "http_p99_ms", ".0f"), ("in-process p50 ms", "inproc_p50_ms", ".0f"),
@@ -362,7 +394,8 @@ RENDERERS = {"suite": render_suite, "stream": render_stream, "cold_start": rende
              "shadow": render_shadow, "serve_latency": render_serve_latency, "cpu": render_cpu,
              "fidelity_tests": render_fidelity_tests, "protocols": render_protocols,
              "batch": render_batch, "segments": render_segments, "ha": render_ha,
-             "gpu": render_gpu, "heads": render_heads, "jobs": render_jobs}
+             "gpu": render_gpu, "heads": render_heads, "jobs": render_jobs,
+             "heads_training": render_heads_training}
 
 
 def render_result(result: dict) -> str:

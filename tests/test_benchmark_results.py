@@ -15,7 +15,8 @@ from benchmarks import results, tables
 
 # Every benchmark that prints a table (batch_parity prints lines, no table).
 TABLE_BENCHMARKS = ["batch", "cold_start", "cpu", "decode_formats", "gpu", "ha", "heads",
-                    "hot_swap", "jobs", "load", "long_audio", "protocols", "segments",
+                    "heads_training", "hot_swap", "jobs", "load", "long_audio", "protocols",
+                    "segments",
                     "serve_latency", "shadow", "stream", "suite"]
 FILES = sorted(tables.RESULTS.glob("*.json"))
 LINK = re.compile(r"\]\((?:[./\w-]*/)?results/(?P<file>[\w.-]+\.json)\)")

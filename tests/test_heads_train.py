@@ -1,9 +1,10 @@
-"""`emotion2vec-serve heads train` and `heads evaluate` on a corpus made here with espeak-ng:
-three classes that differ in how they are spoken (low and slow, high and fast, whispered),
-six voices, each voice with two texts of its own, so that grouping by voice holds out voices
-and texts together. The backbone is the tiny generated checkpoint (random weights): pitch,
-rate and breath still show in its embeddings. Embeddings come from the batch job's stages on
-the session's cluster (a quarter CPU for the engine); scikit-learn fits the heads."""
+"""`emotion2vec-serve heads train` and `heads evaluate` on a corpus made here with espeak-ng
+(tests/heads_corpus.py): three classes that differ in how they are spoken (low and slow, high
+and fast, whispered), six voices, each voice with two texts of its own, so that grouping by
+voice holds out voices and texts together. The backbone is the tiny generated checkpoint
+(random weights): pitch, rate and breath still show in its embeddings. Embeddings come from the
+batch job's stages on the session's cluster (a quarter CPU for the engine); scikit-learn fits
+the heads."""
 
 from __future__ import annotations
 
@@ -11,15 +12,12 @@ import contextlib
 import csv
 import io
 import json
-import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
 import yaml
-from scipy.signal import resample_poly
 
 from serve_app.heads import data as datasets
 from serve_app.heads import embeddings
@@ -30,17 +28,10 @@ from serve_app.tools.cli import main
 from serve_app.tools.cluster import load_app
 from tests.clips import espeak_available
 from tests.conftest import TINY_CONFIG
+from tests.heads_corpus import CLASSES, make_corpus
 
 pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
 
-VOICES = ["en", "en-us", "en-gb-x-rp", "en-029", "en-gb-scotland", "en-us-nyc"]
-VARIANTS = ["m1", "f2", "m3", "f1", "m2", "f3"]
-TEXTS = ["good morning", "see you soon", "thank you kindly", "call me later", "not today",
-         "that is fine", "open the door", "where is it", "I agree", "hold the line",
-         "right away", "never mind"]
-# label -> (espeak-ng variant or None: the voice's own, pitch, words per minute)
-CLASSES = {"low-slow": (None, 15, 110), "high-fast": (None, 85, 240),
-           "whisper": ("whisper", 50, 170)}
 FOLDS = 3
 SMALL = ("--num-cpus", "0.25")  # the engine's share of the session's 2-CPU cluster
 # Measured on this corpus (tiny seed 1, 3 folds by voice): UA 0.806 (folds 0.75-0.875); the
@@ -49,31 +40,10 @@ SMALL = ("--num-cpus", "0.25")  # the engine's share of the session's 2-CPU clus
 MIN_UA, MAX_CONTROL_UA = 0.7, 0.55
 
 
-def _speak(job: tuple[Path, str, str, int, int]) -> None:
-    path, voice, text, pitch, rate = job
-    raw = subprocess.run(["espeak-ng", "--stdout", "-v", voice, "-p", str(pitch), "-s",
-                          str(rate), text], check=True, capture_output=True, timeout=60).stdout
-    samples, sr = soundfile.read(io.BytesIO(raw), dtype="float32")
-    assert sr == 22_050
-    soundfile.write(path, resample_poly(samples, 160, 441).astype(np.float32), 16_000)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """label/voice/clip.wav: 3 labels x 6 voices x 2 texts x 2 pitches = 72 clips of ~1 s."""
-    root = tmp_path_factory.mktemp("corpus")
-    jobs = []
-    for label, (variant, pitch, rate) in CLASSES.items():
-        for v, (voice, own) in enumerate(zip(VOICES, VARIANTS)):
-            (root / label / f"v{v}").mkdir(parents=True)
-            for t in (2 * v, 2 * v + 1):
-                for j, jitter in enumerate((-4, 4)):
-                    jobs.append((root / label / f"v{v}" / f"t{t}-{j}.wav",
-                                 f"{voice}+{variant or own}", TEXTS[t], pitch + jitter,
-                                 rate + 3 * jitter))
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(_speak, jobs))
-    return root
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

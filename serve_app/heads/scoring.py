@@ -14,9 +14,6 @@ from pathlib import Path
 from serve_app.heads.data import Clip
 
 BUILTIN = "builtin"
-# The checkpoint's own head, by English name (tokens.txt's order)
-BUILTIN_LABELS = ("angry", "disgusted", "fearful", "happy", "neutral", "other", "sad",
-                  "surprised", "unknown")
 SAMPLE_RATE = 16_000
 DECODE_CHUNK = 64  # files decoded at once: their waveforms are held together
 BACKOFF_S, MAX_BACKOFF_S, CONCURRENCY = 0.5, 30.0, 4
@@ -107,22 +104,48 @@ class LocalScorer:
         return outcomes
 
 
-def remote_labels(url: str, head: str | None, api_key: str | None,
-                  timeout_s: float) -> list[str]:
-    """The labels the service scores with this head (GET /v1/heads/HEAD), or the nine of the
-    checkpoint's own head."""
+def remote_labels(url: str, head: str | None, model_version: str | None,
+                  api_key: str | None, timeout_s: float) -> list[str]:
+    """The labels the service scores with: the head's (GET /v1/heads/HEAD), or, for the
+    checkpoint's own head, those GET /v1/models gives for the variant that `model_version`
+    (a variant or an alias; default: the service's default version) routes to."""
     import httpx
 
-    if head is None:
-        return list(BUILTIN_LABELS)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    asked = f"head {head}'s labels" if head else "the variants' labels"
     try:
         with httpx.Client(base_url=url, timeout=timeout_s, headers=headers) as client:
-            response = client.get(f"/v1/heads/{head}")
+            response = client.get(f"/v1/heads/{head}" if head else "/v1/models")
             response.raise_for_status()
-            return list(response.json()["labels"])
-    except (httpx.HTTPError, KeyError, ValueError) as exc:
-        raise ScoringError(f"cannot ask {url} for head {head}'s labels: {exc}") from None
+            answer = response.json()
+            if head:
+                return list(answer["labels"])
+            return _variant_labels(answer, model_version)
+    except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
+        raise ScoringError(f"cannot ask {url} for {asked}: {exc}") from None
+
+
+def _variant_labels(models: dict, model_version: str | None) -> list[str]:
+    """A GET /v1/models answer -> the labels of the variants `model_version` routes to (an
+    alias split between variants: they must agree)."""
+    name = model_version or models["default_version"]
+    target = models.get("aliases", {}).get(name, name)
+    names = [target] if isinstance(target, str) else [
+        variant for variant, weight in target.items() if weight > 0]
+    variants = models["variants"]
+    unknown = [variant for variant in names if variant not in variants]
+    if unknown:
+        raise ScoringError(f"the service has no variant {unknown[0]!r} (model version "
+                           f"{name!r}); variants: {sorted(variants)}")
+    found = {variant: variants[variant].get("labels") for variant in names}
+    loading = [variant for variant, labels in found.items() if not labels]
+    if loading:
+        raise ScoringError(f"variant {loading[0]} names no labels yet (state "
+                           f"{variants[loading[0]].get('state')}): try again when it is ready")
+    if len({tuple(labels) for labels in found.values()}) > 1:
+        raise ScoringError(f"model version {name!r} routes to variants with different labels: "
+                           f"{found}; name one variant")
+    return list(next(iter(found.values())))
 
 
 def score_remote(clips: list[Clip], scored: list[str], url: str, head: str | None,

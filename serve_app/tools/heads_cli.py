@@ -307,7 +307,8 @@ def evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         what = "the checkpoint's head" if builtin else f"{head.name}@{head.revision}"
     else:
         reference = None if builtin else args.head
-        labels = scoring.remote_labels(args.url, reference, args.api_key, args.timeout)
+        labels = scoring.remote_labels(args.url, reference, args.model_version,
+                                        args.api_key, args.timeout)
         mapping, scored = scoring.targets(labelled.labels, labels, label_map)
         outcomes = scoring.score_remote(labelled.clips, scored, args.url, reference,
                                         args.model_version, args.api_key, args.tries,
