@@ -198,6 +198,8 @@ async def admit_job(call: Call, request: Request, ray_jobs, owner: str) -> dict:
                 kind = (await asyncio.to_thread(inspect, archive, limits_of(jobs))).kind
             except InvalidArchive as exc:
                 raise exc.api_error() from None
+        # The model the variant serves now: the job's engines load the same.
+        model = await pipeline.variants.settings(route.variant)
         store = JobStore(settings.jobs_dir)
         counts = await jobs_io(_in_flight, store, ray_jobs, timeout_s=60.0)
         if counts[owner] >= jobs.max_jobs_per_key:
@@ -211,7 +213,7 @@ async def admit_job(call: Call, request: Request, ray_jobs, owner: str) -> dict:
         base = str(request.base_url).rstrip("/")
         record = {
             "job_id": job_id, "owner": owner, "key_id": call.admission.key_id,
-            "app": _app_name(), "created": iso_now(), "variant": route.variant,
+            "app": _app_name(), "created": iso_now(), "variant": route.variant, "model": model,
             "head": dataclasses.asdict(head) if head else None,
             "labels": list(labels) if labels else None, "inputs": job.inputs,
             "archive": f"upload.{kind}" if kind else None, "by_segment": job.by_segment,

@@ -86,6 +86,19 @@ class Variants:
         except ray.exceptions.RayTaskError as exc:
             raise task_error(variant, exc) from None
 
+    async def settings(self, name: str, timeout_s: float = 30.0) -> dict:
+        """The user_config the variant serves, for a job that loads the same model in engines
+        of its own; 503 while no replica answers."""
+        try:
+            settings = await asyncio.wait_for(self.handles[name].settings.remote(), timeout_s)
+        except Exception as exc:  # a replica starting, failed, or gone
+            raise ApiError(503, "model_unavailable", f"variant {name} cannot say its model "
+                           f"now: {type(exc).__name__}", headers={"Retry-After": "5"}) from None
+        if settings is None:
+            raise ApiError(503, "model_unavailable", f"variant {name} has no model "
+                           "configured", headers={"Retry-After": "5"})
+        return settings
+
     async def _info(self, name: str, deployments: dict) -> dict:
         status = deployments.get(name)
         if status is not None and status.status in ("HEALTHY", "DOWNSCALING") and \

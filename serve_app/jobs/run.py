@@ -16,7 +16,6 @@ from serve_app.config import RouterSettings
 from serve_app.jobs.store import JobStore
 
 QUOTA_CHECK_S = 1.0  # the key's balance is exchanged with the Router replicas this often
-SETTINGS_TIMEOUT_S = 120.0  # the variant's answer (its replica may be starting)
 JOIN_TRIES = 4
 
 
@@ -81,16 +80,6 @@ class JobQuota:
             self.exchange(force=True)
 
 
-def _variant_settings(app: str, variant: str) -> dict:
-    from ray import serve
-
-    handle = serve.get_deployment_handle(variant, app)
-    settings = handle.settings.remote().result(timeout_s=SETTINGS_TIMEOUT_S)
-    if settings is None:
-        raise RuntimeError(f"the variant {variant!r} has no model configured")
-    return settings
-
-
 def _plan(record: dict, router: RouterSettings):
     from serve_app.heads.headfile import decode
     from serve_app.heads.registry import read_file
@@ -103,9 +92,7 @@ def _plan(record: dict, router: RouterSettings):
             raise RuntimeError(f"head {head.name}@{head.revision} changed since the job was "
                                "admitted")
     labels = tuple(record["labels"]) if record.get("labels") else None
-    return job_plan(router, record["variant"], _variant_settings(record["app"],
-                                                                  record["variant"]),
-                    head=head, labels=labels)
+    return job_plan(router, record["variant"], record["model"], head=head, labels=labels)
 
 
 def _inputs(store: JobStore, owner: str, job_id: str, record: dict,
@@ -191,6 +178,8 @@ def run_job(store: JobStore, owner: str, job_id: str, record: dict, progress,
                 batch_format="pyarrow", batch_size=None):
             table = _relabel(table, prefix)
             writer.add(table)
+            if not writer.written:
+                writer.close()  # the first rows readable at once, not part_s later
             tally.add(table)
             publish()
             progress.scored(tally, len(writer.written), len(files))
