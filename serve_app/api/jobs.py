@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from serve_app.api import protocol
 from serve_app.api.app import Parts
-from serve_app.api.jobs_admit import JobRequest, admit_job
+from serve_app.api.jobs_admit import JobRequest, admit_job, jobs_io
 from serve_app.api.pipeline import Call
 from serve_app.errors import ApiError
 from serve_app.jobs.ray_jobs import RayJobs
@@ -30,7 +30,6 @@ from serve_app.untrusted import whole_number
 router = APIRouter()
 logger = logging.getLogger("ray.serve")
 
-RAY_TIMEOUT_S = 30.0     # one call to the job server (the first imports its client)
 CANCEL_WAIT_S = 10.0     # DELETE waits this long for the driver to say it stopped
 SWEEP_EVERY_S = 3600.0   # how often a replica deletes the jobs past their retention
 PARQUET = "application/vnd.apache.parquet"
@@ -70,20 +69,6 @@ def ray_jobs(call: Call, parts) -> RayJobs:
     """The cluster's job server, where the Router's settings say it is."""
     parts.jobs.dashboard_url = call.settings.jobs.dashboard_url
     return parts.jobs
-
-
-async def jobs_io(function, *args, timeout_s: float = RAY_TIMEOUT_S):
-    """A call to jobs_dir or the job server, in a thread: 503 jobs_unavailable while either
-    cannot be reached (ApiErrors, such as 404, pass)."""
-    try:
-        return await asyncio.wait_for(asyncio.to_thread(function, *args), timeout_s)
-    except ApiError:
-        raise
-    except Exception as exc:  # the job server or the storage, in any of their ways
-        logger.warning("jobs: %s failed: %r", getattr(function, "__name__", function), exc)
-        raise ApiError(503, "jobs_unavailable", f"the jobs service cannot answer now: "
-                       f"{str(exc)[:300] or type(exc).__name__}",
-                       headers={"Retry-After": "5"}) from None
 
 
 _sweeps: dict[str, float] = {}  # jobs_dir -> when this replica last swept it

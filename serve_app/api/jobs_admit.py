@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -35,6 +36,8 @@ ARCHIVE_FIELD = "archive"
 MAX_JSON_BYTES = 1024 * 1024
 MAX_METADATA_BYTES = 16 * 1024
 RETRY_S = "30"  # a job in flight takes minutes: try again later rather than at once
+RAY_TIMEOUT_S = 30.0  # one call to the job server (the first imports its client)
+logger = logging.getLogger("ray.serve")
 
 
 class JobRequest(protocol._Closed):
@@ -168,8 +171,6 @@ def _app_name() -> str:
 
 async def admit_job(call: Call, request: Request, ray_jobs, owner: str) -> dict:
     """Check, record and submit a job; the 202 answer."""
-    from serve_app.api.jobs import jobs_io
-
     settings, pipeline = call.settings, call.pipeline
     jobs = settings.jobs
     job, archive = await read_job_request(request, jobs.max_archive_bytes)
@@ -232,6 +233,20 @@ async def admit_job(call: Call, request: Request, ray_jobs, owner: str) -> dict:
             archive.unlink(missing_ok=True)
     return {"job_id": job_id, "state": "queued", "status_url": record["status_url"],
             "results_url": record["results_url"]}
+
+
+async def jobs_io(function, *args, timeout_s: float = RAY_TIMEOUT_S):
+    """A call to jobs_dir or the job server, in a thread: 503 jobs_unavailable while either
+    cannot be reached (ApiErrors, such as 404, pass)."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(function, *args), timeout_s)
+    except ApiError:
+        raise
+    except Exception as exc:  # the job server or the storage, in any of their ways
+        logger.warning("jobs: %s failed: %r", getattr(function, "__name__", function), exc)
+        raise ApiError(503, "jobs_unavailable", f"the jobs service cannot answer now: "
+                       f"{str(exc)[:300] or type(exc).__name__}",
+                       headers={"Retry-After": "5"}) from None
 
 
 def _in_flight(store: JobStore, ray_jobs) -> Counter:
