@@ -54,6 +54,8 @@ def add_parser(commands) -> None:
                         help="POSTed a signed summary when the job ends")
     submit.add_argument("--metadata", default=None, help="a JSON object, returned as given")
     submit.add_argument("--wait", action="store_true", help="show progress until the job ends")
+    submit.add_argument("--no-progress", action="store_true",
+                        help="with --wait: no progress bar, only the final status")
     for verb, text in (("status", "a job's state"), ("cancel", "cancel a job")):
         command = verbs.add_parser(verb, parents=[common], help=text)
         command.add_argument("job_id", metavar="ID")
@@ -121,17 +123,19 @@ def _bar(job: dict) -> str:
             f"audio{eta}   ")
 
 
-def wait(client: httpx.Client, job_id: str, out=sys.stderr) -> dict:
+def wait(client: httpx.Client, job_id: str, out=sys.stderr, progress: bool = True) -> dict:
     while True:
         response = client.get(f"/v1/jobs/{job_id}")
         if response.status_code in (429, 503):  # busy or over a quota: ask again later
             time.sleep(max(POLL_S, retry_after_s(response.headers.get("retry-after"))))
             continue
         job = _checked(response).json()
-        out.write(_bar(job))
-        out.flush()
+        if progress:
+            out.write(_bar(job))
+            out.flush()
         if job["state"] in ENDED:
-            out.write("\n")
+            if progress:
+                out.write("\n")
             return job
         time.sleep(POLL_S)
 
@@ -173,7 +177,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 print(accepted["job_id"])
                 if not args.wait:
                     return 0
-                job = wait(client, accepted["job_id"])
+                job = wait(client, accepted["job_id"], progress=not args.no_progress)
             elif args.jobs_command == "status":
                 job = _checked(client.get(f"/v1/jobs/{args.job_id}")).json()
             elif args.jobs_command == "cancel":
