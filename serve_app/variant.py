@@ -22,7 +22,8 @@ from serve_app.config import MAX_BATCH_SIZE, ModelSettings, default_of
 from serve_app.heads.headfile import Head
 from serve_app.heads.resident import ResidentHeads
 from serve_app.inference.engine import EmotionEngine, Prediction
-from serve_app.inference.lifecycle import ModelLifecycle, rss_bytes
+from serve_app.inference.lifecycle import ModelLifecycle
+from serve_app.inference.memory import rss_bytes
 from serve_app.inference.passes import padded_chunks
 from serve_app.metrics import ModelMetrics
 from serve_app.wire import (

@@ -172,18 +172,11 @@ class EmotionEngine:
         files = weights.model_files(directory)
         random_info = generate.random_weights_info(directory)
         torch.set_num_threads(self.threads)
-        if self.settings.loader == "mmap":
-            model, self.labels = _load_mmap(files)
-            model.to(self.device)
-            weights_file = files.weights
-        else:
-            model, self.labels, weights_file = self._load_funasr(directory)
-        model.eval()
+        model, self.labels, weights_file = self._read_model(directory, files)
         if len(self.labels) != model.proj.out_features:
             raise ModelLoadError(f"{directory}: {len(self.labels)} labels in "
                                  f"{files.tokens.name} but the head has "
                                  f"{model.proj.out_features} outputs")
-        self.model = model
         self._normalize = bool(model.cfg.get("normalize", False))
         try:
             padded.check_supported(model)
@@ -194,8 +187,10 @@ class EmotionEngine:
         source = str(directory) if self.settings.is_local else self.settings.source
         sha256 = weights.file_sha256(weights_file) if weights_file.is_file() else None
         parameter_count = sum(p.numel() for p in model.parameters())  # before a backend frees any
-        self._backend, backend_info = backends.select(self.settings, model, self.device,
-                                                      self.threads, sha256, self._autocast)
+        self._backend, backend_info, model = backends.select(
+            self.settings, model, self.device, self.threads, sha256, self._autocast,
+            reload=lambda: self._read_model(directory, files)[0])
+        self.model = model
         self.info = ModelInfo(
             source=source,
             directory=str(directory),
@@ -216,6 +211,16 @@ class EmotionEngine:
             logger.warning("loaded %s: RANDOM weights (%s, seed %s); predictions carry no meaning",
                            source, random_info.get("arch"), random_info.get("seed"))
         return self.info
+
+    def _read_model(self, directory: Path, files: weights.ModelFiles):
+        """The model in eval mode on the device, its labels and the weights file read."""
+        if self.settings.loader == "mmap":
+            model, labels = _load_mmap(files)
+            model.to(self.device)
+            weights_file = files.weights
+        else:
+            model, labels, weights_file = self._load_funasr(directory)
+        return model.eval(), labels, weights_file
 
     def _load_funasr(self, directory: Path):
         """FunASR's own path (it reads all of model.pt, optimizer state included, and copies

@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import gc
 import logging
-import os
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -38,6 +35,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from serve_app.config import ModelSettings
+from serve_app.inference import memory
 
 logger = logging.getLogger("ray.serve")
 
@@ -94,30 +92,12 @@ class _NoMetrics:
         pass
 
 
-def trim_heap() -> None:
-    """Hand glibc's free lists back to the OS (freed tensors otherwise stay in the RSS)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: the allocator keeps what it keeps
-
-
-def release_memory() -> None:
-    gc.collect()
-    trim_heap()
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 class ModelLifecycle:
     def __init__(self, name: str, build: Callable[[ModelSettings], Engine], *,
                  metrics: LoadMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time,
-                 free_memory: Callable[[], None] = release_memory):
+                 free_memory: Callable[[], None] = memory.release):
         self.name = name
         self._build = build
         self._metrics = metrics or _NoMetrics()
@@ -214,7 +194,7 @@ class ModelLifecycle:
     def _install(self, engine: Engine, settings: ModelSettings) -> None:
         if self.engine is not None:
             # Requests in flight still hold the old engine: trim once the last one lets go.
-            weakref.finalize(self.engine, trim_heap)
+            weakref.finalize(self.engine, memory.trim_heap)
         # One assignment on the event loop: every request sees the old engine or the new one.
         self.engine, self.settings = engine, settings
         self.load_count += 1
@@ -257,13 +237,13 @@ class ModelLifecycle:
             engine, self.engine = self.engine, None
             self.state = State.UNLOADING  # "unloaded" once the memory is given back
             self._metrics.set_loaded(False)
-            rss_before = rss_bytes()
+            rss_before = memory.rss_bytes()
             engine.unload()
             del engine
             await asyncio.to_thread(self._free_memory)
             self.state = State.UNLOADED
             logger.info("variant %s: model released (RSS %.0f -> %.0f MB)", self.name,
-                        rss_before / 2**20, rss_bytes() / 2**20)
+                        rss_before / 2**20, memory.rss_bytes() / 2**20)
             return True
 
     def idle_s(self) -> float:

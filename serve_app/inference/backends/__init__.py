@@ -6,13 +6,15 @@
 | `openvino` | openvino.py | PaddedEncoder converted to OpenVINO's IR, compiled for this CPU |
 | `onnxruntime` | onnxruntime.py | PaddedEncoder exported to ONNX, run by onnxruntime on the CPU |
 
-The interface, the registry, the artefact cache and the fall-back to eager with the reason are
-common.py's. Adding a backend: one module with `COMPILED` and `build`, one name in
+The interface, the registry, the artefact cache, the order that keeps one copy of the weights
+and the fall-back to eager with the reason are common.py's. Adding a backend: one module with
+`COMPILED` and `build` (eager) or `convert` and `load` (compiled), one name in
 common.REGISTRY, and the same name in serve_app.config.BackendName.
 """
 
 from serve_app.inference.backends.common import (
     REGISTRY,
+    Artefact,
     Backend,
     BackendInfo,
     BackendUnavailable,
@@ -20,12 +22,14 @@ from serve_app.inference.backends.common import (
     backend_module,
     cache_key,
     check_against_eager,
+    check_scores,
     release_encoder,
     select,
 )
 from serve_app.inference.backends.eager import EagerBackend
 from serve_app.inference.backends.openvino import has_bf16
 
-__all__ = ["REGISTRY", "Backend", "BackendInfo", "BackendUnavailable", "BuildSpec",
-           "EagerBackend", "backend_module", "cache_key", "check_against_eager", "has_bf16",
+__all__ = ["REGISTRY", "Artefact", "Backend", "BackendInfo", "BackendUnavailable", "BuildSpec",
+           "EagerBackend", "backend_module", "cache_key", "check_against_eager", "check_scores",
+           "has_bf16",
            "release_encoder", "select"]

@@ -1,14 +1,21 @@
 """What every backend shares: the interface, the registry, the artefact disk cache, the check
 against eager, and the fall-back to eager PyTorch with the reason why.
 
-A backend is one module of this package, named in REGISTRY, with:
-- `build(model, spec: BuildSpec) -> (backend, BackendInfo)`, where the backend has
-  `single(source) -> 1 x T x D float32 frames` and
-  `batch(sources) -> (B x T_max x D float32 frames, each clip's T_i)`, on waveforms already
-  normalised per clip (the engine does that, and the head, pooling, windows and timeline);
-- `COMPILED`: True when it holds its own copy of the weights (built from
-  serve_app.inference.graph.PaddedEncoder): `select` then checks it against eager on a clip
-  and frees the torch encoder; such a backend runs on the CPU only.
+A backend is one module of this package, named in REGISTRY, with `COMPILED`:
+- False (eager): `build(model, spec: BuildSpec) -> (backend, BackendInfo)`;
+- True: it holds its own copy of the weights, built from serve_app.inference.graph.PaddedEncoder
+  and run on the CPU only, in two steps: `convert(model, spec) -> Artefact` (the artefact in
+  the disk cache, converted from the torch encoder on a miss) and
+  `load(artefact, model, spec) -> (backend, BackendInfo)` (which needs no torch weights).
+A backend has `single(source) -> 1 x T x D float32 frames` and
+`batch(sources) -> (B x T_max x D float32 frames, each clip's T_i)`, on waveforms already
+normalised per clip (the engine does that, and the head, pooling, windows and timeline).
+
+One copy of the weights (`select`): eager's answer on a check clip is taken first, then the
+artefact converted, then the torch encoder freed (`release_encoder`), and only then the artefact
+compiled, checked against eager's answer and its mapped pages handed back to the kernel once the
+compiled copy has read them (serve_app/inference/memory.py). A backend that fails after the
+encoder was freed gets the model read again (`reload`) for eager.
 
 Artefacts are cached on disk under `compiled_cache_dir/<key>/`, the key a sha256 of everything
 that changes them (`cache_key`): the checkpoint's sha256, the backend and its library versions,
@@ -46,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from serve_app.config import BackendName
-from serve_app.inference import graph, padded
+from serve_app.inference import graph, memory, padded
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +81,15 @@ class BackendInfo:
     build_s: float = 0.0       # conversion and compile time at load
     cache: str | None = None   # hit (artefacts reused) or miss (built now); None for torch
     cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Artefact:
+    """A compiled backend's converted model on disk, and whether the cache had it."""
+
+    folder: Path
+    hit: bool
+    started: float  # perf_counter at the start of the build: build_s counts from it
 
 
 @dataclass(frozen=True)
@@ -135,11 +151,12 @@ class PaddedGraphBackend:
         return self._run(waveform, lengths), self._lengths(torch.from_numpy(lengths))
 
 
-def compiled_info(name: str, precision: str, note: str | None, started: float,
-                  folder: Path, hit: bool) -> BackendInfo:
-    """A compiled backend's BackendInfo: its build time since `started` and its cache use."""
-    return BackendInfo(name, name, precision, note, round(time.perf_counter() - started, 3),
-                       "hit" if hit else "miss", str(folder))
+def compiled_info(name: str, precision: str, note: str | None, artefact: Artefact
+                  ) -> BackendInfo:
+    """A compiled backend's BackendInfo: its build time so far and its cache use."""
+    return BackendInfo(name, name, precision, note,
+                       round(time.perf_counter() - artefact.started, 3),
+                       "hit" if artefact.hit else "miss", str(artefact.folder))
 
 
 # -- the artefact cache ---------------------------------------------------------------------
@@ -209,10 +226,17 @@ def _publish(target: Path, artefact: str, key: dict, write: Callable[[Path], Non
 
 
 def cached_artefact(cache_root: Path, key: dict, artefact: str,
-                    write: Callable[[Path], None]) -> tuple[Path, bool]:
+                    write: Callable[[Path], None]) -> Artefact:
     """The folder holding `artefact` for `key`, and whether it was there already (a hit);
     on a miss `write(folder)` builds it. Without a checkpoint hash there is nothing to key
     on: it is built in a private temporary folder, never shared."""
+    started = time.perf_counter()
+    folder, hit = _cached(cache_root, key, artefact, write)
+    return Artefact(folder, hit, started)
+
+
+def _cached(cache_root: Path, key: dict, artefact: str,
+            write: Callable[[Path], None]) -> tuple[Path, bool]:
     if key["checkpoint_sha256"] == UNHASHED:
         folder = Path(tempfile.mkdtemp(prefix=f"e2v-{key['backend']}-")) / "artefact"
         _publish(folder, artefact, key, write)
@@ -231,27 +255,33 @@ def cached_artefact(cache_root: Path, key: dict, artefact: str,
 
 # -- after a compiled backend is built -------------------------------------------------------
 def release_encoder(model: torch.nn.Module) -> None:
-    """Free the torch encoder once a compiled backend holds its own copy of the weights: only
-    the head (copied out of the checkpoint's mapping, so that the mapping can go) is used
-    after load. Keeps a replica's RSS near one copy of the weights."""
+    """Free the torch encoder once a compiled backend's artefact is written: only the head
+    (copied out of the checkpoint's mapping, so that the mapping can go) is used after that.
+    The conversion's leftovers (a traced graph holds the weights in reference cycles) are
+    collected and the freed heap returned."""
     for parameter in model.proj.parameters():
         parameter.data = parameter.data.clone()
     for name, child in model.named_children():
         if name != "proj":
             child.to("meta")
     getattr(model, "alibi_biases", {}).clear()  # FunASR's ALiBi cache (the check clip's)
+    memory.release()
 
 
-def check_against_eager(backend: Backend, eager: Backend, head, tolerance: float) -> float:
-    """Largest score difference between `backend` and eager on a fixed noise clip; raises
-    BackendUnavailable beyond `tolerance` (a compiler that changes the answers is not used)."""
+def check_scores(backend: Backend, head) -> torch.Tensor:
+    """`backend`'s scores on a fixed noise clip (CHECK_SAMPLES long)."""
     noise = np.random.default_rng(7).standard_normal(CHECK_SAMPLES).astype(np.float32) * 0.1
     source = torch.from_numpy(noise)
     source = F.layer_norm(source, source.shape)
     with torch.inference_mode():
-        ours = torch.softmax(head(backend.single(source).mean(dim=1)), dim=-1)
-        theirs = torch.softmax(head(eager.single(source).mean(dim=1)), dim=-1)
-    diff = float((ours - theirs).abs().max())
+        return torch.softmax(head(backend.single(source).mean(dim=1)), dim=-1)
+
+
+def check_against_eager(backend: Backend, eager_scores: torch.Tensor, head,
+                        tolerance: float) -> float:
+    """Largest score difference between `backend` and eager's `check_scores`; raises
+    BackendUnavailable beyond `tolerance` (a compiler that changes the answers is not used)."""
+    diff = float((check_scores(backend, head) - eager_scores).abs().max())
     if not diff <= tolerance:
         raise BackendUnavailable(f"scores differ from eager by {diff:.2e} on the check clip "
                                  f"(allowed {tolerance:g})")
@@ -259,24 +289,39 @@ def check_against_eager(backend: Backend, eager: Backend, head, tolerance: float
 
 
 def select(settings, model: torch.nn.Module, device: str, threads: int,
-           checkpoint_sha256: str | None, autocast) -> tuple[Backend, BackendInfo]:
-    """The backend `settings.backend` asks for, or eager PyTorch with the reason why not."""
+           checkpoint_sha256: str | None, autocast, reload: Callable[[], torch.nn.Module]
+           ) -> tuple[Backend, BackendInfo, torch.nn.Module]:
+    """The backend `settings.backend` asks for, or eager PyTorch with the reason why not; and
+    the model the engine keeps (its head; `reload()`'s where eager needs the encoder back)."""
     spec = BuildSpec(settings.precision, device, threads, checkpoint_sha256,
                      Path(settings.compiled_cache_dir), autocast)
     module = backend_module(settings.backend)  # an unknown name is an error, not a fallback
-    eager, eager_info = backend_module("torch").build(model, spec)
+    eager_module = backend_module("torch")
+    eager, eager_info = eager_module.build(model, spec)
     if not module.COMPILED:
-        return eager, eager_info
+        return eager, eager_info, model
+    released = False
     try:
         if device != "cpu":
             raise BackendUnavailable(f"{settings.backend} runs on the CPU, not on {device}")
         padded.check_supported(model)  # every compiled backend runs the padded graph
-        backend, info = module.build(model, spec)
-        check_against_eager(backend, eager, model.proj, CHECK_TOLERANCE[settings.precision])
+        eager_scores = check_scores(eager, model.proj)  # before the encoder goes
+        artefact = module.convert(model, spec)
         release_encoder(model)
-        return backend, info
+        released = True
+        backend, info = module.load(artefact, model, spec)
+        # The compiled copy of the weights is made while compiling and on the first inference
+        # (the check's): after each, the artefact's pages it read go back to the kernel.
+        memory.page_out(artefact.folder)
+        check_against_eager(backend, eager_scores, model.proj,
+                            CHECK_TOLERANCE[settings.precision])
+        memory.page_out(artefact.folder)
+        return backend, info, model
     except Exception as exc:  # any failure of an optional backend: serve on eager
         reason = f"{settings.backend} unavailable, running eager torch: {exc}"
         logger.warning("%s", reason)
+        if released:
+            model = reload()
+            eager, eager_info = eager_module.build(model, spec)
         eager_info.requested, eager_info.note = settings.backend, reason
-        return eager, eager_info
+        return eager, eager_info, model

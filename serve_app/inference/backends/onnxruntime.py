@@ -10,13 +10,13 @@ made (part of build_s on every load); only the exported model is cached.
 from __future__ import annotations
 
 import sys
-import time
 
 import numpy as np
 import torch
 
 from serve_app.inference import onnx_graph
 from serve_app.inference.backends.common import (
+    Artefact,
     BackendInfo,
     BackendUnavailable,
     BuildSpec,
@@ -61,22 +61,26 @@ def session(path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def build(model: torch.nn.Module, spec: BuildSpec) -> tuple[OnnxRuntimeBackend, BackendInfo]:
+def convert(model: torch.nn.Module, spec: BuildSpec) -> Artefact:
+    """The ONNX model in the cache, exported from the torch encoder on a miss."""
     try:
         import onnx
         import onnxruntime as ort
     except ImportError as exc:
         raise BackendUnavailable(f"onnxruntime or onnx is not installed ({exc})") from exc
-    started = time.perf_counter()
     key = cache_key(spec.checkpoint_sha256, "onnxruntime",
                     {"onnxruntime": ort.__version__, "onnx": onnx.__version__,
                      "opset": onnx_graph.OPSET},
                     [onnx_graph, sys.modules[__name__]])
-    folder, hit = cached_artefact(
+    return cached_artefact(
         spec.cache_root, key, MODEL_NAME,
         lambda staging: onnx_graph.write_onnx(onnx_graph.encoder_graph(model),
                                               onnx_graph.ENCODER_IO, staging / MODEL_NAME))
+
+
+def load(artefact: Artefact, model: torch.nn.Module, spec: BuildSpec
+         ) -> tuple[OnnxRuntimeBackend, BackendInfo]:
     note = None if spec.precision == "fp32" else (
         "onnxruntime's CPU provider runs this graph in f32: reduced precision is not applied")
-    backend = OnnxRuntimeBackend(session(folder / MODEL_NAME, spec.threads), model)
-    return backend, compiled_info("onnxruntime", "f32", note, started, folder, hit)
+    backend = OnnxRuntimeBackend(session(artefact.folder / MODEL_NAME, spec.threads), model)
+    return backend, compiled_info("onnxruntime", "f32", note, artefact)

@@ -3,13 +3,14 @@ per checkpoint (cached: serve_app/inference/backends/common.py) and compiled for
 dynamic batch and length: any clip length and batch size run without recompiling. fp32 runs in
 f32 (its scores equal FunASR's within float rounding); `precision: reduced` runs in bf16 where
 the CPU has bf16 units (else f32, said in the note). OpenVINO's own blob cache beside the IR
-(per precision) makes a warm compile an import.
+(per precision) makes a warm compile an import. It maps the IR (or the blob) rather than
+reading it; the copy it compiles the weights into is the replica's only one once the mapped
+pages are handed back (common.select).
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 from serve_app.inference import graph
 from serve_app.inference.backends.common import (
+    Artefact,
     BackendInfo,
     BackendUnavailable,
     BuildSpec,
@@ -81,24 +83,31 @@ def _ov_precision(core, precision: str) -> tuple[str, str | None]:
     return "f32", "this CPU has no bf16 units: reduced precision runs in f32"
 
 
-def build(model: torch.nn.Module, spec: BuildSpec) -> tuple[OpenVinoBackend, BackendInfo]:
+def convert(model: torch.nn.Module, spec: BuildSpec) -> Artefact:
+    """The IR in the cache, traced from the torch encoder on a miss."""
     try:
         import openvino as ov
     except ImportError as exc:
         raise BackendUnavailable(f"openvino is not installed ({exc})") from exc
-    started = time.perf_counter()
     key = cache_key(spec.checkpoint_sha256, "openvino", {"openvino": ov.__version__},
                     [sys.modules[__name__]])
-    folder, hit = cached_artefact(spec.cache_root, key, IR_NAME,
-                                  lambda staging: _convert(model, staging))
+    return cached_artefact(spec.cache_root, key, IR_NAME,
+                           lambda staging: _convert(model, staging))
+
+
+def load(artefact: Artefact, model: torch.nn.Module, spec: BuildSpec
+         ) -> tuple[OpenVinoBackend, BackendInfo]:
+    """The IR compiled for this CPU (an import where the blob cache has it)."""
+    import openvino as ov
+
     core = ov.Core()
     ov_precision, note = _ov_precision(core, spec.precision)
-    compiled = core.compile_model(str(folder / IR_NAME), "CPU", {
+    compiled = core.compile_model(str(artefact.folder / IR_NAME), "CPU", {
         "INFERENCE_PRECISION_HINT": ov_precision,
         "INFERENCE_NUM_THREADS": spec.threads,
         "PERFORMANCE_HINT": "LATENCY",
         "NUM_STREAMS": 1,
-        "CACHE_DIR": str(folder / f"blobs-{ov_precision}"),
+        "CACHE_DIR": str(artefact.folder / f"blobs-{ov_precision}"),
     })
     return OpenVinoBackend(compiled, model), compiled_info("openvino", ov_precision, note,
-                                                           started, folder, hit)
+                                                           artefact)
