@@ -51,9 +51,9 @@ TEXTS = ["I can't believe you did that, this is wonderful news!",
          "Wow, look at that! I did not expect a surprise party at all."]
 
 
-def checkpoint(arch: str) -> Path:
-    path = CHECKPOINTS / f"{arch}-seed0"
-    generate.write_checkpoint(path, arch, 0)
+def checkpoint(arch: str, optimizer_state: bool = False) -> Path:
+    path = CHECKPOINTS / (f"{arch}-seed0" + ("-optimizer" if optimizer_state else ""))
+    generate.write_checkpoint(path, arch, 0, optimizer_state=optimizer_state)
     return path
 
 
@@ -198,20 +198,34 @@ def fidelity(archs: list[str], count: int, cache: str, backends: list[str]) -> d
 
 
 def child(path: str, backend: str, precision: str, cache: str) -> None:
-    """In a fresh process: time to a warm engine, then RSS after a 5 s predict (JSON out)."""
+    """In a fresh process: time to a warm engine, RSS after a 5 s predict and its peak while
+    loading, then RSS after a hot swap to a second engine of the same settings, as a variant
+    does it (the old one dropped, the heap trimmed) (JSON out)."""
     import funasr  # noqa: F401  (imported before the clock starts, as a replica has it)
     import torch  # noqa: F401
 
+    from serve_app.inference import memory
+
+    def status(name: str) -> float:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text()
+                      .splitlines() if ":" in line)
+        return int(fields[name].split()[0]) / 1024
+
+    clip = np.zeros(80_000, np.float32) + 0.01
     started = time.perf_counter()
     loaded = engine(Path(path), backend, precision, cache)
     ready = time.perf_counter() - started
-    loaded.predict(np.zeros(80_000, np.float32) + 0.01, "utterance", False)
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text()
-                  .splitlines() if ":" in line)
+    peak, cache_use = status("VmHWM"), loaded.info.backend_info.get("cache")
+    loaded.predict(clip, "utterance", False)
+    rss = status("VmRSS")
+    swapped = engine(Path(path), backend, precision, cache)
+    loaded.unload()
+    loaded = swapped
+    memory.release()
+    loaded.predict(clip, "utterance", False)
     print(json.dumps({"ready_s": ready, "backend": loaded.info.backend,
-                      "cache": loaded.info.backend_info.get("cache"),
-                      "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
-                      "peak_mb": int(status["VmHWM"].split()[0]) / 1024}))
+                      "cache": cache_use, "rss_mb": rss, "peak_mb": peak,
+                      "swap_rss_mb": status("VmRSS")}))
 
 
 def run_child(path: Path, backend: str, precision: str, cache: str) -> dict:
@@ -224,14 +238,17 @@ def run_child(path: Path, backend: str, precision: str, cache: str) -> dict:
 
 
 def cold_start(archs: list[str]) -> dict:
-    print("\n== time to a warm engine (fresh process each) and RSS after a 5 s predict ==")
-    print(f"{'arch':6} {'backend':11} {'precision':9} {'cache':6} {'ready s':>8} {'RSS MB':>8} "
-          f"{'peak MB':>8} {'RSS vs eager':>13}")
+    """On the published format (optimizer state beside the weights, as the hub's model.pt)."""
+    print("\n== published-format checkpoints: time to a warm engine (fresh process each); RSS "
+          "after a 5 s predict, its peak while loading, RSS after a hot swap ==")
+    print(f"{'arch':6} {'backend':11} {'precision':9} {'cache':6} {'ready s':>8} {'vs eager':>9} "
+          f"{'RSS MB':>7} {'vs eager':>9} {'peak MB':>8} {'vs eager':>9} {'swap MB':>8} "
+          f"{'vs eager':>9}")
     rows = []
     for arch in archs:
-        path = checkpoint(arch)
+        path = checkpoint(arch, optimizer_state=True)
         with tempfile.TemporaryDirectory(prefix="e2v-cold-") as cache:
-            eager_rss = {}
+            eager: dict[str, dict] = {}
             # openvino and onnxruntime fp32 twice: cold (empty cache), then warm (artefacts
             # on disk)
             for backend, precision in [("torch", "fp32"), ("torch", "reduced"),
@@ -240,15 +257,24 @@ def cold_start(archs: list[str]) -> dict:
                                        ("onnxruntime", "fp32")]:
                 row = run_child(path, backend, precision, cache)
                 if backend == "torch":
-                    eager_rss[precision] = row["rss_mb"]
+                    eager[precision] = row
+                base = eager[precision]
+                ratios = {"ready_vs_eager": row["ready_s"] / base["ready_s"],
+                          "rss_vs_eager": row["rss_mb"] / base["rss_mb"],
+                          "peak_vs_eager": row["peak_mb"] / base["rss_mb"],
+                          "swap_vs_eager": row["swap_rss_mb"] / base["swap_rss_mb"]}
                 print(f"{arch:6} {backend:11} {precision:9} {row['cache'] or '-':6} "
-                      f"{row['ready_s']:8.1f} {row['rss_mb']:8.0f} {row['peak_mb']:8.0f} "
-                      f"{row['rss_mb'] / eager_rss[precision]:13.2f}", flush=True)
+                      f"{row['ready_s']:8.1f} {ratios['ready_vs_eager']:9.2f} "
+                      f"{row['rss_mb']:7.0f} {ratios['rss_vs_eager']:9.2f} "
+                      f"{row['peak_mb']:8.0f} {ratios['peak_vs_eager']:9.2f} "
+                      f"{row['swap_rss_mb']:8.0f} {ratios['swap_vs_eager']:9.2f}", flush=True)
                 rows.append({"arch": arch, "backend": backend, "precision": precision,
                              "cache": row["cache"], "ready_s": round(row["ready_s"], 1),
                              "rss_mb": round(row["rss_mb"]), "peak_mb": round(row["peak_mb"]),
-                             "rss_vs_eager": round(row["rss_mb"] / eager_rss[precision], 2)})
-    return {"rows": rows}
+                             "swap_rss_mb": round(row["swap_rss_mb"]),
+                             **{name: round(value, 2) for name, value in ratios.items()}})
+    return {"checkpoint": "published format (weights under model, optimizer state beside)",
+            "rows": rows}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -177,3 +177,28 @@ def test_an_unknown_model_version_exports_nothing(tmp_path, tiny, capsys):
                      "--config", str(_config(tmp_path / "serve.yaml", tiny))])
     assert code == 2 and not out.exists()
     assert "unknown model_version 'huge'" in capsys.readouterr().err
+
+
+def test_export_openvino_fills_a_compiled_cache_that_replicas_then_reuse(tmp_path, tiny, capsys):
+    """`--format openvino` writes the variant's artefact as a replica would: a replica pointed
+    at the folder finds it (a hit: no conversion), with the blob compiled for this CPU kind
+    beside the IR, which is keyed without the CPU (a fleet of any CPUs converts once)."""
+    from serve_app.config import ModelSettings
+    from serve_app.inference.backends import common
+    from serve_app.inference.engine import EmotionEngine
+
+    out = tmp_path / "compiled"
+    code = cli.main(["export", "--model-version", "base", "--format", "openvino", "--out",
+                     str(out), "--config", str(_config(tmp_path / "serve.yaml", tiny))])
+    assert code == 0, capsys.readouterr().err
+    (folder,) = [path.parent for path in out.glob("*/encoder.xml")]
+    assert str(folder) in capsys.readouterr().err
+    key = json.loads((folder / "key.json").read_text())
+    assert "cpu" not in key and key["backend"] == "openvino"
+    assert (folder / f"blobs-f32-{common.cpu_tag()}").is_dir()
+    replica = EmotionEngine(ModelSettings(source=str(tiny), backend="openvino",
+                                          compiled_cache_dir=str(out)), "cpu", 1)
+    replica.load()
+    assert replica.info.backend == "openvino"
+    assert replica.info.backend_info["cache"] == "hit"
+    assert replica.info.backend_info["cache_dir"] == str(folder)

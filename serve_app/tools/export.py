@@ -1,6 +1,13 @@
 """`emotion2vec-serve export --model-version large --format onnx --out DIR`: a variant's model as
 one ONNX graph that runs without this project, FunASR or torch.
 
+`--format openvino`: the variant's artefact for `backend: openvino` instead, written into DIR
+as a replica writes its `compiled_cache_dir` (the IR, converted once per checkpoint and valid
+on any CPU, and the blob compiled for this CPU kind in the variant's precision), after the same
+check against eager torch. Replicas whose `compiled_cache_dir` is DIR (a shared volume, or the
+folder baked into an image) then only compile, or import the blob, on start: a fleet converts
+once.
+
 The checkpoint is loaded as the service loads it (the variant's user_config in the Serve config,
 a generated checkpoint written first if the config says so), in fp32, and
 serve_app.inference.onnx_graph.ClipClassifier is exported: raw 16 kHz waveforms and their
@@ -9,8 +16,10 @@ model.onnx.data (its weights), model.json (labels, input and output contract, ch
 sha256, and the parity measured now against FunASR's own AutoModel.generate) and example.py.
 
 Exit status: 0 when the export's scores are within PARITY_TOLERANCE of FunASR's on every check
-clip, alone and in one padded batch; 1 when they are not (the files are written all the same,
-model.json says by how much); 2 when nothing could be exported (flags, config, model).
+clip, alone and in one padded batch (openvino: when the artefact passed the check at load); 1
+when they are not (the files are written all the same, model.json says by how much; openvino:
+what the replica would fall back to, and why); 2 when nothing could be exported (flags, config,
+model).
 """
 
 from __future__ import annotations
@@ -31,14 +40,15 @@ from serve_app.labels import english_name, usable
 from serve_app.wire import MIN_SAMPLES, TARGET_SR
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cpu.yaml"
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "openvino")
 PARITY_TOLERANCE = 1e-5  # largest score difference from FunASR's generate allowed, fp32
 EXAMPLE = Path(__file__).with_name("onnx_example.py")
 
 
 def add_parser(commands) -> None:
     export = commands.add_parser("export", help="write a variant's model as ONNX (runs with "
-                                 "onnxruntime alone)", description=__doc__,
+                                 "onnxruntime alone), or its OpenVINO artefact for a fleet's "
+                                 "compiled_cache_dir", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
     export.add_argument("--model-version", default=None,
@@ -187,6 +197,24 @@ def export_onnx(settings, variant: str, out: Path, threads: int) -> dict:
     return described
 
 
+def export_openvino(settings, variant: str, out: Path, threads: int) -> int:
+    """The variant's openvino artefact into `out` as a compiled cache; the exit status."""
+    from serve_app.inference.engine import EmotionEngine
+
+    engine = EmotionEngine(settings.model_copy(update={"backend": "openvino",
+                                                      "compiled_cache_dir": str(out)}),
+                           "cpu", threads)
+    info = engine.load()
+    built = info.backend_info
+    if info.backend != "openvino":
+        print(f"error: {variant}: {built['note']}", file=sys.stderr)
+        return 1
+    print(f"wrote {built['cache_dir']} ({variant}, sha256 {info.sha256}, {built['precision']}, "
+          f"cache {built['cache']}, {built['build_s']:.1f} s)\nreplicas with "
+          f"`compiled_cache_dir: {out}` and `backend: openvino` reuse it", file=sys.stderr)
+    return 0
+
+
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from serve_app.errors import ModelLoadError
     from serve_app.tools.batch.plan import PlanError, plan_job
@@ -197,6 +225,12 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     threads = plan.model.threads or min(4, os.cpu_count() or 1)
+    if args.format == "openvino":
+        try:
+            return export_openvino(plan.model, plan.variant, Path(args.out), threads)
+        except (ModelLoadError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if plan.model.precision != "fp32":
         print(f"{plan.variant} runs in reduced precision in the service; the export is fp32",
               file=sys.stderr)

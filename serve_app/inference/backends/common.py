@@ -19,9 +19,11 @@ encoder was freed gets the model read again (`reload`) for eager.
 
 Artefacts are cached on disk under `compiled_cache_dir/<key>/`, the key a sha256 of everything
 that changes them (`cache_key`): the checkpoint's sha256, the backend and its library versions,
-torch's, the CPU's model and flags, and the source of the modules that build them (this one,
-the graph's, the backend's own). An artefact is written once per key (atomic rename: replicas
-that build it at once do not clash; a file lock makes the others wait for the first).
+torch's, and the source of the modules that build them (this one, the graph's, the backend's
+own). Not the CPU: a converted model runs on any (what is compiled for one CPU kind is kept
+apart by `cpu_tag`), so a fleet converts once, or ships the artefact made by
+`emotion2vec-serve export --format openvino`. An artefact is written once per key (atomic
+rename: replicas that build it at once do not clash; a file lock makes the others wait).
 
 A backend that cannot run here (not installed, a conversion or compile that fails, a CPU
 without what it needs, results that differ from eager on a check clip) leaves the engine on
@@ -161,7 +163,7 @@ def compiled_info(name: str, precision: str, note: str | None, artefact: Artefac
 
 # -- the artefact cache ---------------------------------------------------------------------
 def cpu_identity() -> dict:
-    """The CPU model and feature flags: a compiled blob is only valid on the same kind."""
+    """The CPU model and feature flags."""
     identity = {"machine": platform.machine(), "model": "", "flags": ""}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -172,6 +174,11 @@ def cpu_identity() -> dict:
             elif key == "flags" and not identity["flags"]:
                 identity["flags"] = " ".join(sorted(value.split()))
     return identity
+
+
+def cpu_tag() -> str:
+    """A short name for this CPU kind: what is compiled for it is only valid on the same."""
+    return hashlib.sha256(json.dumps(cpu_identity(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def code_digest(modules: Iterable[ModuleType]) -> str:
@@ -190,8 +197,7 @@ def cache_key(checkpoint_sha256: str | None, backend: str, versions: dict,
     `versions` are the backend's libraries (name -> version), `code` the modules that build
     the artefacts."""
     return {"checkpoint_sha256": checkpoint_sha256 or UNHASHED, "backend": backend,
-            **versions, "torch": torch.__version__, "cpu": cpu_identity(),
-            "code": code_digest(code)}
+            **versions, "torch": torch.__version__, "code": code_digest(code)}
 
 
 def key_dir(root: Path, key: dict) -> Path:

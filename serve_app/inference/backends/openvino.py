@@ -3,9 +3,9 @@ per checkpoint (cached: serve_app/inference/backends/common.py) and compiled for
 dynamic batch and length: any clip length and batch size run without recompiling. fp32 runs in
 f32 (its scores equal FunASR's within float rounding); `precision: reduced` runs in bf16 where
 the CPU has bf16 units (else f32, said in the note). OpenVINO's own blob cache beside the IR
-(per precision) makes a warm compile an import. It maps the IR (or the blob) rather than
-reading it; the copy it compiles the weights into is the replica's only one once the mapped
-pages are handed back (common.select).
+(per precision and CPU kind) makes a warm compile an import. It maps the IR (or the blob)
+rather than reading it; the copy it compiles the weights into is the replica's only one once
+the mapped pages are handed back (common.select).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from serve_app.inference.backends.common import (
     cache_key,
     cached_artefact,
     compiled_info,
+    cpu_tag,
 )
 
 COMPILED = True
@@ -107,7 +108,7 @@ def load(artefact: Artefact, model: torch.nn.Module, spec: BuildSpec
         "INFERENCE_NUM_THREADS": spec.threads,
         "PERFORMANCE_HINT": "LATENCY",
         "NUM_STREAMS": 1,
-        "CACHE_DIR": str(artefact.folder / f"blobs-{ov_precision}"),
+        "CACHE_DIR": str(artefact.folder / f"blobs-{ov_precision}-{cpu_tag()}"),
     })
     return OpenVinoBackend(compiled, model), compiled_info("openvino", ov_precision, note,
                                                            artefact)
