@@ -261,12 +261,21 @@ def render_cpu(result: dict) -> list[str]:
         lines += ["", f"Fidelity over {result['fidelity']['clips']} clips:", "",
                   *columns(spec, result["fidelity"]["rows"])]
     if result.get("cold"):
+        cold = result["cold"]
         spec = [("arch", "arch", None), ("backend", "backend", None),
                 ("precision", "precision", None), ("cache", "cache", None),
                 ("ready s", "ready_s", ".1f"), ("RSS MB", "rss_mb", ".0f"),
                 ("peak MB", "peak_mb", ".0f"), ("RSS vs eager", "rss_vs_eager", ".2f")]
-        lines += ["", "Time to a warm engine (fresh process each) and RSS after a 5 s predict:",
-                  "", *columns(spec, result["cold"]["rows"])]
+        title = "Time to a warm engine (fresh process each) and RSS after a 5 s predict:"
+        if "swap_rss_mb" in cold["rows"][0]:  # since the published format and hot swap rows
+            spec = [*spec[:5], ("vs eager", "ready_vs_eager", ".2f"), spec[5], spec[7],
+                    spec[6], ("peak vs eager", "peak_vs_eager", ".2f"),
+                    ("after a swap MB", "swap_rss_mb", ".0f"),
+                    ("swap vs eager", "swap_vs_eager", ".2f")]
+            title = (f"On the {cold['checkpoint']}: time to a warm engine (fresh process "
+                     "each), RSS after a 5 s predict, the peak while loading (against eager's "
+                     "RSS), and RSS after a hot swap to a second engine:")
+        lines += ["", title, "", *columns(spec, cold["rows"])]
     return lines
 
 
