@@ -117,6 +117,15 @@ def service(cluster, tmp_path_factory) -> Service:
     return Service(cluster.url, app, checkpoints, results_dir, cluster, heads_dir, jobs_dir)
 
 
+
+@pytest.fixture(scope="session")
+def service_config(service, tmp_path_factory) -> Path:
+    """The service's own app as a Serve config file: tools that load its variants (`batch`,
+    `heads train`, `heads evaluate --local`) load the checkpoints it serves, and its heads_dir."""
+    path = tmp_path_factory.mktemp("service-config") / "config.yaml"
+    path.write_text(yaml.safe_dump({"applications": [service.app]}))
+    return path
+
 @dataclass
 class KeyedService:
     url: str

@@ -42,14 +42,6 @@ def run_batch(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def config(service, tmp_path_factory) -> Path:
-    """The test service's own config: the job loads the checkpoints the service serves."""
-    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
-    path.write_text(yaml.safe_dump({"applications": [service.app]}))
-    return path
-
-
-@pytest.fixture(scope="module")
 def archive(clips, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("archive")
     (folder / "calls").mkdir()
@@ -66,9 +58,9 @@ def archive(clips, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def first_run(archive, config, address, tmp_path_factory):
+def first_run(archive, service_config, address, tmp_path_factory):
     out = tmp_path_factory.mktemp("scored") / "out"
-    done = run_batch(str(archive), "--out", str(out), "--config", str(config),
+    done = run_batch(str(archive), "--out", str(out), "--config", str(service_config),
                      "--address", address, "--model-version", "base", "--embeddings",
                      "--batch-size", "4", "--files-per-task", "3", "--part-rows", "4", *SMALL)
     return out, done
@@ -133,15 +125,15 @@ def test_a_job_over_http_on_the_same_folder_gives_batchs_rows(first_run, archive
                 assert row[name] == value, (path, name, row[name], value)
 
 
-def test_a_directory_with_results_is_refused_without_resume(first_run, archive, config):
+def test_a_directory_with_results_is_refused_without_resume(first_run, archive, service_config):
     out, _ = first_run
     before = sorted(out.iterdir())
-    done = run_batch(str(archive), "--out", str(out), "--config", str(config), *SMALL)
+    done = run_batch(str(archive), "--out", str(out), "--config", str(service_config), *SMALL)
     assert done.returncode == 2 and "is not empty: pass --resume" in done.stderr
     assert sorted(out.iterdir()) == before
 
 
-def test_a_killed_job_resumes_and_writes_each_path_once(config, address, tmp_path):
+def test_a_killed_job_resumes_and_writes_each_path_once(service_config, address, tmp_path):
     folder = tmp_path / "many"
     folder.mkdir()
     clip = clip_maker.write(tmp_path / "clip.wav", clip_maker.tone(0.5, 16_000), 16_000)
@@ -149,7 +141,7 @@ def test_a_killed_job_resumes_and_writes_each_path_once(config, address, tmp_pat
     for index in range(count):
         os.link(clip, folder / f"{index:03d}.wav")
     out = tmp_path / "out"
-    args = [str(folder), "--out", str(out), "--config", str(config), "--address", address,
+    args = [str(folder), "--out", str(out), "--config", str(service_config), "--address", address,
             "--model-version", "large", "--files-per-task", "2", "--part-rows", "3", *SMALL]
     job = subprocess.Popen([sys.executable, "-m", "serve_app.tools.cli", "batch", *args],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -171,10 +163,11 @@ def test_a_killed_job_resumes_and_writes_each_path_once(config, address, tmp_pat
     assert not list(out.glob(".*"))  # no partial part left behind
 
 
-def test_a_cluster_without_room_is_named_and_the_job_exits(archive, config, address, tmp_path):
+def test_a_cluster_without_room_is_named_and_the_job_exits(archive, service_config, address,
+                                                           tmp_path):
     started = time.monotonic()
     done = run_batch(str(archive / "calls"), "--out", str(tmp_path / "out"), "--config",
-                     str(config), "--address", address, "--num-cpus", "4",
+                     str(service_config), "--address", address, "--num-cpus", "4",
                      "--placement-timeout-s", "2", "--no-progress")
     assert done.returncode == 2, done.stderr
     assert "1 engine actor(s) x {CPU: 4}" in done.stderr and "missing {CPU:" in done.stderr
@@ -196,7 +189,7 @@ def test_an_engine_that_cannot_load_stops_the_job_with_its_reason(service, archi
 
 
 @pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
-def test_by_segment_rows_equal_the_segments_route(config, address, client, tmp_path):
+def test_by_segment_rows_equal_the_segments_route(service_config, address, client, tmp_path):
     folder = tmp_path / "recordings"
     folder.mkdir()
     call = conversation.make()
@@ -209,7 +202,7 @@ def test_by_segment_rows_equal_the_segments_route(config, address, client, tmp_p
     (folder / "late.rttm").write_text(late_rttm)
     (folder / "corrupt.wav").write_bytes(b"RIFF" + bytes(100))
     out = tmp_path / "out"
-    args = [str(folder), "--out", str(out), "--config", str(config), "--address", address,
+    args = [str(folder), "--out", str(out), "--config", str(service_config), "--address", address,
             "--model-version", "base", "--by-segment", "--files-per-task", "2"]
     done = run_batch(*args, "--part-rows", "2", *SMALL)
     assert done.returncode == 1, done.stderr  # late and corrupt failed

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.clips import espeak_available
 from tests.heads_corpus import make_corpus
@@ -29,19 +28,12 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def config(service, tmp_path_factory) -> Path:
-    """The service's own config: its checkpoints, and its heads_dir for `heads train`."""
-    path = tmp_path_factory.mktemp("evaluate-config") / "config.yaml"
-    path.write_text(yaml.safe_dump({"applications": [service.app]}))
-    return path
-
-
-@pytest.fixture(scope="module")
-def trained(service, client, corpus, config, tmp_path_factory) -> str:
+def trained(service, client, corpus, service_config, tmp_path_factory) -> str:
     """The head, trained on the corpus into the service's heads_dir (no --heads-dir: the
     config's), once the service's registry shows it."""
     code, out, err = heads("train", str(corpus), "--name", NAME, "--group-by", "folder",
-                           "--folds", "3", "--config", str(config), "--model-version", "base",
+                           "--folds", "3", "--config", str(service_config),
+                           "--model-version", "base",
                            "--cache-dir", str(tmp_path_factory.mktemp("evaluate-cache")),
                            "--num-cpus", "0.25")
     assert code == 0, err
@@ -69,11 +61,11 @@ def assert_same_measure(remote: dict, local: dict) -> None:
     assert ours["ece"] == pytest.approx(theirs["ece"], abs=1e-4)  # from the scores
 
 
-def test_a_head_through_the_service_measures_as_in_process(service, corpus, config, trained,
+def test_a_head_through_the_service_measures_as_in_process(service, corpus, service_config, trained,
                                                            tmp_path):
     remote = evaluate(trained, str(corpus), "--url", service.url, "--model-version", "base",
                       report=tmp_path / "remote.json")
-    local = evaluate(trained, str(corpus), "--local", "--config", str(config),
+    local = evaluate(trained, str(corpus), "--local", "--config", str(service_config),
                      "--model-version", "base", report=tmp_path / "local.json")
     assert remote["scored_by"] == f"{trained} at {service.url}"
     assert local["scored_by"] == trained
@@ -83,11 +75,11 @@ def test_a_head_through_the_service_measures_as_in_process(service, corpus, conf
     assert remote["metrics"]["ua"] >= 0.6, remote["metrics"]
 
 
-def test_builtin_through_the_service_takes_the_variants_labels(service, corpus, config,
+def test_builtin_through_the_service_takes_the_variants_labels(service, corpus, service_config,
                                                                tmp_path):
     remote = evaluate("builtin", str(corpus), "--url", service.url, "--model-version", "base",
                       "--label-map", LABEL_MAP, report=tmp_path / "remote.json")
-    local = evaluate("builtin", str(corpus), "--local", "--config", str(config),
+    local = evaluate("builtin", str(corpus), "--local", "--config", str(service_config),
                      "--model-version", "base", "--label-map", LABEL_MAP,
                      report=tmp_path / "local.json")
     assert remote["labels"] == ["fearful", "happy", "sad"]  # the checkpoint's order
