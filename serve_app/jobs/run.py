@@ -179,7 +179,7 @@ def run_job(store: JobStore, owner: str, job_id: str, record: dict, progress,
             table = _relabel(table, prefix)
             writer.add(table)
             if not writer.written:
-                writer.close()  # the first rows readable at once, not part_s later
+                writer.flush()  # the first rows readable at once, not part_s later
             tally.add(table)
             publish()
             progress.scored(tally, len(writer.written), len(files))

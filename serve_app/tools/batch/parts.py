@@ -107,10 +107,12 @@ class PartWriter:
         if self._rows and time.monotonic() - self._since >= self.part_s:
             self._write(self._rows)
 
-    def close(self) -> None:
-        """Write what is left."""
+    def flush(self) -> None:
+        """Write what is pending now, as one part (the writer stays usable)."""
         if self._rows:
             self._write(self._rows)
+
+    close = flush  # at the end: what is left
 
     def _write(self, rows: int) -> None:
         table = pa.concat_tables(self._pending).combine_chunks()
