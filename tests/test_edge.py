@@ -28,7 +28,7 @@ from schemathesis.checks import (
 )
 from starlette.testclient import TestClient
 
-from serve_app.api import protocol
+from serve_app.api import protocol, protocol_v2
 from serve_app.config import RouterSettings
 from tests import inprocess
 
@@ -99,12 +99,12 @@ def test_hugging_face_and_kserve_answer_as_declared(edge):
     audio = base64.b64encode(wav()).decode()
     inferred = edge.post("/v2/models/base/infer", json={"inputs": [
         {"name": "audio", "datatype": "BYTES", "shape": [1], "data": [audio]}]})
-    body = protocol.V2InferResponse.model_validate(inferred.json())
+    body = protocol_v2.V2InferResponse.model_validate(inferred.json())
     assert [output.name for output in body.outputs] == ["scores", "labels", "emotion"]
-    metadata = protocol.V2ModelMetadata.model_validate(edge.get("/v2/models/fast").json())
+    metadata = protocol_v2.V2ModelMetadata.model_validate(edge.get("/v2/models/fast").json())
     assert metadata.versions == [body.model_version]
     refused = edge.post("/v2/models/nope/infer", json={"inputs": []})
-    assert refused.status_code == 404 and protocol.V2Error.model_validate(refused.json())
+    assert refused.status_code == 404 and protocol_v2.V2Error.model_validate(refused.json())
 
 
 def test_the_openapi_is_generated_from_the_protocol(edge):

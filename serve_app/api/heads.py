@@ -24,7 +24,7 @@ from serve_app.heads.registry import HeadRegistry, pick_revision
 router = APIRouter()
 
 
-class HeadUploadFields(protocol._Closed):
+class HeadUploadFields(protocol.Closed):
     """PUT /v1/heads/{name} has no fields: the file is all."""
 
 
@@ -32,7 +32,7 @@ HEAD_UPLOAD = upload.UploadSpec(HeadUploadFields, "the head file (safetensors, a
                                 "by `emotion2vec-serve heads train --out`)", noun="head file")
 
 
-class HeadSummary(protocol._Open):
+class HeadSummary(protocol.Open):
     name: str
     revisions: list[int]
     latest: int
@@ -43,11 +43,11 @@ class HeadSummary(protocol._Open):
     created: str | None = None
 
 
-class HeadsAnswer(protocol._Closed):
+class HeadsAnswer(protocol.Closed):
     heads: list[HeadSummary]
 
 
-class HeadDetail(protocol._Open):
+class HeadDetail(protocol.Open):
     """A revision's whole metadata (metrics with the confusion matrix, the training summary)
     and the head's live revisions."""
 
@@ -59,7 +59,7 @@ class HeadDetail(protocol._Open):
     sha256: str
 
 
-class HeadDeleted(protocol._Closed):
+class HeadDeleted(protocol.Closed):
     name: str
     deleted: list[int]
 

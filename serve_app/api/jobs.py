@@ -35,14 +35,14 @@ SWEEP_EVERY_S = 3600.0   # how often a replica deletes the jobs past their reten
 PARQUET = "application/vnd.apache.parquet"
 
 
-class JobAccepted(protocol._Closed):
+class JobAccepted(protocol.Closed):
     job_id: str
     state: str
     status_url: str
     results_url: str
 
 
-class JobStatusBody(protocol._Open):
+class JobStatusBody(protocol.Open):
     """The job: state (queued, running, succeeded, failed, cancelled), files total / done /
     failed, audio seconds scored, times, the estimate of the time left, the error, the
     callback's delivery attempts."""
@@ -53,7 +53,7 @@ class JobStatusBody(protocol._Open):
     audio_s: float
 
 
-class JobsList(protocol._Closed):
+class JobsList(protocol.Closed):
     jobs: list[JobStatusBody]
 
 

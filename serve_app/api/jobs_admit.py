@@ -40,7 +40,7 @@ RAY_TIMEOUT_S = 30.0  # one call to the job server (the first imports its client
 logger = logging.getLogger("ray.serve")
 
 
-class JobRequest(protocol._Closed):
+class JobRequest(protocol.Closed):
     inputs: list[str] = Field(default_factory=list, description="files, folders or URIs "
                               "(s3://, gs://, file://) the cluster reads, within "
                               "jobs.allow_inputs; or none, with an uploaded archive")

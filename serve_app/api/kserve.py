@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from serve_app.api import kserve_codec as codec
-from serve_app.api import protocol, readiness, upload
+from serve_app.api import protocol, protocol_v2, readiness, upload
 from serve_app.api.app import Parts
 from serve_app.api.pipeline import model_and_head
 from serve_app.errors import ApiError
@@ -177,19 +177,19 @@ async def infer(pipeline: Pipeline, request: Request, name: str,
 
 
 router = APIRouter(prefix="/v2")
-_ERRORS = {status: {"model": protocol.V2Error}
+_ERRORS = {status: {"model": protocol_v2.V2Error}
            for status in (400, 401, 404, 409, 413, 415, 422, 429, 503, 504)}
-_METADATA = {200: {"model": protocol.V2ModelMetadata}, **_ERRORS}
-_READY = {200: {"model": protocol.V2ModelReady}, **_ERRORS}
-_INFER = {"responses": {200: {"model": protocol.V2InferResponse, "content": {
+_METADATA = {200: {"model": protocol_v2.V2ModelMetadata}, **_ERRORS}
+_READY = {200: {"model": protocol_v2.V2ModelReady}, **_ERRORS}
+_INFER = {"responses": {200: {"model": protocol_v2.V2InferResponse, "content": {
               codec.BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
                         **_ERRORS},
           "openapi_extra": protocol.json_or_raw_body(
-              protocol.V2InferRequest, "the binary tensor extension: a JSON header of "
+              protocol_v2.V2InferRequest, "the binary tensor extension: a JSON header of "
               "Inference-Header-Content-Length bytes, then each binary tensor's bytes")}
 
 
-@router.get("", summary="KServe v2: server metadata", response_model=protocol.V2ServerMetadata)
+@router.get("", summary="KServe v2: server metadata", response_model=protocol_v2.V2ServerMetadata)
 async def v2_server() -> JSONResponse:
     from serve_app.api.app import VERSION
 
@@ -197,13 +197,13 @@ async def v2_server() -> JSONResponse:
 
 
 @router.get("/health/live", summary="KServe v2: liveness (as /health)",
-            response_model=protocol.V2Live)
+            response_model=protocol_v2.V2Live)
 async def v2_live() -> JSONResponse:
     return live()
 
 
 @router.get("/health/ready", summary="KServe v2: readiness (as /ready)",
-            response_model=protocol.V2Ready, responses={503: {"model": protocol.V2Ready}})
+            response_model=protocol_v2.V2Ready, responses={503: {"model": protocol_v2.V2Ready}})
 async def v2_ready(parts: Parts) -> JSONResponse:
     return await ready(parts.pipeline)
 

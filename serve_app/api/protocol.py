@@ -4,7 +4,8 @@ routes build their answers through these models, so what is served is what is de
 No Ray, no torch.
 
 Answers are open where the service adds facts over time (a variant's info, the model's
-description): their declared fields are checked, more may come.
+description): their declared fields are checked, more may come. KServe v2's are in
+protocol_v2.py.
 """
 
 from __future__ import annotations
@@ -18,26 +19,30 @@ from serve_app.wire import Granularity
 Scores = dict[str, float]  # by English label name, in the head's order
 
 
-class _Closed(BaseModel):
+class Closed(BaseModel):
+    """Every field declared: anything else is refused."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class _Open(BaseModel):
+class Open(BaseModel):
+    """Its declared fields checked; more may come."""
+
     model_config = ConfigDict(extra="allow")
 
 
 # -- errors -----------------------------------------------------------------------------------
-class ErrorDetail(_Open):
+class ErrorDetail(Open):
     code: str = Field(description="stable: what failed (docs/api.md#errors)")
     message: str
 
 
-class ErrorBody(_Closed):
+class ErrorBody(Closed):
     error: ErrorDetail
 
 
 # -- request fields (a multipart form, or query parameters beside a raw body) -----------------
-class PredictFields(_Closed):
+class PredictFields(Closed):
     model_version: str | None = Field(None, description="a variant (base, large, turbo) or an "
                                       "alias (see GET /v1/models); default: the router's "
                                       "default_version")
@@ -53,7 +58,7 @@ class PredictFields(_Closed):
                              "checkpoint's own head")
 
 
-class SegmentsFields(_Closed):
+class SegmentsFields(Closed):
     model_version: str | None = Field(None, description="a variant or an alias, as for "
                                       "POST /v1/predict; default: the router's default_version")
     extract_embedding: bool = Field(False, description="each segment carries its utterance "
@@ -70,14 +75,14 @@ class SegmentsFields(_Closed):
 
 
 # -- answers ----------------------------------------------------------------------------------
-class AudioInfo(_Closed):
+class AudioInfo(Closed):
     duration_s: float
     sample_rate: int
     channels: int
     format: str
 
 
-class ModelInfo(_Open):
+class ModelInfo(Open):
     """Which model answered (local paths cut to their last part)."""
 
     variant: str
@@ -88,7 +93,7 @@ class ModelInfo(_Open):
     device: str | None = None
 
 
-class Emotion(_Closed):
+class Emotion(Closed):
     emotion: str
     confidence: float
     scores: Scores
@@ -103,14 +108,14 @@ class TimelineWindow(Emotion):
     end_s: float
 
 
-class PredictTimings(_Closed):
+class PredictTimings(Closed):
     decode: float
     queue_and_inference: float
     inference: float
     total: float
 
 
-class HeadUsed(_Closed):
+class HeadUsed(Closed):
     """The custom head that scored an answer (one revision, exactly: its sha256)."""
 
     name: str
@@ -151,14 +156,14 @@ class SpeakerSummary(Emotion):
     speech_s: float
 
 
-class SegmentTimings(_Closed):
+class SegmentTimings(Closed):
     decode: float
     vad: float
     queue_and_inference: float
     total: float
 
 
-class SegmentsSummary(_Closed):
+class SegmentsSummary(Closed):
     request_id: str
     model_version: str
     routed_by: str | None
@@ -194,14 +199,14 @@ class ErrorLine(ErrorBody):
 
 
 # -- WS /v1/stream: the events a stream sends (JSON text messages) ----------------------------
-class StreamLimits(_Closed):
+class StreamLimits(Closed):
     max_stream_s: float
     max_session_s: float
     idle_timeout_s: float
     max_message_bytes: int
 
 
-class StreamReady(_Closed):
+class StreamReady(Closed):
     type: Literal["ready"]
     request_id: str
     model_version: str
@@ -223,7 +228,7 @@ class StreamWindow(TimelineWindow):
     skipped: int = Field(description="windows skipped before this one (the variant was busy)")
 
 
-class StreamSilentWindow(_Closed):
+class StreamSilentWindow(Closed):
     """vad=true: a window in which the VAD found no speech, not scored."""
 
     type: Literal["window"]
@@ -266,14 +271,14 @@ StreamEvent = Annotated[StreamReady | StreamWindowEvent | StreamUtterance | Stre
                         | StreamErrorEvent, Field(discriminator="type")]
 
 
-class VariantInfo(_Open):
+class VariantInfo(Open):
     variant: str
     state: str = Field(description="ready, swapping, loading, unloading, unloaded, failed, "
                        "scaled_to_zero, waiting_for_config")
     error: str | None = None
 
 
-class HeadsScheme(_Closed):
+class HeadsScheme(Closed):
     """How a request names a custom head (docs/heads.md)."""
 
     parameter: str
@@ -282,37 +287,37 @@ class HeadsScheme(_Closed):
     list: str
 
 
-class ModelsAnswer(_Closed):
+class ModelsAnswer(Closed):
     default_version: str
     aliases: dict[str, str | dict[str, float]]
     variants: dict[str, VariantInfo]
     heads: HeadsScheme | None = None
 
 
-class RolloutsAnswer(_Closed):
+class RolloutsAnswer(Closed):
     routes: dict[str, dict[str, float]] = Field(description="each alias's share of requests "
                                                 "per variant")
     shadow: dict[str, dict] = Field(description="primary -> its shadow comparisons")
 
 
-class HealthAnswer(_Closed):
+class HealthAnswer(Closed):
     status: Literal["ok"]
     variants: dict[str, str]
     replay_middleware: bool = Field(description="whether the proxy replays requests lost "
                                     "with a Router replica (docs/high-availability.md)")
 
 
-class ReadyAnswer(_Closed):
+class ReadyAnswer(Closed):
     ready: bool
     variants: dict[str, str]
 
 
-class HfLabel(_Closed):
+class HfLabel(Closed):
     label: str
     score: float
 
 
-class HfParameters(_Closed):
+class HfParameters(Closed):
     top_k: int | None = Field(None, ge=1, description="how many labels, highest first; "
                               "default: every label of the set")
     function_to_apply: Literal["softmax", "sigmoid", "none"] = Field(
@@ -321,7 +326,7 @@ class HfParameters(_Closed):
     labels: str | None = PredictFields.model_fields["labels"]
 
 
-class HfRequest(_Closed):
+class HfRequest(Closed):
     """Hugging Face's audio-classification JSON body (or send the audio as the raw body)."""
 
     inputs: str = Field(description="the audio file's base64 (a data: URL too)")
@@ -353,86 +358,6 @@ def json_or_raw_body(model: type[BaseModel], raw: str) -> dict:
         "application/json": {"schema": schema_of(model)},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary",
                                                 "description": raw}}}}}
-
-
-# -- KServe Open Inference Protocol v2 (serve_app/api/kserve_codec.py) ------------------------
-class V2Tensor(_Open):
-    """An input tensor in JSON (with the binary extension, `parameters.binary_data_size` and
-    no `data`: its bytes follow the JSON header)."""
-
-    name: str
-    datatype: str = Field(description="audio: BYTES [1] (the file's base64 in JSON); waveform: "
-                          "FP32 [n] or [1, n] (16 kHz mono)")
-    shape: list[int]
-    data: list | None = None
-    parameters: dict | None = None
-
-
-class V2RequestedOutput(_Open):
-    name: Literal["scores", "labels", "emotion", "embedding"]
-    parameters: dict | None = None
-
-
-class V2InferRequest(_Open):
-    id: str | None = None
-    parameters: dict | None = Field(None, description="granularity, labels, head, "
-                                    "binary_data_output")
-    inputs: list[V2Tensor]
-    outputs: list[V2RequestedOutput] | None = None
-
-
-class V2OutputTensor(_Closed):
-    name: str
-    datatype: str
-    shape: list[int]
-    data: list | None = None
-    parameters: dict | None = None
-
-
-class V2InferResponse(_Closed):
-    model_name: str
-    model_version: str | None = None
-    id: str | None = None
-    outputs: list[V2OutputTensor]
-
-
-class V2Error(_Closed):
-    error: str = Field(description="the service's code, then its message")
-
-
-class V2ServerMetadata(_Closed):
-    name: str
-    version: str
-    extensions: list[str]
-
-
-class V2TensorMetadata(_Closed):
-    name: str
-    datatype: str
-    shape: list[int]
-
-
-class V2ModelMetadata(_Closed):
-    name: str
-    versions: list[str]
-    platform: str
-    inputs: list[V2TensorMetadata]
-    outputs: list[V2TensorMetadata]
-    parameters: dict[str, str] | None = Field(None, description="what the request's "
-                                              "parameters may say")
-
-
-class V2Live(_Closed):
-    live: bool
-
-
-class V2Ready(_Closed):
-    ready: bool
-
-
-class V2ModelReady(_Closed):
-    name: str
-    ready: bool
 
 
 def errors(*statuses: int) -> dict:
