@@ -5,9 +5,9 @@ variant saturated, their ratio (goal >= 0.85), and the real-time streams that ma
 In-process: an EmotionEngine with exactly the variant's settings from the config (its threads:
 the variant's `threads`, else its CPU share rounded up, as the replica does) in a child process
 of its own, predicting stream windows (the Router's stream_window_s of audio, one hop apart)
-back to back. It runs while the cluster is up but idle, just before and just after the served
-measurement (their mean is the ratio's denominator), so the two sides share the machine's
-conditions and never compete.
+back to back. It runs while the cluster is up but idle, before the first served measurement
+and after each (`--rounds`; the mean of these runs is the ratio's denominator, the mean of the
+served runs its numerator), so the two sides share the machine's conditions and never compete.
 
 Served: enough concurrent real-time streams that the variant always has a window waiting (each
 stream has at most one window in flight; the rest are skipped, never queued), for a bounded
@@ -143,7 +143,7 @@ async def served_rate(url: str, metrics_url: str, variant: str, streams: int, ho
             "lag_p50_ms": float(np.median([e["lag_ms"] for e in timed if "lag_ms" in e]))
             if timed else math.nan,
             "replica_ms": ms / passes if passes else math.nan,
-            "replica_busy": ms / 1000 / (ended - start), "failed": len(ended_early),
+            "failed": len(ended_early),
             "errors": errors}
 
 
@@ -152,22 +152,29 @@ def rounded(value: float, digits: int | None = None) -> float | int | None:
     return None if math.isnan(value) else round(value, digits)
 
 
-def bound_row(variant: str, inner: list[dict], served: dict, hop_s: float) -> dict:
-    engine = sum(run["per_s"] for run in inner) / len(inner)
+def bound_row(variant: str, inner: list[dict], served: list[dict], hop_s: float) -> dict:
+    """One variant's line: the means of its in-process runs and of its served runs."""
+    engine = float(np.mean([run["per_s"] for run in inner]))
+    rate = float(np.mean([run["per_s"] for run in served]))
+    replica_ms = float(np.nanmean([run["replica_ms"] for run in served]))
     return {"variant": variant, "backend": inner[0]["backend"], "dtype": inner[0]["dtype"],
             "threads": inner[0]["threads"],
-            "engine_ms": round(sum(run["p50_ms"] for run in inner) / len(inner), 1),
+            "engine_ms": round(float(np.mean([run["p50_ms"] for run in inner])), 1),
             "engine_per_s": round(engine, 2),
             "engine_runs": [round(run["per_s"], 2) for run in inner],
-            "streams": served["streams"], "served_per_s": round(served["per_s"], 2),
-            "ratio": round(served["per_s"] / engine, 3),
-            "replica_ms": rounded(served["replica_ms"], 1),
-            "replica_busy": rounded(served["replica_busy"], 3),
-            "lag_p50_ms": rounded(served["lag_p50_ms"]),
-            "windows": served["windows"], "failed": served["failed"],
-            "errors": served["errors"],
-            "realtime_streams": math.floor(served["per_s"] * hop_s + 1e-9),
-            "realtime_streams_hop1": math.floor(served["per_s"] + 1e-9)}
+            "streams": served[0]["streams"], "served_per_s": round(rate, 2),
+            "served_runs": [round(run["per_s"], 2) for run in served],
+            "ratio": round(rate / engine, 3),
+            # The variant's forward time per window while served, and the share of the wall
+            # time it spent computing the windows counted (1: never idle).
+            "replica_ms": rounded(replica_ms, 1),
+            "replica_busy": rounded(rate * replica_ms / 1000, 2),
+            "lag_p50_ms": rounded(float(np.mean([run["lag_p50_ms"] for run in served]))),
+            "windows": sum(run["windows"] for run in served),
+            "failed": sum(run["failed"] for run in served),
+            "errors": sorted({error for run in served for error in run["errors"]}),
+            "realtime_streams": math.floor(rate * hop_s + 1e-9),
+            "realtime_streams_hop1": math.floor(rate + 1e-9)}
 
 
 def load_average() -> list[float]:
@@ -183,27 +190,31 @@ def bench(serve_handle, app: dict, args: argparse.Namespace) -> None:
           f"{args.warmup:g} s warm-up, {args.period:g} s counted")
     rows, loads = [], [load_average()]
     for variant in args.variants.split(","):
-        before = in_process(app, variant, args, window_s, hop_s)
+        inner = [in_process(app, variant, args, window_s, hop_s)]
         streams = args.streams or min(args.max_streams,
-                                      max(3, math.ceil(2 * before["per_s"] * hop_s)))
+                                      max(3, math.ceil(2 * inner[0]["per_s"] * hop_s)))
         asyncio.run(served_rate(serve_handle.url, serve_handle.metrics_url, variant,
                                 min(streams, 3), hop_s, 3.0, 2.0))  # the router's first streams
-        served = asyncio.run(served_rate(serve_handle.url, serve_handle.metrics_url, variant,
-                                         streams, hop_s, args.warmup, args.period))
+        served = []
+        for _ in range(args.rounds):  # in-process, then served and in-process again, in turn
+            served.append(asyncio.run(served_rate(serve_handle.url, serve_handle.metrics_url,
+                                                  variant, streams, hop_s, args.warmup,
+                                                  args.period)))
+            inner.append(in_process(app, variant, args, window_s, hop_s))
         loads.append(load_average())
-        after = in_process(app, variant, args, window_s, hop_s)
-        rows.append(bound_row(variant, [before, after], served, hop_s))
+        rows.append(bound_row(variant, inner, served, hop_s))
         row = rows[-1]
         print(f"{variant:<6} {row['backend']} {row['dtype']} {row['threads']} threads: in-process "
-              f"{row['engine_per_s']:.2f}/s ({before['per_s']:.2f}, {after['per_s']:.2f}; "
-              f"{row['engine_ms']:.0f} ms), served {row['served_per_s']:.2f}/s over "
-              f"{row['streams']} streams ({row['windows']} windows, replica "
-              f"{row['replica_ms']} ms/window, busy {row['replica_busy']}, lag p50 "
-              f"{row['lag_p50_ms']} ms, failed {row['failed']} {row['errors']}), ratio "
-              f"{row['ratio']}: {row['realtime_streams']} real-time streams at hop {hop_s:g} s, "
-              f"{row['realtime_streams_hop1']} at 1 s; load average {loads[-1]}", flush=True)
+              f"{row['engine_per_s']:.2f}/s {row['engine_runs']} ({row['engine_ms']:.0f} ms), "
+              f"served {row['served_per_s']:.2f}/s {row['served_runs']} over {row['streams']} "
+              f"streams ({row['windows']} windows, replica {row['replica_ms']} ms/window, busy "
+              f"{row['replica_busy']}, lag p50 {row['lag_p50_ms']} ms, failed {row['failed']} "
+              f"{row['errors']}), ratio {row['ratio']}: {row['realtime_streams']} real-time "
+              f"streams at hop {hop_s:g} s, {row['realtime_streams_hop1']} at 1 s; load average "
+              f"{loads[-1]}", flush=True)
     write_result("stream-bound", {
         "benchmark": "stream_bound", "window_s": window_s, "hop_s": hop_s, "goal": GOAL,
+        "rounds": args.rounds,
         "engine_windows": args.windows, "engine_nice": args.nice, "warmup_s": args.warmup,
         "period_s": args.period, "load_average": loads, "rows": rows},
         results_dir=args.results_dir, config=relative_config(args.config))
@@ -224,6 +235,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine-s", type=float, default=30.0)
     parser.add_argument("--nice", type=int, default=0,
                         help="niceness added to the in-process child (Ray's workers run at 15)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="served runs per variant, each followed by an in-process run")
     parser.add_argument("--warmup", type=float, default=8.0, help="seconds not counted")
     parser.add_argument("--period", type=float, default=30.0, help="seconds counted")
     return add_results_dir(parser)

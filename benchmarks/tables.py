@@ -72,6 +72,30 @@ def render_stream(result: dict) -> list[str]:
             "", f"Most real-time streams without a skipped window: {held}."]
 
 
+def render_stream_bound(result: dict) -> list[str]:
+    hop = f"{result['hop_s']:g} s"
+    spec = [("variant", "variant", None), ("backend", "backend", None), ("dtype", "dtype", None),
+            ("threads", "threads", None), ("in-process ms/window", "engine_ms", ".0f"),
+            ("in-process windows/s", "engine_per_s", ".2f"), ("streams", "streams", None),
+            ("served windows/s", "served_per_s", ".2f"), ("served / in-process", "ratio", ".2f"),
+            ("replica ms/window", "replica_ms", ".0f"),
+            (f"real-time streams, hop {hop}", "realtime_streams", None),
+            ("real-time streams, hop 1 s", "realtime_streams_hop1", None)]
+    loads = ", ".join(f"{minute[0]:g}" for minute in result["load_average"])
+    return [*caption(result),
+            f"{result['window_s']:g} s windows every {hop}. In-process: "
+            f"{result['engine_windows']} windows back to back on the variant's engine and "
+            "settings, in a process of its own while the service idles, before and after the "
+            "served run (the mean of both). Served: real-time streams, each with at most one "
+            "window in flight (the others skipped), enough to keep the variant busy; window "
+            f"events with scores per second over {result['period_s']:g} s after a "
+            f"{result['warmup_s']:g} s warm-up (goal: served / in-process >= "
+            f"{result['goal']:g}). Replica ms/window: the variant's own forward time meanwhile "
+            "(its inference-latency metric). Real-time streams: floor(served windows/s x hop). "
+            f"Load average (1 min) at the start and after each variant: {loads}.", "",
+            *columns(spec, result["rows"])]
+
+
 def shown(value, spec: str | None = None) -> str:
     """A cell: "-" for a number not measured (or not recorded), text as it is, a number in
     spec (or as cell() gives it)."""
@@ -395,7 +419,7 @@ RENDERERS = {"suite": render_suite, "stream": render_stream, "cold_start": rende
              "fidelity_tests": render_fidelity_tests, "protocols": render_protocols,
              "batch": render_batch, "segments": render_segments, "ha": render_ha,
              "gpu": render_gpu, "heads": render_heads, "jobs": render_jobs,
-             "heads_training": render_heads_training}
+             "heads_training": render_heads_training, "stream_bound": render_stream_bound}
 
 
 def render_result(result: dict) -> str:
