@@ -8,6 +8,9 @@ of its own, predicting stream windows (the Router's stream_window_s of audio, on
 back to back. It runs while the cluster is up but idle, before the first served measurement
 and after each (`--rounds`; the mean of these runs is the ratio's denominator, the mean of the
 served runs its numerator), so the two sides share the machine's conditions and never compete.
+Ray starts its workers, the replicas too, at niceness 15: on a machine other work keeps busy they
+get less of it than a process at 0, so the engine is also measured at the replica's niceness
+(`--replica-nice`), before the first served run and after the last.
 
 Served: enough concurrent real-time streams that the variant always has a window waiting (each
 stream has at most one window in flight; the rest are skipped, never queued), for a bounded
@@ -82,12 +85,12 @@ def engine_rate(user_config: dict, threads: int, window_s: float, hop_s: float, 
 
 
 def in_process(app: dict, variant: str, args: argparse.Namespace, window_s: float,
-               hop_s: float) -> dict:
+               hop_s: float, nice: int) -> dict:
     """engine_rate in a fresh process (spawned: no Ray, no cluster memory), bounded in time."""
     user_config, threads = variant_settings(app, variant)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply_async(engine_rate, (user_config, threads, window_s, hop_s,
-                                              args.windows, args.engine_s, args.nice)
+                                              args.windows, args.engine_s, nice)
                                 ).get(timeout=900)
 
 
@@ -104,6 +107,36 @@ def replica_forward(metrics_url: str, variant: str) -> tuple[float, float]:
         values = [float(v) for v in re.findall(pattern, text, re.M)]
         found[part] = sum(values) if values else math.nan
     return found["sum"], found["count"]
+
+
+def cpu_seconds(variant: str) -> dict[str, float]:
+    """CPU seconds so far, by role: this process (the streams' client), the cluster's proxy,
+    Router and the variant's replica, the cluster's other processes, and the whole machine."""
+    import psutil
+
+    roles = dict.fromkeys(("client", "proxy", "router", "replica", "cluster"), 0.0)
+    me = psutil.Process()
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            title = " ".join(process.cmdline()[:1])
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        role = ("client" if process.pid == me.pid else "proxy" if "ProxyActor" in title
+                else "router" if re.match(r"ray::ServeReplica:[^:]+:Router\b", title)
+                else "replica" if re.match(rf"ray::ServeReplica:[^:]+:{variant}(\.|$)", title)
+                else "cluster")
+        roles[role] += times.user + times.system
+    machine = psutil.cpu_times()
+    roles["machine"] = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0) \
+        - getattr(machine, "guest", 0.0) - getattr(machine, "guest_nice", 0.0)
+    return roles
+
+
+def cores(before: dict[str, float], after: dict[str, float], seconds: float) -> dict:
+    used = {role: (after[role] - before[role]) / seconds for role in after}
+    machine = used.pop("machine")
+    return {**used, "others": machine - sum(used.values())}
 
 
 async def served_rate(url: str, metrics_url: str, variant: str, streams: int, hop_s: float,
@@ -124,10 +157,10 @@ async def served_rate(url: str, metrics_url: str, variant: str, streams: int, ho
         params={"model_version": variant, "hop_s": hop_s}, timeout_s=seconds + 60,
         on_event=on_event)) for i in range(streams)]
     await asyncio.wait(tasks, timeout=warmup_s)
-    forward_before = replica_forward(metrics_url, variant)
+    forward_before, cpu_before = replica_forward(metrics_url, variant), cpu_seconds(variant)
     await asyncio.wait(tasks, timeout=max(0.0, began + warmup_s + period_s - time.perf_counter()))
     ended = time.perf_counter()
-    forward_after = replica_forward(metrics_url, variant)
+    cpu_after, forward_after = cpu_seconds(variant), replica_forward(metrics_url, variant)
     ended_early = [task for task in tasks if task.done()]  # a stream that ended: it failed
     for task in tasks:
         task.cancel()
@@ -143,8 +176,9 @@ async def served_rate(url: str, metrics_url: str, variant: str, streams: int, ho
             "lag_p50_ms": float(np.median([e["lag_ms"] for e in timed if "lag_ms" in e]))
             if timed else math.nan,
             "replica_ms": ms / passes if passes else math.nan,
-            "failed": len(ended_early),
-            "errors": errors}
+            # Cores each role used over the period; "others": processes not of this run.
+            "cores": cores(cpu_before, cpu_after, ended - start),
+            "failed": len(ended_early), "errors": errors}
 
 
 def rounded(value: float, digits: int | None = None) -> float | int | None:
@@ -152,9 +186,12 @@ def rounded(value: float, digits: int | None = None) -> float | int | None:
     return None if math.isnan(value) else round(value, digits)
 
 
-def bound_row(variant: str, inner: list[dict], served: list[dict], hop_s: float) -> dict:
-    """One variant's line: the means of its in-process runs and of its served runs."""
+def bound_row(variant: str, inner: list[dict], served: list[dict], hop_s: float,
+              niced: list[dict]) -> dict:
+    """One variant's line: the means of its in-process runs and of its served runs (and of the
+    in-process runs at the replica's niceness)."""
     engine = float(np.mean([run["per_s"] for run in inner]))
+    at_nice = float(np.mean([run["per_s"] for run in niced])) if niced else math.nan
     rate = float(np.mean([run["per_s"] for run in served]))
     replica_ms = float(np.nanmean([run["replica_ms"] for run in served]))
     return {"variant": variant, "backend": inner[0]["backend"], "dtype": inner[0]["dtype"],
@@ -165,11 +202,20 @@ def bound_row(variant: str, inner: list[dict], served: list[dict], hop_s: float)
             "streams": served[0]["streams"], "served_per_s": round(rate, 2),
             "served_runs": [round(run["per_s"], 2) for run in served],
             "ratio": round(rate / engine, 3),
+            "engine_niced_per_s": rounded(at_nice, 2),
+            "engine_niced_runs": [round(run["per_s"], 2) for run in niced],
+            "ratio_niced": rounded(rate / at_nice, 3),
             # The variant's forward time per window while served, and the share of the wall
             # time it spent computing the windows counted (1: never idle).
             "replica_ms": rounded(replica_ms, 1),
             "replica_busy": rounded(rate * replica_ms / 1000, 2),
             "lag_p50_ms": rounded(float(np.mean([run["lag_p50_ms"] for run in served]))),
+            # Cores used over the served periods: the variant's replica; the stream path
+            # (the proxy, the Router and the streams' client); processes outside this run.
+            "replica_cores": round(float(np.mean([r["cores"]["replica"] for r in served])), 2),
+            "path_cores": round(float(np.mean([r["cores"]["proxy"] + r["cores"]["router"]
+                                               + r["cores"]["client"] for r in served])), 2),
+            "others_cores": round(float(np.mean([r["cores"]["others"] for r in served])), 2),
             "windows": sum(run["windows"] for run in served),
             "failed": sum(run["failed"] for run in served),
             "errors": sorted({error for run in served for error in run["errors"]}),
@@ -190,7 +236,9 @@ def bench(serve_handle, app: dict, args: argparse.Namespace) -> None:
           f"{args.warmup:g} s warm-up, {args.period:g} s counted")
     rows, loads = [], [load_average()]
     for variant in args.variants.split(","):
-        inner = [in_process(app, variant, args, window_s, hop_s)]
+        inner = [in_process(app, variant, args, window_s, hop_s, args.nice)]
+        niced = [in_process(app, variant, args, window_s, hop_s, args.replica_nice)
+                 ] if args.replica_nice else []
         streams = args.streams or min(args.max_streams,
                                       max(3, math.ceil(2 * inner[0]["per_s"] * hop_s)))
         asyncio.run(served_rate(serve_handle.url, serve_handle.metrics_url, variant,
@@ -200,22 +248,29 @@ def bench(serve_handle, app: dict, args: argparse.Namespace) -> None:
             served.append(asyncio.run(served_rate(serve_handle.url, serve_handle.metrics_url,
                                                   variant, streams, hop_s, args.warmup,
                                                   args.period)))
-            inner.append(in_process(app, variant, args, window_s, hop_s))
+            inner.append(in_process(app, variant, args, window_s, hop_s, args.nice))
+        if args.replica_nice:
+            niced.append(in_process(app, variant, args, window_s, hop_s, args.replica_nice))
         loads.append(load_average())
-        rows.append(bound_row(variant, inner, served, hop_s))
+        rows.append(bound_row(variant, inner, served, hop_s, niced))
         row = rows[-1]
         print(f"{variant:<6} {row['backend']} {row['dtype']} {row['threads']} threads: in-process "
               f"{row['engine_per_s']:.2f}/s {row['engine_runs']} ({row['engine_ms']:.0f} ms), "
               f"served {row['served_per_s']:.2f}/s {row['served_runs']} over {row['streams']} "
               f"streams ({row['windows']} windows, replica {row['replica_ms']} ms/window, busy "
-              f"{row['replica_busy']}, lag p50 {row['lag_p50_ms']} ms, failed {row['failed']} "
+              f"{row['replica_busy']}, in-process at nice {args.replica_nice} "
+              f"{row['engine_niced_per_s']} {row['engine_niced_runs']}, ratio to it "
+              f"{row['ratio_niced']}, cores: replica {row['replica_cores']}, stream path "
+              f"{row['path_cores']}, others {row['others_cores']}; lag p50 "
+              f"{row['lag_p50_ms']} ms, failed {row['failed']} "
               f"{row['errors']}), ratio {row['ratio']}: {row['realtime_streams']} real-time "
               f"streams at hop {hop_s:g} s, {row['realtime_streams_hop1']} at 1 s; load average "
               f"{loads[-1]}", flush=True)
     write_result("stream-bound", {
         "benchmark": "stream_bound", "window_s": window_s, "hop_s": hop_s, "goal": GOAL,
         "rounds": args.rounds,
-        "engine_windows": args.windows, "engine_nice": args.nice, "warmup_s": args.warmup,
+        "engine_windows": args.windows, "engine_nice": args.nice,
+        "replica_nice": args.replica_nice, "warmup_s": args.warmup,
         "period_s": args.period, "load_average": loads, "rows": rows},
         results_dir=args.results_dir, config=relative_config(args.config))
 
@@ -230,11 +285,17 @@ def _parser() -> argparse.ArgumentParser:
                         help="concurrent streams (default: twice what the engine keeps up with, "
                              "at least 3, at most --max-streams)")
     parser.add_argument("--max-streams", type=int, default=12)
-    parser.add_argument("--windows", type=int, default=30,
-                        help="in-process windows per measurement (at most --engine-s)")
-    parser.add_argument("--engine-s", type=float, default=30.0)
+    parser.add_argument("--windows", type=int, default=200,
+                        help="in-process windows per measurement, at most --engine-s seconds")
+    parser.add_argument("--engine-s", type=float, default=20.0,
+                        help="seconds per in-process measurement: long enough to average the "
+                             "machine's other load as the served period does")
     parser.add_argument("--nice", type=int, default=0,
                         help="niceness added to the in-process child (Ray's workers run at 15)")
+    parser.add_argument("--replica-nice", type=int, default=15,
+                        help="also measure in-process at this niceness (Ray starts its workers, "
+                             "the replicas too, at 15; RAY_worker_niceness), before the first "
+                             "served run and after the last; 0: not")
     parser.add_argument("--rounds", type=int, default=2,
                         help="served runs per variant, each followed by an in-process run")
     parser.add_argument("--warmup", type=float, default=8.0, help="seconds not counted")

@@ -73,27 +73,40 @@ def render_stream(result: dict) -> list[str]:
 
 
 def render_stream_bound(result: dict) -> list[str]:
-    hop = f"{result['hop_s']:g} s"
-    spec = [("variant", "variant", None), ("backend", "backend", None), ("dtype", "dtype", None),
-            ("threads", "threads", None), ("in-process ms/window", "engine_ms", ".0f"),
-            ("in-process windows/s", "engine_per_s", ".2f"), ("streams", "streams", None),
-            ("served windows/s", "served_per_s", ".2f"), ("served / in-process", "ratio", ".2f"),
-            ("replica ms/window", "replica_ms", ".0f"),
+    hop, nice = f"{result['hop_s']:g} s", result.get("replica_nice")
+    rows = [{**row, "engine": f"{row['backend']} {row['dtype']}, {row['threads']} threads",
+             "cores": " / ".join(shown(row.get(key), ".2f") for key in
+                                 ("replica_cores", "path_cores", "others_cores"))}
+            for row in result["rows"]]
+    spec = [("variant", "variant", None), ("engine", "engine", None),
+            ("in-process ms/window", "engine_ms", ".0f"),
+            ("in-process windows/s", "engine_per_s", ".2f"),
+            *([(f"at nice {nice}", "engine_niced_per_s", ".2f")] if nice else []),
+            ("streams", "streams", None), ("served windows/s", "served_per_s", ".2f"),
+            ("served / in-process", "ratio", ".2f"),
+            *([(f"served / at nice {nice}", "ratio_niced", ".2f")] if nice else []),
+            ("replica ms/window", "replica_ms", ".0f"), ("replica busy", "replica_busy", ".2f"),
+            ("cores: replica / stream path / others", "cores", None),
             (f"real-time streams, hop {hop}", "realtime_streams", None),
             ("real-time streams, hop 1 s", "realtime_streams_hop1", None)]
     loads = ", ".join(f"{minute[0]:g}" for minute in result["load_average"])
+    niced = (f" At nice {nice}: the same in-process run at the replica's niceness (Ray starts "
+             "its workers at 15), before the first served run and after the last." if nice
+             else "")
     return [*caption(result),
             f"{result['window_s']:g} s windows every {hop}. In-process: "
             f"{result['engine_windows']} windows back to back on the variant's engine and "
-            "settings, in a process of its own while the service idles, before and after the "
-            "served run (the mean of both). Served: real-time streams, each with at most one "
-            "window in flight (the others skipped), enough to keep the variant busy; window "
-            f"events with scores per second over {result['period_s']:g} s after a "
-            f"{result['warmup_s']:g} s warm-up (goal: served / in-process >= "
-            f"{result['goal']:g}). Replica ms/window: the variant's own forward time meanwhile "
-            "(its inference-latency metric). Real-time streams: floor(served windows/s x hop). "
-            f"Load average (1 min) at the start and after each variant: {loads}.", "",
-            *columns(spec, result["rows"])]
+            "settings, in a process of its own while the service idles, before the served runs "
+            f"and after each ({result.get('rounds', 1)} rounds; the means).{niced} Served: "
+            "real-time streams, each with at most one window in flight (the others skipped), "
+            "enough to keep the variant busy; window events with scores per second over "
+            f"{result['period_s']:g} s after a {result['warmup_s']:g} s warm-up (goal: served / "
+            f"in-process >= {result['goal']:g}). Replica ms/window: the variant's own forward "
+            "time meanwhile (its inference-latency metric); busy: served windows/s x that. "
+            "Cores: CPU used over the served periods by the replica, by the stream path (the "
+            "proxy, the Router and the streams' client) and by processes outside the run. "
+            "Real-time streams: floor(served windows/s x hop). Load average (1 min) at the "
+            f"start and after each variant: {loads}.", "", *columns(spec, rows)]
 
 
 def shown(value, spec: str | None = None) -> str:
