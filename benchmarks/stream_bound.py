@@ -269,7 +269,7 @@ def bench(serve_handle, app: dict, args: argparse.Namespace) -> None:
     write_result("stream-bound", {
         "benchmark": "stream_bound", "window_s": window_s, "hop_s": hop_s, "goal": GOAL,
         "rounds": args.rounds,
-        "engine_windows": args.windows, "engine_nice": args.nice,
+        "engine_windows": args.windows, "engine_s": args.engine_s, "engine_nice": args.nice,
         "replica_nice": args.replica_nice, "warmup_s": args.warmup,
         "period_s": args.period, "load_average": loads, "rows": rows},
         results_dir=args.results_dir, config=relative_config(args.config))

@@ -95,7 +95,9 @@ def render_stream_bound(result: dict) -> list[str]:
              else "")
     return [*caption(result),
             f"{result['window_s']:g} s windows every {hop}. In-process: "
-            f"{result['engine_windows']} windows back to back on the variant's engine and "
+            f"{result['engine_windows']} windows back to back"
+            + (f" (at most {result['engine_s']:g} s)" if result.get("engine_s") else "")
+            + " on the variant's engine and "
             "settings, in a process of its own while the service idles, before the served runs "
             f"and after each ({result.get('rounds', 1)} rounds; the means).{niced} Served: "
             "real-time streams, each with at most one window in flight (the others skipped), "
