@@ -72,7 +72,7 @@ def engine_rate(user_config: dict, threads: int, window_s: float, hop_s: float, 
     audio = speech_like(window_s + hop_s * count, RATE, 0)
     engine.predict(audio[:size], Granularity.UTTERANCE, False)  # this length's first call
     times: list[float] = []
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     for k in range(count):
         started = time.perf_counter()
         engine.predict(audio[k * step:k * step + size], Granularity.UTTERANCE, False)
@@ -80,6 +80,7 @@ def engine_rate(user_config: dict, threads: int, window_s: float, hop_s: float, 
         if time.perf_counter() - began > max_s:
             break
     return {"windows": len(times), "per_s": len(times) / sum(times),
+            "cores": (time.process_time() - cpu_began) / (time.perf_counter() - began),
             "p50_ms": float(np.median(times) * 1000), "backend": info.backend,
             "dtype": info.dtype, "threads": info.threads}
 
@@ -199,6 +200,8 @@ def bound_row(variant: str, inner: list[dict], served: list[dict], hop_s: float,
             "engine_ms": round(float(np.mean([run["p50_ms"] for run in inner])), 1),
             "engine_per_s": round(engine, 2),
             "engine_runs": [round(run["per_s"], 2) for run in inner],
+            # Cores the engine used while it ran (its process's CPU time over the wall time).
+            "engine_cores": round(float(np.mean([run["cores"] for run in inner])), 2),
             "streams": served[0]["streams"], "served_per_s": round(rate, 2),
             "served_runs": [round(run["per_s"], 2) for run in served],
             "ratio": round(rate / engine, 3),
@@ -216,6 +219,8 @@ def bound_row(variant: str, inner: list[dict], served: list[dict], hop_s: float,
             "path_cores": round(float(np.mean([r["cores"]["proxy"] + r["cores"]["router"]
                                                + r["cores"]["client"] for r in served])), 2),
             "others_cores": round(float(np.mean([r["cores"]["others"] for r in served])), 2),
+            # Ray's other processes of the run (GCS, raylet, controller, the idle replicas).
+            "ray_cores": round(float(np.mean([r["cores"]["cluster"] for r in served])), 2),
             "windows": sum(run["windows"] for run in served),
             "failed": sum(run["failed"] for run in served),
             "errors": sorted({error for run in served for error in run["errors"]}),
@@ -261,7 +266,8 @@ def bench(serve_handle, app: dict, args: argparse.Namespace) -> None:
               f"{row['replica_busy']}, in-process at nice {args.replica_nice} "
               f"{row['engine_niced_per_s']} {row['engine_niced_runs']}, ratio to it "
               f"{row['ratio_niced']}, cores: replica {row['replica_cores']}, stream path "
-              f"{row['path_cores']}, others {row['others_cores']}; lag p50 "
+              f"{row['path_cores']}, Ray {row['ray_cores']}, others {row['others_cores']}, "
+              f"in-process {row['engine_cores']}; lag p50 "
               f"{row['lag_p50_ms']} ms, failed {row['failed']} "
               f"{row['errors']}), ratio {row['ratio']}: {row['realtime_streams']} real-time "
               f"streams at hop {hop_s:g} s, {row['realtime_streams_hop1']} at 1 s; load average "

@@ -76,17 +76,18 @@ def render_stream_bound(result: dict) -> list[str]:
     hop, nice = f"{result['hop_s']:g} s", result.get("replica_nice")
     rows = [{**row, "engine": f"{row['backend']} {row['dtype']}, {row['threads']} threads",
              "cores": " / ".join(shown(row.get(key), ".2f") for key in
-                                 ("replica_cores", "path_cores", "others_cores"))}
+                                 ("replica_cores", "path_cores", "ray_cores", "others_cores"))}
             for row in result["rows"]]
     spec = [("variant", "variant", None), ("engine", "engine", None),
             ("in-process ms/window", "engine_ms", ".0f"),
             ("in-process windows/s", "engine_per_s", ".2f"),
+            ("in-process cores", "engine_cores", ".2f"),
             *([(f"at nice {nice}", "engine_niced_per_s", ".2f")] if nice else []),
             ("streams", "streams", None), ("served windows/s", "served_per_s", ".2f"),
             ("served / in-process", "ratio", ".2f"),
             *([(f"served / at nice {nice}", "ratio_niced", ".2f")] if nice else []),
             ("replica ms/window", "replica_ms", ".0f"), ("replica busy", "replica_busy", ".2f"),
-            ("cores: replica / stream path / others", "cores", None),
+            ("cores: replica / stream path / Ray / others", "cores", None),
             (f"real-time streams, hop {hop}", "realtime_streams", None),
             ("real-time streams, hop 1 s", "realtime_streams_hop1", None)]
     loads = ", ".join(f"{minute[0]:g}" for minute in result["load_average"])
@@ -105,8 +106,10 @@ def render_stream_bound(result: dict) -> list[str]:
             f"{result['period_s']:g} s after a {result['warmup_s']:g} s warm-up (goal: served / "
             f"in-process >= {result['goal']:g}). Replica ms/window: the variant's own forward "
             "time meanwhile (its inference-latency metric); busy: served windows/s x that. "
+            "In-process cores: the engine's CPU time over its wall time. "
             "Cores: CPU used over the served periods by the replica, by the stream path (the "
-            "proxy, the Router and the streams' client) and by processes outside the run. "
+            "proxy, the Router and the streams' client), by Ray's other processes of the run and "
+            "by processes outside it. "
             "Real-time streams: floor(served windows/s x hop). Load average (1 min) at the "
             f"start and after each variant: {loads}.", "", *columns(spec, rows)]
 
