@@ -72,6 +72,48 @@ def render_stream(result: dict) -> list[str]:
             "", f"Most real-time streams without a skipped window: {held}."]
 
 
+def render_stream_bound(result: dict) -> list[str]:
+    hop, nice = f"{result['hop_s']:g} s", result.get("replica_nice")
+    rows = [{**row, "engine": f"{row['backend']} {row['dtype']}, {row['threads']} threads",
+             "cores": " / ".join(shown(row.get(key), ".2f") for key in
+                                 ("replica_cores", "path_cores", "ray_cores", "others_cores"))}
+            for row in result["rows"]]
+    spec = [("variant", "variant", None), ("engine", "engine", None),
+            ("in-process ms/window", "engine_ms", ".0f"),
+            ("in-process windows/s", "engine_per_s", ".2f"),
+            ("in-process cores", "engine_cores", ".2f"),
+            *([(f"at nice {nice}", "engine_niced_per_s", ".2f")] if nice else []),
+            ("streams", "streams", None), ("served windows/s", "served_per_s", ".2f"),
+            ("served / in-process", "ratio", ".2f"),
+            *([(f"served / at nice {nice}", "ratio_niced", ".2f")] if nice else []),
+            ("replica ms/window", "replica_ms", ".0f"), ("replica busy", "replica_busy", ".2f"),
+            ("cores: replica / stream path / Ray / others", "cores", None),
+            (f"real-time streams, hop {hop}", "realtime_streams", None),
+            ("real-time streams, hop 1 s", "realtime_streams_hop1", None)]
+    loads = ", ".join(f"{minute[0]:g}" for minute in result["load_average"])
+    niced = (f" At nice {nice}: the same in-process run at the replica's niceness (Ray starts "
+             "its workers at 15), before the first served run and after the last." if nice
+             else "")
+    return [*caption(result),
+            f"{result['window_s']:g} s windows every {hop}. In-process: "
+            f"{result['engine_windows']} windows back to back"
+            + (f" (at most {result['engine_s']:g} s)" if result.get("engine_s") else "")
+            + " on the variant's engine and "
+            "settings, in a process of its own while the service idles, before the served runs "
+            f"and after each ({result.get('rounds', 1)} rounds; the means).{niced} Served: "
+            "real-time streams, each with at most one window in flight (the others skipped), "
+            "enough to keep the variant busy; window events with scores per second over "
+            f"{result['period_s']:g} s after a {result['warmup_s']:g} s warm-up (goal: served / "
+            f"in-process >= {result['goal']:g}). Replica ms/window: the variant's own forward "
+            "time meanwhile (its inference-latency metric); busy: served windows/s x that. "
+            "In-process cores: the engine's CPU time over its wall time. "
+            "Cores: CPU used over the served periods by the replica, by the stream path (the "
+            "proxy, the Router and the streams' client), by Ray's other processes of the run and "
+            "by processes outside it. "
+            "Real-time streams: floor(served windows/s x hop). Load average (1 min) at the "
+            f"start and after each variant: {loads}.", "", *columns(spec, rows)]
+
+
 def shown(value, spec: str | None = None) -> str:
     """A cell: "-" for a number not measured (or not recorded), text as it is, a number in
     spec (or as cell() gives it)."""
@@ -404,7 +446,7 @@ RENDERERS = {"suite": render_suite, "stream": render_stream, "cold_start": rende
              "fidelity_tests": render_fidelity_tests, "protocols": render_protocols,
              "batch": render_batch, "segments": render_segments, "ha": render_ha,
              "gpu": render_gpu, "heads": render_heads, "jobs": render_jobs,
-             "heads_training": render_heads_training}
+             "heads_training": render_heads_training, "stream_bound": render_stream_bound}
 
 
 def render_result(result: dict) -> str:

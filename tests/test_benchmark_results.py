@@ -17,7 +17,7 @@ from benchmarks import results, tables
 TABLE_BENCHMARKS = ["batch", "cold_start", "cpu", "decode_formats", "gpu", "ha", "heads",
                     "heads_training", "hot_swap", "jobs", "load", "long_audio", "protocols",
                     "segments",
-                    "serve_latency", "shadow", "stream", "suite"]
+                    "serve_latency", "shadow", "stream", "stream_bound", "suite"]
 FILES = sorted(tables.RESULTS.glob("*.json"))
 LINK = re.compile(r"\]\((?:[./\w-]*/)?results/(?P<file>[\w.-]+\.json)\)")
 
