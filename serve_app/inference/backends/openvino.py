@@ -2,8 +2,9 @@
 per checkpoint (cached: serve_app/inference/backends/common.py) and compiled for this CPU, with
 dynamic batch and length: any clip length and batch size run without recompiling. fp32 runs in
 f32 (its scores equal FunASR's within float rounding); `precision: reduced` runs in bf16 where
-the CPU has bf16 units (else f32, said in the note). OpenVINO's own blob cache beside the IR
-(per precision) makes a warm compile an import.
+the CPU has bf16 units (else f32, said in the note); `precision: int8` is this IR quantised
+by NNCF (int8.py). OpenVINO's own blob cache beside the IR (per precision) makes a warm compile
+an import.
 """
 
 from __future__ import annotations
@@ -81,16 +82,27 @@ def _ov_precision(core, precision: str) -> tuple[str, str | None]:
     return "f32", "this CPU has no bf16 units: reduced precision runs in f32"
 
 
+def ir_folder(model: torch.nn.Module, spec: BuildSpec) -> tuple[Path, bool]:
+    """The cache folder of the f32 IR (converted on a miss), and whether it was a hit."""
+    import openvino as ov
+
+    key = cache_key(spec.checkpoint_sha256, "openvino", {"openvino": ov.__version__},
+                    [sys.modules[__name__]])
+    return cached_artefact(spec.cache_root, key, IR_NAME,
+                           lambda staging: _convert(model, staging))
+
+
 def build(model: torch.nn.Module, spec: BuildSpec) -> tuple[OpenVinoBackend, BackendInfo]:
     try:
         import openvino as ov
     except ImportError as exc:
         raise BackendUnavailable(f"openvino is not installed ({exc})") from exc
+    if spec.precision == "int8":  # the IR quantised (int8.py), or reduced with the reason
+        from serve_app.inference.backends import int8
+
+        return int8.build(model, spec)
     started = time.perf_counter()
-    key = cache_key(spec.checkpoint_sha256, "openvino", {"openvino": ov.__version__},
-                    [sys.modules[__name__]])
-    folder, hit = cached_artefact(spec.cache_root, key, IR_NAME,
-                                  lambda staging: _convert(model, staging))
+    folder, hit = ir_folder(model, spec)
     core = ov.Core()
     ov_precision, note = _ov_precision(core, spec.precision)
     compiled = core.compile_model(str(folder / IR_NAME), "CPU", {
