@@ -178,6 +178,7 @@ def _quantize(ir_path: Path, recipe: Recipe, speech: bool, min_width: int,
         AdvancedSmoothQuantParameters,
     )
 
+    logging.getLogger("nncf").setLevel(logging.WARNING)  # not a line per op in the replica's log
     started = time.perf_counter()
     model = ov.Core().read_model(str(ir_path))
     samples = [graph_inputs(c, min_width) for c in calibration_clips(recipe, speech)]
