@@ -300,8 +300,10 @@ def main() -> None:
     if "cold" in stages:
         result["cold"] = cold_start(archs)
     write_result("cpu", result, results_dir=args.results_dir,
-                 config=f"generated random-weight checkpoints ({args.archs}), in-process, "
-                        f"combos {args.combos}")
+                 config=f"generated random-weight checkpoints ({args.archs}), in-process"
+                        + (f", combos {args.combos}" if "speed" in stages else "")
+                        + (f", fidelity backends {args.fidelity_backends}"
+                           if "fidelity" in stages else ""))
 
 
 if __name__ == "__main__":
