@@ -7,9 +7,10 @@ written to ~/.cache/emotion2vec-serve/checkpoints as configs/cpu.yaml does), 2 t
      the same architecture; and padded batches of 8 clips against 8 single calls;
   2. fidelity over >= 20 varied clips (espeak-ng speech in several voices and rates, tones,
      noise; 0.5-9 s): fp32 on each backend against FunASR's own AutoModel.generate (scores
-     and embeddings), and reduced precision (turbo) against fp32: max score difference,
-     embedding cosine, top-1 agreement and the smallest top-1 margin of the fp32 scores (a
-     random-weight head with flat scores would agree by luck; the margin says how much);
+     and embeddings), and reduced precision (turbo) and int8 against fp32: max score
+     difference, embedding cosine, top-1 agreement (over all clips, and over the speech clips
+     alone) and the smallest top-1 margin of the fp32 scores (a random-weight head with flat
+     scores would agree by luck; the margin says how much);
   3. cold start: time to a warm engine in a fresh process with an empty artefact cache
      (conversion + compile) and again with the cache filled, and the RSS of each backend's
      process after a 5 s predict (the same process as the warm start).
@@ -39,9 +40,9 @@ from benchmarks.results import add_results_dir, write_result
 from serve_app.checkpoints import generate
 
 CHECKPOINTS = Path("~/.cache/emotion2vec-serve/checkpoints").expanduser()
-# onnxruntime runs f32 whatever the precision: its fp32 row only
+# onnxruntime runs f32 whatever the precision: its fp32 row only; int8 is openvino's only
 COMBOS = [("torch", "fp32"), ("torch", "reduced"), ("openvino", "fp32"),
-          ("openvino", "reduced"), ("onnxruntime", "fp32")]
+          ("openvino", "reduced"), ("openvino", "int8"), ("onnxruntime", "fp32")]
 VOICES = ["en", "en-us", "en-gb", "en+f3", "en+m3", "en-us+f2", "en+f4", "en-gb+m2"]
 TEXTS = ["I can't believe you did that, this is wonderful news!",
          "Please leave me alone. I am very tired today.",
@@ -164,8 +165,10 @@ def fidelity(archs: list[str], count: int, cache: str, backends: list[str]) -> d
 
     clips = varied_clips(count)
     print(f"\n== fidelity over {len(clips)} clips ({', '.join(n for n, _ in clips[:6])}, ...) ==")
+    speech_clips = [i for i, (name, _) in enumerate(clips) if name.startswith("speech")]
     print(f"{'arch':6} {'backend':11} {'precision':9} {'against':8} {'max score diff':>15} "
-          f"{'max emb diff':>13} {'min cosine':>11} {'top-1 agree':>12} {'min margin':>11}")
+          f"{'max emb diff':>13} {'min cosine':>11} {'top-1 agree':>12} {'speech top-1':>13} "
+          f"{'min margin':>11}")
     rows = []
     for arch in archs:
         path = checkpoint(arch)
@@ -184,15 +187,19 @@ def fidelity(archs: list[str], count: int, cache: str, backends: list[str]) -> d
             emb_diff = max(float(np.abs(g.embedding - r["feats"]).max())
                            for g, r in zip(got, reference))
             cos = min(cosine(g.embedding, r["feats"]) for g, r in zip(got, reference))
-            agree = sum(int(np.argmax(g.scores) == np.argmax(r))
-                        for g, r in zip(got, ref_scores))
+            agrees = [int(np.argmax(g.scores) == np.argmax(r)) for g, r in zip(got, ref_scores)]
+            agree, speech_agree = sum(agrees), sum(agrees[i] for i in speech_clips)
+            speech_top1 = f"{speech_agree}/{len(speech_clips)}"
             print(f"{arch:6} {combo[0]:11} {combo[1]:9} {'FunASR':8} {score_diff:15.2e} "
-                  f"{emb_diff:13.2e} {cos:11.6f} {agree:>6}/{len(clips):<5} "
+                  f"{emb_diff:13.2e} {cos:11.6f} {agree:>6}/{len(clips):<5} {speech_top1:>13} "
                   f"{min(margins):11.2e}", flush=True)
+            if loaded.info.backend_info.get("note"):
+                print(f"  note: {loaded.info.backend_info['note']}")
             rows.append({"arch": arch, "backend": combo[0], "precision": combo[1],
                          "against": "FunASR", "max_score_diff": score_diff,
                          "max_emb_diff": emb_diff, "min_cosine": cos,
-                         "top1": f"{agree}/{len(clips)}", "min_margin": min(margins)})
+                         "top1": f"{agree}/{len(clips)}", "top1_speech": speech_top1,
+                         "min_margin": min(margins), "dtype": loaded.info.dtype})
             del loaded
     return {"clips": len(clips), "rows": rows}
 
@@ -250,15 +257,17 @@ def cold_start(archs: list[str]) -> dict:
         with tempfile.TemporaryDirectory(prefix="e2v-cold-") as cache:
             eager: dict[str, dict] = {}
             # openvino and onnxruntime fp32 twice: cold (empty cache), then warm (artefacts
-            # on disk)
+            # on disk); int8 twice after them: its miss is the quantisation alone (the f32 IR
+            # is on disk by then)
             for backend, precision in [("torch", "fp32"), ("torch", "reduced"),
                                        ("openvino", "fp32"), ("openvino", "fp32"),
-                                       ("openvino", "reduced"), ("onnxruntime", "fp32"),
+                                       ("openvino", "reduced"), ("openvino", "int8"),
+                                       ("openvino", "int8"), ("onnxruntime", "fp32"),
                                        ("onnxruntime", "fp32")]:
                 row = run_child(path, backend, precision, cache)
                 if backend == "torch":
                     eager[precision] = row
-                base = eager[precision]
+                base = eager["fp32" if precision == "int8" else precision]
                 ratios = {"ready_vs_eager": row["ready_s"] / base["ready_s"],
                           "rss_vs_eager": row["rss_mb"] / base["rss_mb"],
                           "peak_vs_eager": row["peak_mb"] / base["rss_mb"],
@@ -316,8 +325,10 @@ def main() -> None:
     if "cold" in stages:
         result["cold"] = cold_start(archs)
     write_result("cpu", result, results_dir=args.results_dir,
-                 config=f"generated random-weight checkpoints ({args.archs}), in-process, "
-                        f"combos {args.combos}")
+                 config=f"generated random-weight checkpoints ({args.archs}), in-process"
+                        + (f", combos {args.combos}" if "speed" in stages else "")
+                        + (f", fidelity backends {args.fidelity_backends}"
+                           if "fidelity" in stages else ""))
 
 
 if __name__ == "__main__":

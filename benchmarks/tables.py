@@ -300,6 +300,8 @@ def render_cpu(result: dict) -> list[str]:
                 ("max score diff", "max_score_diff", ".2e"),
                 ("max emb diff", "max_emb_diff", ".2e"), ("min cosine", "min_cosine", ".6f"),
                 ("top-1 agree", "top1", None), ("min margin", "min_margin", ".2e")]
+        if any("top1_speech" in row for row in result["fidelity"]["rows"]):
+            spec.insert(-1, ("speech top-1", "top1_speech", None))
         lines += ["", f"Fidelity over {result['fidelity']['clips']} clips:", "",
                   *columns(spec, result["fidelity"]["rows"])]
     if result.get("cold"):

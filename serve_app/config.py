@@ -96,7 +96,9 @@ class ModelSettings(_Strict):
     # (reads the whole file). Both check every tensor strictly; hub ids load like directories.
     loader: Literal["mmap", "funasr"] = "mmap"
     # reduced: bfloat16 autocast on CPU, float16 autocast on CUDA (what "turbo" means).
-    precision: Literal["fp32", "reduced"] = "fp32"
+    # int8: backend openvino only (a validation error on the others): its IR quantised by NNCF
+    # (docs/cpu.md#int8); where it cannot run or fails its check at load, openvino reduced.
+    precision: Literal["fp32", "reduced", "int8"] = "fp32"
     # What runs the encoder (serve_app/inference/backends/): torch, FunASR's modules in eager
     # PyTorch; openvino, the same steps as one graph compiled for this CPU (any length and
     # batch, fp32 equal to FunASR within float rounding; reduced: bf16); onnxruntime, that
@@ -147,6 +149,14 @@ class ModelSettings(_Strict):
                 "weights into a local folder of that name: remove `generate` to serve the "
                 "hub's published weights, or give a path (/..., ~/..., ./...) for a generated "
                 "checkpoint")
+        return self
+
+    @model_validator(mode="after")
+    def _int8_needs_openvino(self) -> ModelSettings:
+        if self.precision == "int8" and self.backend != "openvino":
+            raise ValueError(f"precision int8 runs on backend openvino only (its IR quantised "
+                             f"by NNCF), not on {self.backend!r}: set backend: openvino, or "
+                             f"precision fp32 or reduced")
         return self
 
     def load_key(self) -> tuple:

@@ -51,7 +51,7 @@ from serve_app.inference.timeline import emotion_timeline
 from serve_app.wire import MIN_SAMPLES, TARGET_SR, Granularity
 
 logger = logging.getLogger(__name__)
-DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "int8": "int8"}
 
 
 @dataclass

@@ -4,6 +4,7 @@
 | --- | --- | --- |
 | `torch` | eager.py | FunASR's modules in eager PyTorch (any device) |
 | `openvino` | openvino.py | PaddedEncoder converted to OpenVINO's IR, compiled for this CPU |
+| (`precision: int8`) | int8.py | openvino's IR quantised by NNCF; openvino reduced where refused |
 | `onnxruntime` | onnxruntime.py | PaddedEncoder exported to ONNX, run by onnxruntime on the CPU |
 
 The interface, the registry, the artefact cache, the order that keeps one copy of the weights
