@@ -97,7 +97,7 @@ class ModelSettings(_Strict):
     loader: Literal["mmap", "funasr"] = "mmap"
     # reduced: bfloat16 autocast on CPU, float16 autocast on CUDA (what "turbo" means).
     # int8: backend openvino only (a validation error on the others): its IR quantised by NNCF
-    # (docs/cpu.md#int8); where it cannot run or fails its check at load, openvino reduced.
+    # (docs/cpu.md#int8); without VNNI or AMX, or beyond its check at load, openvino reduced.
     precision: Literal["fp32", "reduced", "int8"] = "fp32"
     # What runs the encoder (serve_app/inference/backends/): torch, FunASR's modules in eager
     # PyTorch; openvino, the same steps as one graph compiled for this CPU (any length and

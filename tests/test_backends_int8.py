@@ -151,3 +151,15 @@ def test_int8_is_openvino_only(backend):
     settings = ModelSettings(source="/m", backend="openvino", precision="int8")
     assert settings.load_key() != ModelSettings(source="/m", backend="openvino",
                                                 precision="reduced").load_key()
+
+
+def test_int8_on_a_cpu_without_int8_units_runs_openvino_reduced(tiny, tmp_path, monkeypatch):
+    """Without VNNI or AMX (here: the CPU's flags read without them) int8 is not tried."""
+    flags = common.cpu_identity()["flags"].split()
+    monkeypatch.setattr(int8, "cpu_identity", lambda: {
+        "flags": " ".join(f for f in flags if f not in int8.INT8_FLAGS)})
+    engine = _engine(tiny, tmp_path, "int8")
+    info = engine.info.backend_info
+    assert engine.info.backend == "openvino" and info["precision"] in ("bf16", "f32")
+    assert "no int8 dot-product units" in info["note"]
+    assert len(list(tmp_path.glob("*/encoder.xml"))) == 1  # the f32 IR: nothing quantised

@@ -16,8 +16,9 @@ tones with vibrato plus noise, said in the note.
 The quantised IR is cached like the f32 one (serve_app/inference/backends/common.py), in its own
 folder: its key adds NNCF's version and the calibration recipe to the f32 IR's.
 
-At load the check clip (common.select) must stay within CHECK_TOLERANCE["int8"] of eager fp32;
-beyond it, or when NNCF is missing or quantisation fails, int8 is refused and the backend runs
+Only where the CPU has int8 dot-product units (VNNI, AMX: INT8_FLAGS). At load the check clip
+(common.select) must stay within CHECK_TOLERANCE["int8"] of eager fp32; beyond it, without the
+units, or when NNCF is missing or quantisation fails, int8 is refused and the backend runs
 `precision: reduced` on openvino (openvino.FALLBACK: bf16, or f32 without bf16 units; checked
 against its own bound) with the reason in the note: a replica never fails for it. The quantised
 IR is made from the f32 one alone, after the torch encoder was freed.
@@ -49,6 +50,7 @@ from serve_app.inference.backends.common import (
     cache_key,
     cached_artefact,
     compiled_info,
+    cpu_identity,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ CAL_VOICES = ("en-gb-scotland", "en-029+f2", "en-gb-x-rp+m4", "en-us+f5", "en-gb
               "en+m7")
 CAL_RATES = (125, 160, 195)
 CAL_SNR_DB = (None, 25.0, 12.0)  # None: clean
+INT8_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # /proc/cpuinfo's names
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,12 @@ def _quantize(ir_path: Path, recipe: Recipe, speech: bool, min_width: int,
                 time.perf_counter() - started)
 
 
+def has_int8_units() -> bool:
+    """Whether the CPU multiplies int8 in one instruction (AVX-512 VNNI, AVX-VNNI, AMX): where
+    int8 pays. Without them OpenVINO emulates it with AVX2, not measured here: reduced instead."""
+    return bool(INT8_FLAGS & set(cpu_identity()["flags"].split()))
+
+
 def load(artefact: Artefact, model: torch.nn.Module, spec: BuildSpec
          ) -> tuple[openvino.OpenVinoBackend, BackendInfo]:
     """The f32 IR of `artefact` quantised (cached in its own folder) and compiled, the ops left
@@ -209,6 +218,8 @@ def load(artefact: Artefact, model: torch.nn.Module, spec: BuildSpec
         import openvino as ov
     except ImportError as exc:
         raise BackendUnavailable(f"nncf or openvino is not installed ({exc})") from exc
+    if not has_int8_units():
+        raise BackendUnavailable("this CPU has no int8 dot-product units (VNNI or AMX)")
     version = espeak_version()
     source = f"espeak-ng {version}" if version else "tones"
     key = cache_key(spec.checkpoint_sha256, "openvino-int8",
