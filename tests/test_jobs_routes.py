@@ -100,6 +100,10 @@ def test_a_callback_needs_a_secret_and_a_model_must_exist(client, readable, jobs
                                          "model_version": "nope"}).status_code == 400
     assert client.post("/v1/jobs", content=b"x", headers={
         "content-type": "text/plain"}).status_code == 415
+    for body in (b"\x80\x81 not UTF-8", b"{\"inputs\": [\"\xff\"]}", b"[1, 2", b"[" * 50_000):
+        response = client.post("/v1/jobs", content=body,
+                               headers={"content-type": "application/json"})
+        assert _code(response) == (422, "invalid_request"), (body, response.text)
     assert _nothing_stored(jobs_dir)
 
 

@@ -31,6 +31,7 @@ from serve_app.jobs.unpack import limits_of
 from serve_app.jobs.view import ENDED, iso_now
 from serve_app.labels import parse_label_set
 from serve_app.traffic.access import callback_secret, presented_key
+from serve_app.untrusted import load_json
 
 ARCHIVE_FIELD = "archive"
 MAX_JSON_BYTES = 1024 * 1024
@@ -63,11 +64,11 @@ def _invalid(message: str) -> ApiError:
 async def _read_json(request: Request) -> JobRequest:
     data = await upload.read_capped(request, MAX_JSON_BYTES)
     try:
-        return JobRequest.model_validate(json.loads(data))
-    except json.JSONDecodeError as exc:
-        raise _invalid(f"the body is not JSON: {exc}") from None
+        return JobRequest.model_validate(load_json(data))
     except ValidationError as exc:
         raise _invalid(without_inputs(exc)) from None
+    except ValueError as exc:  # not UTF-8, not JSON, nested too deep (untrusted.load_json)
+        raise _invalid(f"the body is not JSON: {exc}") from None
 
 
 def _copy_archive(part: UploadFile, limit: int) -> Path:
@@ -97,8 +98,8 @@ async def _read_form(request: Request, limit: int) -> tuple[JobRequest, Path | N
             continue
         if name in ("inputs", "metadata") or (name == "labels" and value.startswith("[")):
             try:
-                values[name] = json.loads(value)
-            except json.JSONDecodeError:
+                values[name] = load_json(value)
+            except ValueError:
                 raise _invalid(f"{name} must be JSON") from None
         elif name in ("by_segment", "embeddings"):
             values[name] = upload.parse_bool(name, value)
