@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from serve_app.checkpoints import generate
 from serve_app.config import ModelSettings
-from serve_app.inference.backends import common, int8
+from serve_app.inference.backends import common, int8, openvino
 from serve_app.inference.engine import EmotionEngine
 from tests import clips as clip_maker
 
@@ -79,7 +79,7 @@ def test_int8_builds_is_cached_and_stays_within_its_bound(tiny, cache, fp32):
     else:
         assert key["calibration"]["source"] == "tones"
         assert "espeak-ng is not installed" in info["note"]
-    xml = (folder / int8.IR_NAME).read_text()
+    xml = (folder / openvino.IR_NAME).read_text()
     assert "FakeQuantize" in xml  # really quantised, not the f32 IR under another name
 
     again = _engine(tiny, cache, "int8")

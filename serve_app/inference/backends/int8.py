@@ -51,11 +51,11 @@ from serve_app.inference.backends.common import (
     cached_artefact,
     compiled_info,
     cpu_identity,
+    padded_batch,
 )
+from serve_app.wire import TARGET_SR
 
 logger = logging.getLogger(__name__)
-IR_NAME = "encoder.xml"
-SAMPLE_RATE = 16_000
 
 # The calibration recipe (part of the cache key). Texts and voices are none of the tests' or
 # benchmarks' (tests/clips.py, benchmarks/cpu.py).
@@ -110,12 +110,12 @@ def _speak(voice: str, rate: int, text: str) -> np.ndarray:
         subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-w", str(path), text],
                        check=True, timeout=60, capture_output=True)
         samples, sr = soundfile.read(path, dtype="float32")
-    return soxr.resample(samples, sr, SAMPLE_RATE).astype(np.float32)
+    return soxr.resample(samples, sr, TARGET_SR).astype(np.float32)
 
 
 def _tone(i: int, seconds: float) -> np.ndarray:
     """A harmonic tone with vibrato and a slow amplitude envelope (no espeak-ng)."""
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    t = np.arange(int(seconds * TARGET_SR)) / TARGET_SR
     f0 = 95.0 + 23.0 * i
     phase = 2 * np.pi * f0 * t + (2 + i % 3) * np.sin(2 * np.pi * (4 + i % 5) * t)
     envelope = 0.5 + 0.5 * np.sin(2 * np.pi * (0.7 + 0.3 * (i % 4)) * t) ** 2
@@ -133,7 +133,7 @@ def calibration_clips(recipe: Recipe, speech: bool = True) -> list[np.ndarray]:
                            CAL_TEXTS[i % len(CAL_TEXTS)])
         else:
             audio = _tone(i, recipe.max_s * (0.6 + 0.4 * ((i * 7) % 5) / 4))
-        audio = audio[: int(recipe.max_s * SAMPLE_RATE)]
+        audio = audio[: int(recipe.max_s * TARGET_SR)]
         snr = CAL_SNR_DB[i % len(CAL_SNR_DB)]
         noise = rng.standard_normal(len(audio)).astype(np.float32)
         if snr is not None:
@@ -147,10 +147,7 @@ def graph_inputs(audio: np.ndarray, min_width: int) -> list[np.ndarray]:
     """One clip as the openvino backend feeds the graph: layer-normalised (as the engine does),
     zero-padded to at least `min_width` samples, with its sample count."""
     source = torch.from_numpy(audio)
-    source = F.layer_norm(source, source.shape).numpy()
-    waveform = np.zeros((1, max(min_width, len(source))), np.float32)
-    waveform[0, :len(source)] = source
-    return [waveform, np.array([len(source)], np.int64)]
+    return list(padded_batch([F.layer_norm(source, source.shape)], min_width))
 
 
 def ignored_scope(model, recipe: Recipe):
@@ -197,7 +194,7 @@ def _quantize(ir_path: Path, recipe: Recipe, speech: bool, min_width: int,
         advanced_parameters=AdvancedQuantizationParameters(
             smooth_quant_alphas=AdvancedSmoothQuantParameters(
                 matmul=-1 if not recipe.smooth_quant else 0.95)))
-    ov.save_model(quantized, folder / IR_NAME, compress_to_fp16=False)
+    ov.save_model(quantized, folder / openvino.IR_NAME, compress_to_fp16=False)
     logger.info("int8: quantised %s on %d clips in %.1f s", ir_path, len(samples),
                 time.perf_counter() - started)
 
@@ -227,11 +224,11 @@ def load(artefact: Artefact, model: torch.nn.Module, spec: BuildSpec
                      "calibration": recipe_key(RECIPE, source)},
                     [sys.modules[__name__], openvino])
     quantised = cached_artefact(
-        spec.cache_root, key, IR_NAME,
-        functools.partial(_quantize, artefact.folder / IR_NAME, RECIPE, version is not None,
-                          openvino.MIN_WIDTH))
+        spec.cache_root, key, openvino.IR_NAME,
+        functools.partial(_quantize, artefact.folder / openvino.IR_NAME, RECIPE,
+                          version is not None, openvino.MIN_WIDTH))
     compute = "bf16" if openvino.has_bf16() else "f32"
-    compiled = openvino.compile_ir(quantised.folder / IR_NAME, compute, spec.threads)
+    compiled = openvino.compile_ir(quantised.folder / openvino.IR_NAME, compute, spec.threads)
     notes = []
     if compute == "f32":
         notes.append("this CPU has no bf16 units: the ops int8 leaves run in f32")
